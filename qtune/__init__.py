@@ -1,0 +1,3 @@
+"""qtune: QLoRA fine-tuning from one YAML recipe."""
+
+__version__ = "0.1.0"

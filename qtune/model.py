@@ -1,0 +1,236 @@
+"""Base model + tokenizer: placement for the launch, quantized loading, k-bit preparation, LoRA.
+
+Knows nothing about datasets or TRL.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from qtune.config import Recipe
+from qtune.errors import QtuneError
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How this process was started, read from the launcher's environment (accelerate / torchrun)."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+    distributed_type: str  # accelerate's name when launched through it: MULTI_GPU, MULTI_CPU, FSDP, DEEPSPEED, NO
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def detect_launch() -> Launch:
+    """Read the topology without touching torch.distributed (so it is safe before anything loads)."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    kind = "NO"
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        kind = "FSDP"
+    elif env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        kind = "DEEPSPEED"
+    elif world > 1:
+        kind = "MULTI_CPU" if env.get("ACCELERATE_USE_CPU", "").lower() == "true" else "MULTI_GPU"
+    return Launch(world, int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), kind)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def device_map_for(recipe: Recipe, launch: Launch):
+    """Placement follows the launch: a replica per rank, `auto` over one process's GPUs, one GPU, or the CPU."""
+    if recipe.model.device_map == "auto":
+        return "auto"
+    if not _cuda_available():
+        return None  # CPU: from_pretrained keeps everything on the CPU
+    return {"": launch.local_rank}
+
+
+def _max_memory(recipe: Recipe) -> dict | None:
+    if not recipe.model.max_memory:
+        return None
+    return {int(k) if k.isdigit() else k: v for k, v in recipe.model.max_memory.items()}
+
+
+def _meta_model(recipe: Recipe):
+    """The model's module tree on the meta device: its shape, with no weights read or downloaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = recipe.model
+    try:
+        config = AutoConfig.from_pretrained(m.name, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QtuneError(
+            f"model.name: cannot load a config for '{m.name}': {first}",
+            "give a local model folder, or a hub id with network access (or a filled HF cache with HF_HUB_OFFLINE=1)",
+        ) from None
+    try:
+        with torch.device("meta"):
+            return config, AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
+    except ValueError as exc:
+        raise QtuneError(
+            f"model.name: '{m.name}' (model_type {config.model_type}) is not a causal language model "
+            f"transformers can build: {str(exc).splitlines()[0]}",
+            "qtune fine-tunes decoder LMs (Llama, Mistral, Qwen2, Gemma, Phi …)",
+        ) from None
+
+
+def linear_modules(model) -> list[str]:
+    """Full names of the layers bitsandbytes quantizes and LoRA can target (nn.Linear, GPT-2's Conv1D),
+    without the output layer, which transformers keeps unquantized."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    output_layer = model.get_output_embeddings()
+    return [
+        name
+        for name, module in model.named_modules()
+        if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and module is not output_layer
+    ]
+
+
+def check_architecture(recipe: Recipe) -> None:
+    """Before any weight loads: the model is a causal LM, quantizable as asked, and the LoRA targets exist."""
+    config, meta = _meta_model(recipe)
+    existing = getattr(config, "quantization_config", None)
+    if existing and recipe.quantization.bits is not None:
+        method = existing.get("quant_method", "?") if isinstance(existing, dict) else "?"
+        raise QtuneError(
+            f"quantization.bits: '{recipe.model.name}' is already quantized ({method}); bitsandbytes cannot re-quantize it",
+            "set quantization.bits: null to train LoRA on the checkpoint as it is",
+        )
+    linears = linear_modules(meta)
+    leaf_names = sorted({name.rsplit(".", 1)[-1] for name in linears})
+    if recipe.quantization.bits is not None and not linears:
+        raise QtuneError(
+            f"quantization.bits: model_type '{config.model_type}' has no nn.Linear layers for bitsandbytes to quantize",
+            "set quantization.bits: null to train plain LoRA on it",
+        )
+    targets = recipe.lora.target_modules
+    if targets != "all-linear":
+        all_names = [name for name, _ in meta.named_modules()]
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in all_names)]
+        if missing:
+            raise QtuneError(
+                f"lora.target_modules: {', '.join(repr(t) for t in missing)} matches no module of "
+                f"{recipe.model.name} ({config.model_type})",
+                f"linear modules in this model: {', '.join(leaf_names)} (or use all-linear)",
+            )
+
+
+def load_tokenizer(recipe: Recipe):
+    """The tokenizer, with a pad token that is not the end-of-sequence token where the vocabulary has one."""
+    from transformers import AutoTokenizer
+
+    m = recipe.model
+    tokenizer = AutoTokenizer.from_pretrained(
+        m.tokenizer or m.name, revision=m.revision, trust_remote_code=m.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        # pad == eos would teach nothing wrong under TRL's collator (it masks padding by position), but a
+        # distinct token keeps generation and attention masks unambiguous; unk is a safe, existing one.
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    return tokenizer
+
+
+def _keep_cpu_4bit_trainable(model) -> None:
+    """bitsandbytes 0.50 repacks 4-bit weights for its AVX512-BF16 CPU kernel on the first no-grad forward
+    (e.g. an eval pass); that kernel has no backward, so later training steps get no gradient through the
+    frozen layers and the adapter stops learning. Keep the trainable layout on the CPU."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load(recipe: Recipe, launch: Launch, verbose: bool = True):
+    """Load the base (quantized per the recipe), prepare it for k-bit training and attach LoRA.
+
+    Returns (PeftModel, tokenizer).
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    from qtune.quant import bnb_config, resolve_dtype
+
+    m = recipe.model
+    tokenizer = load_tokenizer(recipe)
+    quant = bnb_config(recipe)
+    kwargs = {}
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(
+        m.name,
+        revision=m.revision,
+        trust_remote_code=m.trust_remote_code,
+        quantization_config=quant,
+        dtype=resolve_dtype(m.dtype),
+        device_map=device_map_for(recipe, launch),
+        max_memory=_max_memory(recipe),
+        **kwargs,
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    checkpointing = recipe.training.gradient_checkpointing
+    ckpt_kwargs = {"use_reentrant": False}
+    if quant is not None:
+        _keep_cpu_4bit_trainable(model)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
+        )
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        model.enable_input_require_grads()
+
+    lo = recipe.lora
+    lora_config = LoraConfig(
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        target_modules=lo.target_modules,
+        bias=lo.bias,
+        modules_to_save=lo.modules_to_save,
+        use_rslora=lo.use_rslora,
+        use_dora=lo.use_dora,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora_config)
+    if verbose and launch.is_main:
+        trainable, total = model.get_nb_trainable_parameters()
+        print(
+            f"qtune: {m.name}: {trainable:,} trainable / {total:,} parameters "
+            f"({100 * trainable / total:.3f}%), {_describe_quant(recipe)}, on {_describe_device(model)}",
+            flush=True,
+        )
+    return model, tokenizer
+
+
+def _describe_quant(recipe: Recipe) -> str:
+    q = recipe.quantization
+    if q.bits is None:
+        return "no quantization"
+    if q.bits == 8:
+        return "8-bit (LLM.int8)"
+    return f"4-bit {q.quant_type.upper()}" + (" + double quant" if q.double_quant else "")
+
+
+def _describe_device(model) -> str:
+    devices = sorted({str(p.device) for p in model.parameters()})
+    return ", ".join(devices)
