@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     group = train.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     group.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in output_dir")
-    train.add_argument("--check", action="store_true", help="validate recipe, data, launch and model shape; do not train")
+    train.add_argument(
+        "--check", action="store_true", help="validate recipe, data, launch and model shape; do not train"
+    )
     train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     sub.add_parser("recipe-reference", help="print every recipe key with its type, default and meaning")

@@ -316,7 +316,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     """Read, override and validate a recipe; every problem is a QtuneError naming file, key and line."""
     file = Path(path)
     if not file.is_file():
-        raise QtuneError(f"recipe file not found: {file}", "give the path of a .yaml recipe, e.g. recipes/llama2-qlora.yaml")
+        raise QtuneError(
+            f"recipe file not found: {file}", "give the path of a .yaml recipe, e.g. recipes/llama2-qlora.yaml"
+        )
     text = file.read_text(encoding="utf-8")
     try:
         data = yaml.safe_load(text)

@@ -30,9 +30,13 @@ def _read_rows(source: DatasetSource) -> list[dict]:
     path = Path(source.path)
     where = f"data.datasets: {path}"
     if not path.is_file():
-        raise QtuneError(f"{where}: file not found", "give a .jsonl or .json file (paths are relative to where you run qtune)")
+        raise QtuneError(
+            f"{where}: file not found", "give a .jsonl or .json file (paths are relative to where you run qtune)"
+        )
     if path.suffix not in (".jsonl", ".json"):
-        raise QtuneError(f"{where}: unsupported file type '{path.suffix}'", "use .jsonl (one JSON object per line) or .json")
+        raise QtuneError(
+            f"{where}: unsupported file type '{path.suffix}'", "use .jsonl (one JSON object per line) or .json"
+        )
     if path.stat().st_size == 0 or not path.read_text(encoding="utf-8").strip():
         raise QtuneError(f"{where}: file is empty", "add at least one row")
     if path.suffix == ".jsonl":

@@ -60,7 +60,7 @@ def check_launch(recipe: Recipe, launch: Launch) -> None:
             "drop model.device_map for DDP/FSDP (one replica or shard per rank), or launch a single process",
         )
     if launch.distributed and recipe.training.gradient_checkpointing:
-        reentrant = (extra.get("gradient_checkpointing_kwargs") or extra.get("activation_checkpointing_kwargs") or {})
+        reentrant = extra.get("gradient_checkpointing_kwargs") or extra.get("activation_checkpointing_kwargs") or {}
         if reentrant.get("use_reentrant"):
             raise QtuneError(
                 "training.extra.gradient_checkpointing_kwargs.use_reentrant: true breaks gradient checkpointing "
@@ -127,7 +127,8 @@ def sft_config(recipe: Recipe, launch: Launch, loss_settings: dict | None = None
             close = difflib.get_close_matches(key, sorted(fields), n=1)
             raise QtuneError(
                 f"training.extra.{key}: SFTConfig has no argument '{key}'",
-                (f"did you mean '{close[0]}'? " if close else "") + "see TRL's SFTConfig / transformers' TrainingArguments",
+                (f"did you mean '{close[0]}'? " if close else "")
+                + "see TRL's SFTConfig / transformers' TrainingArguments",
             )
     ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     run_dir = Path(recipe.output_dir)

@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny random models saved locally (no hub), data files, and a recipe writer."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Offline, always: nothing in the tests may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = "zero one two three four five six seven eight nine".split()
+
+
+def spell_rows(n: int, digits: int = 4, seed: int = 0, fmt: str = "messages") -> list[dict]:
+    """The demo task: spell a digit string as words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        number = " ".join(str(rng.randint(0, 9)) for _ in range(digits))
+        answer = " ".join(WORDS[int(d)] for d in number.split())
+        prompt = f"spell {number}"
+        if fmt == "messages":
+            rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
+        elif fmt == "prompt_completion":
+            rows.append({"prompt": prompt + " :", "completion": " " + answer})
+        else:
+            rows.append({"text": f"{prompt} : {answer}"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    from qtune.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> Path:
+    from qtune.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", arch="qwen2")
+
+
+@pytest.fixture
+def chat_data(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "train.jsonl", spell_rows(64))
+
+
+@pytest.fixture
+def make_recipe(tmp_path, tiny_llama, chat_data):
+    """Write a small, fast recipe (dict overrides merged section by section) and return its path."""
+
+    def make(name: str = "recipe.yaml", **sections) -> Path:
+        recipe = {
+            "model": {"name": str(tiny_llama)},
+            "quantization": {"bits": 4},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "data": {"datasets": [{"path": str(chat_data)}], "max_length": 64},
+            "training": {"max_steps": 4, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-3, "logging_steps": 2},
+            "output_dir": str(tmp_path / "run"),
+        }
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+                recipe[key] = {**recipe[key], **value}
+            else:
+                recipe[key] = value
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+        return path
+
+    return make
+
+
+def run_qtune(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+    """Run the real CLI in a subprocess (python -m qtune …) and return the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-m", "qtune", *map(str, args)],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
