@@ -104,7 +104,13 @@ COMMANDS = {"train": cmd_train, "recipe-reference": cmd_recipe_reference}
 
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # Overrides may come after options (`train r.yaml --resume lora.r=8`): collect them wherever they are.
+    args, rest = parser.parse_known_args(argv)
+    stray = [r for r in rest if r.startswith("-") or "=" not in r or args.command != "train"]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     if args.command is None:
         parser.print_help()
         sys.exit(2)
