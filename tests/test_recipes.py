@@ -1,0 +1,35 @@
+"""Every shipped recipe validates, and its training arguments build (TRL checks optimizer/scheduler names)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qtune import train
+from qtune.config import load_recipe
+from qtune.model import Launch
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+def test_the_shipped_set():
+    names = {p.name for p in RECIPES}
+    assert {"llama2-qlora.yaml", "llama3.1-8b-qlora.yaml", "mistral-7b-qlora.yaml", "qwen2.5-7b-qlora.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_validates_and_builds_sft_config(path, tmp_path):
+    recipe = load_recipe(path, [f"output_dir={tmp_path / 'run'}"])
+    assert recipe.quantization.bits == 4 and recipe.quantization.quant_type == "nf4"
+    args = train.sft_config(recipe, Launch(1, 0, 0, "NO"))
+    assert args.learning_rate == recipe.training.lr
+    assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+
+
+def test_llama2_recipe_follows_the_qlora_paper():
+    r = load_recipe(RECIPES[0].parent / "llama2-qlora.yaml")
+    assert r.model.name == "meta-llama/Llama-2-7b-hf"
+    assert (r.quantization.double_quant, r.quantization.compute_dtype) == (True, "bfloat16")
+    assert (r.lora.r, r.lora.alpha, r.lora.target_modules) == (64, 16, "all-linear")
+    assert r.training.optimizer.startswith("paged_adamw") and r.training.lr == 2e-4
