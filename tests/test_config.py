@@ -121,8 +121,8 @@ def test_reference_documents_every_section():
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]])
 def test_help_does_not_import_torch(argv):
     code = (
-        "import sys\nfrom qtune.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
-        "print('TORCH', 'torch' in sys.modules)" % argv
+        f"import sys\nfrom qtune.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "print('TORCH', 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "usage: qtune" in out.stdout and out.stdout.strip().endswith("TORCH False")
