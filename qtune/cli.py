@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         if exc.hint:
             print(f"  hint: {exc.hint}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # `qtune recipe-reference | head`
+        sys.exit(0)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -127,17 +128,17 @@ class TrainingSection(Section):
     optimizer: str = Field(
         "adamw_torch", description="transformers OptimizerNames: adamw_torch, paged_adamw_32bit, paged_adamw_8bit …"
     )
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the adapter weights.")
     max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping (0.3 as in the QLoRA paper).")
     gradient_checkpointing: bool = Field(True, description="Recompute activations (non-reentrant) to save memory.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Mixed precision; auto: bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on CPU."
     )
-    logging_steps: int = Field(10, gt=0)
+    logging_steps: int = Field(10, gt=0, description="Log loss, lr and grad norm every N steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (needs data.eval_split).")
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (null: no mid-run checkpoints).")
     save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints.")
-    seed: int = 42
+    seed: int = Field(42, description="Seed for weights init, data order and dropout.")
     resume: bool = Field(False, description="Continue from the latest checkpoint in output_dir/checkpoints.")
     overwrite: bool = Field(False, description="Replace an earlier run's outputs in output_dir.")
     extra: dict[str, Any] = Field(
@@ -148,21 +149,25 @@ class TrainingSection(Section):
 class TrackingSection(Section):
     """Experiment tracking."""
 
-    backend: Literal["wandb", "tensorboard", "none"] = "none"
-    project: str = "qtune"
-    run_name: str | None = None
-    entity: str | None = None
-    tags: list[str] = Field(default_factory=list)
-    group: str | None = None
-    mode: Literal["online", "offline"] = "online"
+    backend: Literal["wandb", "tensorboard", "none"] = Field(
+        "none", description="Where metrics go besides the console."
+    )
+    project: str = Field("qtune", description="W&B project.")
+    run_name: str | None = Field(None, description="Run name shown by the tracker.")
+    entity: str | None = Field(None, description="W&B team or user.")
+    tags: list[str] = Field(default_factory=list, description="W&B tags.")
+    group: str | None = Field(None, description="W&B run group.")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="W&B mode; offline writes ./wandb for `wandb sync`."
+    )
 
 
 class HubSection(Section):
     """Publishing to the Hugging Face Hub (the token comes from HF_TOKEN or `hf auth login`, never a recipe)."""
 
-    push: bool = False
-    repo_id: str | None = None
-    private: bool = True
+    push: bool = Field(False, description="Upload the adapter after training (not implemented yet).")
+    repo_id: str | None = Field(None, description="Hub repo, ORG/NAME.")
+    private: bool = Field(True, description="Create the repo private.")
 
 
 class Recipe(Section):
@@ -237,6 +242,27 @@ def _inner_model(annotation: Any) -> Any:
     return None
 
 
+# Names other tools (peft, bitsandbytes, transformers) use for a recipe key, for did-you-mean hints that
+# spelling similarity alone misses (rank -> r, learning_rate -> lr); used only where the key exists.
+KEY_ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "learning_rate": "lr",
+    "batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "num_train_epochs": "epochs",
+    "lr_scheduler_type": "scheduler",
+    "optim": "optimizer",
+    "bnb_4bit_quant_type": "quant_type",
+    "bnb_4bit_use_double_quant": "double_quant",
+    "bnb_4bit_compute_dtype": "compute_dtype",
+    "max_seq_length": "max_length",
+}
+
+
 def _dotted(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
@@ -256,7 +282,8 @@ def _format_error(err: dict, source: str, lines: dict[tuple, int], overrides: di
     if err["type"] == "extra_forbidden":
         owner = _model_at(loc[:-1])
         valid = sorted(owner.model_fields) if owner else []
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        alias = KEY_ALIASES.get(str(loc[-1]))
+        close = [alias] if alias in valid else difflib.get_close_matches(str(loc[-1]), valid, n=1)
         msg = f"unknown key '{key}'"
         hint = (f"did you mean '{_dotted((*loc[:-1], close[0]))}'? " if close else "") + (
             f"valid keys here: {', '.join(valid)}" if valid else ""
@@ -326,6 +353,10 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         mark = getattr(exc, "problem_mark", None)
         where = f"{file}:{mark.line + 1}" if mark else str(file)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context, opened = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and opened and (not mark or opened.line != mark.line):
+            # e.g. an unclosed quote or bracket: the parser fails at the end, the fix is where it opened
+            problem += f" ({context} that starts on line {opened.line + 1})"
         raise QtuneError(f"{where}: invalid YAML: {problem}", "check indentation and quoting on that line") from None
     if data is None:
         data = {}
@@ -376,6 +407,22 @@ def dump_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
     tmp.replace(target)
 
 
+def _type_text(annotation: Any) -> str:
+    """A type as a reader says it (no `|`, which would split a Markdown table cell)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return " / ".join("null" if a is None else str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_text(a) for a in args)
+    if origin is list:
+        return f"list of {_type_text(args[0])}"
+    if origin is dict:
+        return "mapping"
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
 def recipe_reference() -> str:
     """The recipe's keys, types, defaults and descriptions as a Markdown table (for --help-recipe / README)."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
@@ -391,8 +438,9 @@ def recipe_reference() -> str:
                 add(sub, f"{key}.")
                 continue
             default = "required" if field.is_required() else field.get_default(call_default_factory=True)
-            type_text = str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
-            rows.append(f"| `{key}` | {type_text} | `{default}` | {field.description or ''} |")
+            if default is None or isinstance(default, bool):
+                default = {None: "null", True: "true", False: "false"}[default]
+            rows.append(f"| `{key}` | {_type_text(field.annotation)} | `{default}` | {field.description or ''} |")
 
     add(Recipe, "")
     return "\n".join(rows)

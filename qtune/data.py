@@ -23,8 +23,10 @@ FORMAT_COLUMNS = {
 ROLES = {"system", "user", "assistant", "tool"}
 
 
-def _read_rows(source: DatasetSource) -> list[dict]:
-    """Rows of a local .jsonl/.json file, through `datasets`; parse errors name the file and line."""
+def _read_rows(source: DatasetSource) -> tuple[list[dict], list[int]]:
+    """Rows of a local .jsonl/.json file, through `datasets`, and the number each is reported by: its line
+    in a .jsonl file (blank lines skipped by the reader still count), its 1-based position in a .json file.
+    Parse errors name the file and line."""
     import datasets
 
     path = Path(source.path)
@@ -39,11 +41,13 @@ def _read_rows(source: DatasetSource) -> list[dict]:
         )
     if path.stat().st_size == 0 or not path.read_text(encoding="utf-8").strip():
         raise QtuneError(f"{where}: file is empty", "add at least one row")
+    line_numbers: list[int] = []
     if path.suffix == ".jsonl":
         # datasets' JSON reader does not say which line is broken; find it first.
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
+            line_numbers.append(number)
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -54,10 +58,33 @@ def _read_rows(source: DatasetSource) -> list[dict]:
     try:
         ds = datasets.load_dataset("json", data_files=str(path), split="train")
     except Exception as exc:  # datasets wraps parse errors in several types
+        bad = _json_syntax_error(path.read_text(encoding="utf-8")) if path.suffix == ".json" else None
+        if bad:
+            raise QtuneError(f"{where}: line {bad[0]}: invalid JSON ({bad[1]})") from None
         raise QtuneError(f"{where}: cannot read rows: {str(exc).splitlines()[0]}") from None
     finally:
         datasets.enable_progress_bars()
-    return ds.to_list()
+    rows = ds.to_list()
+    if len(line_numbers) != len(rows):
+        line_numbers = list(range(1, len(rows) + 1))
+    return rows, line_numbers
+
+
+def _json_syntax_error(text: str) -> tuple[int, str] | None:
+    """(line, problem) where a .json file (one document, or JSON Lines under a .json name) is not valid JSON."""
+    try:
+        json.loads(text)
+        return None
+    except json.JSONDecodeError as exc:
+        if exc.msg != "Extra data":
+            return exc.lineno, exc.msg
+    for number, line in enumerate(text.splitlines(), start=1):  # JSON Lines: the first broken line
+        try:
+            if line.strip():
+                json.loads(line)
+        except json.JSONDecodeError as exc:
+            return number, exc.msg
+    return None
 
 
 def detect_format(columns: list[str], where: str) -> str:
@@ -111,10 +138,10 @@ def load_rows(recipe: Recipe) -> tuple[str, list[dict]]:
     formats, rows = set(), []
     for source in recipe.data.datasets:
         where = f"data.datasets: {source.path}"
-        raw = _read_rows(source)
+        raw, numbers = _read_rows(source)
         fmt = source.format if source.format != "auto" else detect_format(list(raw[0]), where)
         formats.add(fmt)
-        rows += [_check_row(row, fmt, f"{where}: row {i}") for i, row in enumerate(raw, start=1)]
+        rows += [_check_row(row, fmt, f"{where}: row {n}") for n, row in zip(numbers, raw, strict=True)]
     if len(formats) > 1:
         raise QtuneError(
             f"data.datasets: sources mix formats ({', '.join(sorted(formats))})",

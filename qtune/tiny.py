@@ -71,10 +71,13 @@ def build_tiny_model(
     intermediate_size: int = 128,
     extra_words: list[str] | tuple[str, ...] = (),
     seed: int = 0,
+    initializer_range: float | None = None,
 ) -> Path:
     """Save a random `arch` model and its tokenizer to `out_dir` and return the path.
 
     Sizes stay multiples of 16 with at least 2 KV heads: bitsandbytes' CPU 4-bit kernel needs that.
+    `initializer_range` (the std of the random weights; None keeps the architecture's default, 0.02) set
+    larger gives the frozen random output layer a wider logit range, so a LoRA run's loss can fall further.
     """
     import torch
     import transformers
@@ -85,6 +88,7 @@ def build_tiny_model(
     tokenizer = build_tokenizer(extra_words)
     vocab_size = -(-len(tokenizer) // 16) * 16
     config_cls = getattr(transformers, ARCHITECTURES[arch])
+    init = {} if initializer_range is None else {"initializer_range": initializer_range}
     config = config_cls(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -97,6 +101,7 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **init,
     )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -125,10 +125,14 @@ def sft_config(recipe: Recipe, launch: Launch, loss_settings: dict | None = None
             )
         if key not in fields:
             close = difflib.get_close_matches(key, sorted(fields), n=1)
+            suggestion = ""
+            if close and close[0] in NAMED_BY_SCHEMA:  # don't send the user on to the error above
+                suggestion = f"did you mean '{close[0]}'? the recipe sets it as {NAMED_BY_SCHEMA[close[0]]}; "
+            elif close:
+                suggestion = f"did you mean '{close[0]}'? "
             raise QtuneError(
                 f"training.extra.{key}: SFTConfig has no argument '{key}'",
-                (f"did you mean '{close[0]}'? " if close else "")
-                + "see TRL's SFTConfig / transformers' TrainingArguments",
+                suggestion + "see TRL's SFTConfig / transformers' TrainingArguments",
             )
     ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     run_dir = Path(recipe.output_dir)
@@ -222,12 +226,33 @@ def _clear_previous_outputs(run_dir: Path) -> None:
             target.unlink()
 
 
-def _adapter_fingerprint(model) -> float:
-    """A float64 sum over the trainable weights: equal across ranks when DDP kept the replicas in sync."""
-    import torch
+def _adapter_fingerprint(model) -> str:
+    """SHA-256 over the trainable weights' bytes: equal across ranks exactly when DDP kept replicas in sync."""
+    import hashlib
 
-    with torch.no_grad():
-        return float(sum(p.detach().double().abs().sum() for p in model.parameters() if p.requires_grad))
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _tracking_env(recipe: Recipe) -> None:
+    """transformers' W&B integration reads its settings from the environment; the recipe sets them."""
+    import os
+
+    t = recipe.tracking
+    if t.backend != "wandb":
+        return
+    settings = {
+        "WANDB_PROJECT": t.project,
+        "WANDB_ENTITY": t.entity,
+        "WANDB_RUN_GROUP": t.group,
+        "WANDB_TAGS": ",".join(t.tags) if t.tags else None,
+        "WANDB_MODE": t.mode if "WANDB_MODE" not in os.environ else None,  # an explicit env wins (e.g. disabled)
+    }
+    os.environ.update({k: v for k, v in settings.items() if v})
 
 
 def run(recipe: Recipe, model, tokenizer, dataset, args, launch: Launch) -> Path:
@@ -237,6 +262,7 @@ def run(recipe: Recipe, model, tokenizer, dataset, args, launch: Launch) -> Path
 
     run_dir = Path(recipe.output_dir)
     state = PartialState()
+    _tracking_env(recipe)
     if launch.is_main:
         if recipe.training.overwrite:
             _clear_previous_outputs(run_dir)
@@ -280,7 +306,8 @@ def run(recipe: Recipe, model, tokenizer, dataset, args, launch: Launch) -> Path
             "eval_loss": final_eval.get("eval_loss"),
             "wall_time_s": round(wall, 2),
             "world_size": launch.world_size,
-            "distributed_type": launch.distributed_type,
+            "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
+            "backend": trainer.accelerator.state.backend,
             "adapter_fingerprint_per_rank": fingerprints,
             "replicas_identical": len(set(fingerprints)) == 1,
         }

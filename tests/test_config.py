@@ -126,3 +126,10 @@ def test_help_does_not_import_torch(argv):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "usage: qtune" in out.stdout and out.stdout.strip().endswith("TORCH False")
+
+
+def test_readme_reference_matches_the_schema():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    assert recipe_reference() in readme, "README's recipe reference is stale: paste `qtune recipe-reference`"
