@@ -170,13 +170,26 @@ def sft_config(recipe: Recipe, launch: Launch, loss_settings: dict | None = None
         **(loss_settings or {}),
     )
     kwargs.update(t.extra)
+    _check_choice("training.optimizer", t.optimizer, "transformers.training_args", "OptimizerNames")
+    _check_choice("training.scheduler", t.scheduler, "transformers.trainer_utils", "SchedulerType")
     try:
         return SFTConfig(**kwargs)
     except (ValueError, TypeError) as exc:
-        message = str(exc).strip().splitlines()[0]
-        key = next((k for k in ("optim", "lr_scheduler_type") if kwargs[k] in message or k in message), None)
-        name = {"optim": "training.optimizer", "lr_scheduler_type": "training.scheduler"}.get(key, "training")
-        raise QtuneError(f"{name}: {message}") from None
+        raise QtuneError(f"training: SFTConfig refused the arguments: {str(exc).strip().splitlines()[0]}") from None
+
+
+def _check_choice(key: str, value: str, module: str, enum_name: str) -> None:
+    """An optimizer or scheduler name transformers knows, with a short did-you-mean instead of its full list."""
+    import importlib
+
+    choices = [e.value for e in getattr(importlib.import_module(module), enum_name)]
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=3)
+        raise QtuneError(
+            f"{key}: unknown name '{value}' (transformers {enum_name})",
+            (f"did you mean {' or '.join(close)}? " if close else "")
+            + f"{len(choices)} names: {', '.join(choices[:8])} …",
+        )
 
 
 def prepare_run_dir(recipe: Recipe, launch: Launch) -> Path:

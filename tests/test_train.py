@@ -108,3 +108,18 @@ def test_earlier_run_refused_then_overwritten_then_resumed(make_recipe, tmp_path
     assert again.returncode == 0, again.stderr[-3000:]
     assert adapter.read_bytes() != first
     assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["training"]["lr"] == 5e-3
+
+
+def test_console_script_and_module_agree(make_recipe, tmp_path):
+    """`qtune` (console script) and `python -m qtune` are the same entry point."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("qtune")
+    assert exe, "pip install -e . should put the qtune console script on PATH"
+    recipe = make_recipe()
+    via_script = subprocess.run([exe, "train", str(recipe), "--check"], capture_output=True, text=True, timeout=300)
+    via_module = run_qtune("train", recipe, "--check")
+    assert via_script.returncode == via_module.returncode == 0, via_script.stderr + via_module.stderr
+    assert "is ready: 64 messages rows" in via_script.stdout and via_script.stdout == via_module.stdout
+    assert not (tmp_path / "run").exists()  # --check writes nothing
