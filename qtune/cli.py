@@ -44,9 +44,25 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--check", action="store_true", help="validate recipe, data, launch and model shape; do not train"
     )
+    train.add_argument(
+        "--quiet", action="store_true", help="no progress bars: one line per log step (for log files and CI)"
+    )
     train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     sub.add_parser("recipe-reference", help="print every recipe key with its type, default and meaning")
+    data_cmd = sub.add_parser(
+        "data",
+        help="prepare a recipe's data as training would and show it (stats, masked samples)",
+        description="Read, check and tokenize the recipe's data exactly as `train` would (no model weights "
+        "load), print rows per source, formats, token lengths, truncation and masking, and rendered samples "
+        "with the tokens that carry no loss in [brackets].",
+    )
+    data_cmd.add_argument("recipe", help="the recipe YAML file")
+    data_cmd.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    data_cmd.add_argument("-n", "--samples", type=int, default=3, help="rendered samples to show (default 3)")
+    data_cmd.add_argument("--color", action="store_true", help="dim masked tokens instead of [bracketing] them")
+    data_cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _export_parsers(sub)
     return parser
 
 
@@ -81,14 +97,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     model.check_architecture(recipe)
     tokenizer = model.load_tokenizer(recipe)
     args_for_trl = train.sft_config(recipe, launch, data.loss_settings(recipe, tokenizer, fmt))
+    data.check(recipe, tokenizer, fmt, rows, args_for_trl)  # the silent data killers, through TRL's preparation
+    if launch.is_main:
+        data.warn_skipped(rows)
     if args.check:
         if launch.is_main:
             print(f"qtune: {args.recipe} is ready: {len(rows)} {fmt} rows, output in {recipe.output_dir}")
         return 0
 
-    peft_model, tokenizer = model.load(recipe, launch)
+    if args.quiet or not launch.is_main:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    peft_model, tokenizer = model.load(recipe, launch, verbose=False)  # train.run prints the run summary
     dataset = data.build(recipe, tokenizer, fmt, rows)
-    train.run(recipe, peft_model, tokenizer, dataset, args_for_trl, launch)
+    train.run(recipe, peft_model, tokenizer, dataset, args_for_trl, launch, quiet=args.quiet)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """`qtune data RECIPE`: the data exactly as `train` prepares it, summarized, before any GPU hour."""
+    from qtune import data, model, train
+    from qtune.config import load_recipe
+
+    recipe = load_recipe(args.recipe, list(args.overrides))
+    _quiet_libraries()
+    launch = model.detect_launch()
+    fmt, rows = data.load_rows(recipe)
+    tokenizer = model.load_tokenizer(recipe)
+    settings = data.loss_settings(recipe, tokenizer, fmt)
+    args_for_trl = train.sft_config(recipe, launch, settings)
+    data.warn_skipped(rows)
+    prepared = data.check(recipe, tokenizer, fmt, rows, args_for_trl, sample=None, loud=False)
+    prepared.stats["eval_examples"] = len(data.build(recipe, tokenizer, fmt, rows).get("eval", []))
+    print(data.summary(recipe, tokenizer, fmt, rows, prepared, settings, max(0, args.samples), dim=args.color))
+    data.verify(recipe, tokenizer, prepared)  # after the summary, so the user sees what is wrong
     return 0
 
 
@@ -99,14 +144,163 @@ def cmd_recipe_reference(_: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "recipe-reference": cmd_recipe_reference}
+def _export_parsers(sub) -> None:
+    """merge / push / chat / quantize (qtune/export.py, qtune/chat.py)."""
+    debug = {"action": "store_true", "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
+    allow_pickle = {"action": "store_true", "help": "accept .bin/.pt (pickle) weights: loading a pickle can run code"}
+
+    p = sub.add_parser(
+        "merge",
+        help="merge a run's adapter into its base, verify the logits, save safetensors",
+        description="Merge RUN_DIR/adapter into its base model and save it (safetensors shards, tokenizer, "
+        "generation config) after checking its logits on fixed prompts against the adapter on the base as trained.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", help="output folder (default RUN_DIR/merged); must be new or empty")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32", help="dtype of the merged weights")
+    p.add_argument(
+        "--onto",
+        choices=["dequantized", "original"],
+        default="dequantized",
+        help="dequantized: the base quantized and dequantized exactly as in training (what the adapter learned "
+        "against; default); original: the base's original weights",
+    )
+    p.add_argument("--base", help="load the base from here instead of recipe.yaml's model.name (same model)")
+    p.add_argument(
+        "--quantize", type=int, choices=[4, 8], help="re-quantize the merged model with bitsandbytes on save"
+    )
+    p.add_argument("--prompt", action="append", default=[], help="a verification prompt (repeatable)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
+    p.add_argument("--debug", **debug)
+
+    p = sub.add_parser(
+        "push",
+        help="upload a run's adapter (or merged model) with tokenizer and a model card",
+        description="Upload to the Hugging Face Hub. The token comes from HF_TOKEN or `hf auth login`; it is never written.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--repo-id", required=True, help="ORG/NAME")
+    p.add_argument("--merged", action="store_true", help="push RUN_DIR/merged instead of the adapter")
+    vis = p.add_mutually_exclusive_group()
+    vis.add_argument("--private", dest="private", action="store_true", default=True, help="create it private (default)")
+    vis.add_argument("--public", dest="private", action="store_false", help="create it public")
+    p.add_argument("--license", default="other", help="license in the model card metadata (default: other)")
+    p.add_argument("--dry-run", metavar="DIR", help="stage the files into DIR and upload nothing")
+    p.add_argument("--debug", **debug)
+
+    p = sub.add_parser(
+        "chat",
+        help="chat with a run (adapter on its 4-bit base) or a model; --prompt for one answer",
+        description="Chat with RUN_DIR's adapter on its base loaded as in training, RUN_DIR/merged (--merged), or a "
+        "model folder. Applies the chat template and streams tokens. Temperature 0 (default) is greedy.",
+    )
+    p.add_argument("target", metavar="RUN_DIR|MODEL")
+    p.add_argument("--prompt", help="answer this one prompt and exit (otherwise an interactive REPL)")
+    p.add_argument("--system", help="a system message")
+    p.add_argument("--merged", action="store_true", help="use RUN_DIR/merged")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: sampling")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--allow-pickle", **allow_pickle)
+    p.add_argument("--debug", **debug)
+
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a model with bitsandbytes and save it as safetensors (the seed tutorial's flow)",
+        description="Load MODEL with a BitsAndBytesConfig, print get_memory_footprint() before and after, save "
+        "safetensors + tokenizer to --out, optionally push it.",
+    )
+    p.add_argument("model", metavar="MODEL", help="local model folder or hub id")
+    p.add_argument("--bits", type=int, choices=[4, 8], required=True)
+    p.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
+    p.add_argument("--double-quant", action="store_true", help="quantize the 4-bit constants too")
+    p.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], help="dtype of the unquantized parts (default: the checkpoint's)"
+    )
+    p.add_argument("--out", required=True, help="output folder; must be new or empty")
+    p.add_argument("--push", metavar="ORG/NAME", help="also upload the saved folder to this Hub repo")
+    p.add_argument("--public", action="store_true", help="create the pushed repo public (default private)")
+    p.add_argument("--allow-pickle", **allow_pickle)
+    p.add_argument("--debug", **debug)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from qtune import export
+
+    _quiet_libraries()
+    export.merge(
+        args.run_dir,
+        out=args.out,
+        dtype=args.dtype,
+        onto=args.onto,
+        base=args.base,
+        quantize_bits=args.quantize,
+        prompts=tuple(args.prompt),
+        max_shard_size=args.max_shard_size,
+    )
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from qtune import export
+
+    _quiet_libraries()
+    export.push(
+        args.run_dir, args.repo_id, merged=args.merged, private=args.private, dry_run=args.dry_run, license=args.license
+    )
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from qtune import chat
+
+    _quiet_libraries()
+    return chat.run(
+        args.target,
+        prompt=args.prompt,
+        system=args.system,
+        merged=args.merged,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        allow_pickle=args.allow_pickle,
+    )
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qtune import export
+
+    _quiet_libraries()
+    if args.push:  # before the work: a bad repo id or a missing token costs seconds
+        export.check_repo_id(args.push)
+        token = export.hub_token()
+    export.quantize(args.model, args.bits, args.out, args.quant_type, args.double_quant, args.dtype, args.allow_pickle)
+    if args.push:
+        url = export.upload(Path(args.out), args.push, not args.public, token, f"qtune quantize: {args.bits}-bit")
+        print(f"qtune: pushed {args.out} to https://huggingface.co/{args.push} ({url})")
+    return 0
+
+
+COMMANDS = {
+    "data": cmd_data,
+    "train": cmd_train,
+    "recipe-reference": cmd_recipe_reference,
+    "merge": cmd_merge,
+    "push": cmd_push,
+    "chat": cmd_chat,
+    "quantize": cmd_quantize,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     # Overrides may come after options (`train r.yaml --resume lora.r=8`): collect them wherever they are.
     args, rest = parser.parse_known_args(argv)
-    stray = [r for r in rest if r.startswith("-") or "=" not in r or args.command != "train"]
+    stray = [r for r in rest if r.startswith("-") or "=" not in r or args.command not in ("train", "data")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if rest:

@@ -91,28 +91,83 @@ class LoraSection(Section):
 
 
 class DatasetSource(Section):
-    """One training data source."""
+    """One training data source: a local file or folder, or a Hub dataset."""
 
-    path: str = Field(description="A local .jsonl or .json file of rows.")
-    format: Literal["auto", "messages", "prompt_completion", "text"] = Field(
-        "auto",
-        description="messages: OpenAI-style chat; prompt_completion: prompt + completion; "
-        "text: plain text (continued pre-training); auto: detected from the columns.",
+    path: str = Field(
+        description="A local file (.jsonl, .json, .csv, .parquet, .txt), a folder of such files or one written by "
+        "save_to_disk, or a Hub dataset name (org/name)."
     )
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"] = Field(
+        "auto",
+        description="alpaca: instruction/input/output; sharegpt: conversations of from/value; messages: "
+        "OpenAI-style role/content chat; prompt_completion: prompt + completion; text: plain text (continued "
+        "pre-training); auto: detected from the columns.",
+    )
+    columns: dict[str, str] | None = Field(
+        None,
+        description="Map the format's fields to this source's column names, e.g. {instruction: question, "
+        "output: answer} or {prompt: q, completion: a}.",
+    )
+    roles: dict[str, str] | None = Field(
+        None,
+        description="sharegpt: extra 'from' names mapped to roles (user, assistant, system, tool), added to "
+        "human/gpt/…",
+    )
+    name: str | None = Field(None, description="Dataset configuration (subset) name, for Hub or folder datasets.")
+    split: str = Field("train", description="Split to train on.")
+    revision: str | None = Field(None, description="Hub branch, tag or commit.")
+    samples: int | None = Field(
+        None, gt=0, description="Take exactly this many rows (repeating the source if it has fewer)."
+    )
+    weight: float | None = Field(
+        None, gt=0, description="Take this multiple of the source's rows (0.5 = half, 2 = twice over)."
+    )
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> DatasetSource:
+        if self.samples is not None and self.weight is not None:
+            raise ValueError("give samples or weight, not both")
+        return self
 
 
 class DataSection(Section):
     """What the model learns from."""
 
-    datasets: list[DatasetSource] = Field(min_length=1, description="Data sources, concatenated in order.")
+    datasets: list[DatasetSource] = Field(
+        min_length=1, description="Data sources, mixed (per samples/weight) and shuffled by training.seed."
+    )
     max_length: int = Field(2048, gt=0, description="Longest tokenized example; longer ones are truncated.")
-    packing: bool = Field(False, description="Pack several examples into each row (TRL packing).")
+    packing: bool = Field(
+        False, description="Pack several examples into each row (TRL packing, padding-free position ids)."
+    )
     train_on: Literal["completions", "all"] = Field(
         "completions", description="completions: loss on answers only; all: loss on every token."
     )
-    eval_split: float | None = Field(
-        None, gt=0, lt=1, description="Fraction of the rows held out for eval loss (null: no eval)."
+    chat_template: str | None = Field(
+        None,
+        description="null: the tokenizer's own; chatml, llama-2, llama-3, mistral or zephyr (built-ins with "
+        "{% generation %} markers); or a Jinja template string.",
     )
+    eval_split: float | str | None = Field(
+        None,
+        description="A fraction of the rows held out for eval loss, or the name of a split every source has "
+        "(null: no eval).",
+    )
+    dedup: bool = Field(False, description="Drop exact duplicate rows (after format mapping).")
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="error: stop at the first bad row (file and row named); skip: drop it, counted."
+    )
+    max_untrained_share: float = Field(
+        0.05, ge=0, le=1, description="Fail when more than this share of examples has no trained token."
+    )
+    num_proc: int | None = Field(None, gt=0, description="Processes for tokenizing (datasets num_proc).")
+
+    @field_validator("eval_split")
+    @classmethod
+    def _fraction_or_name(cls, v: Any) -> Any:
+        if isinstance(v, float) and not 0 < v < 1:
+            raise ValueError("a fraction must be between 0 and 1 (exclusive), or give a split name")
+        return v
 
 
 class TrainingSection(Section):
@@ -139,7 +194,11 @@ class TrainingSection(Section):
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (null: no mid-run checkpoints).")
     save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints.")
     seed: int = Field(42, description="Seed for weights init, data order and dropout.")
-    resume: bool = Field(False, description="Continue from the latest checkpoint in output_dir/checkpoints.")
+    resume: bool | Literal["auto"] = Field(
+        False,
+        description="true: continue from the latest checkpoint in output_dir/checkpoints; "
+        "auto: continue if there is one, else start (for jobs that get restarted).",
+    )
     overwrite: bool = Field(False, description="Replace an earlier run's outputs in output_dir.")
     extra: dict[str, Any] = Field(
         default_factory=dict, description="Any further SFTConfig argument, passed through (checked by name)."
@@ -158,8 +217,9 @@ class TrackingSection(Section):
     tags: list[str] = Field(default_factory=list, description="W&B tags.")
     group: str | None = Field(None, description="W&B run group.")
     mode: Literal["online", "offline"] = Field(
-        "online", description="W&B mode; offline writes ./wandb for `wandb sync`."
+        "online", description="W&B mode; offline writes output_dir/wandb for `wandb sync`."
     )
+    log_model: bool = Field(False, description="Upload the final adapter folder to W&B as a model artifact.")
 
 
 class HubSection(Section):

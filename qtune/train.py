@@ -15,7 +15,8 @@ from qtune.errors import QtuneError
 from qtune.model import Launch
 
 # Outputs qtune writes into a run directory; `overwrite` removes exactly these, nothing else.
-RUN_OUTPUTS = ("adapter", "checkpoints", "recipe.yaml", "summary.json", "metrics.jsonl", "loss.png")
+RUN_OUTPUTS = ("adapter", "checkpoints", "recipe.yaml", "summary.json", "metrics.jsonl", "loss.png", "tensorboard")
+# W&B offline runs (output_dir/wandb) are not among them: `--overwrite` never deletes a run not yet synced.
 
 # SFTConfig arguments the schema already names: setting them again in training.extra is ambiguous.
 NAMED_BY_SCHEMA = {
@@ -107,7 +108,37 @@ def _report_to(recipe: Recipe) -> str | list[str]:
             raise QtuneError(
                 "tracking.backend: tensorboard is not installed", "pip install tensorboard, or use wandb / none"
             ) from None
+    if t.backend == "wandb":
+        _check_wandb_login(recipe)
     return [t.backend]
+
+
+def _wandb_mode(recipe: Recipe) -> str:
+    """The W&B mode this run gets: an explicit WANDB_MODE in the environment wins over the recipe."""
+    import os
+
+    return os.environ.get("WANDB_MODE") or recipe.tracking.mode
+
+
+def _check_wandb_login(recipe: Recipe) -> None:
+    """W&B online needs credentials; find out before the model loads, not at the first log step."""
+    if _wandb_mode(recipe) != "online":
+        return
+    import wandb
+
+    try:
+        logged_in = wandb.login(prompt=False, verify=False)
+    except wandb.errors.Error as exc:
+        raise QtuneError(
+            f"tracking.backend: wandb cannot log in: {str(exc).splitlines()[0]}",
+            "fix WANDB_API_KEY (or run `wandb login`), or set tracking.mode: offline",
+        ) from None
+    if not logged_in:
+        raise QtuneError(
+            "tracking.backend: wandb (online) but this machine is not logged in to W&B",
+            "run `wandb login` or set WANDB_API_KEY; or set tracking.mode: offline (sync later with "
+            "`wandb sync`), or tracking.backend: none",
+        )
 
 
 def sft_config(recipe: Recipe, launch: Launch, loss_settings: dict | None = None):
@@ -165,6 +196,8 @@ def sft_config(recipe: Recipe, launch: Launch, loss_settings: dict | None = None
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False if launch.distributed else None,
         disable_tqdm=not launch.is_main,
+        include_num_input_tokens_seen="non_padding",  # tokens/s in qtune.monitor counts real tokens
+        logging_nan_inf_filter=False,  # a NaN loss must reach the logs (qtune.monitor.StopGuard stops on it)
         **{ckpt: t.gradient_checkpointing, f"{ckpt}_kwargs": {"use_reentrant": False}},
         **_precision(recipe),
         **(loss_settings or {}),
@@ -199,12 +232,14 @@ def prepare_run_dir(recipe: Recipe, launch: Launch) -> Path:
         raise QtuneError(f"output_dir: {run_dir} exists and is not a directory")
     existing = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
     t = recipe.training
-    if t.resume:
-        if not latest_checkpoint(run_dir):
-            raise QtuneError(
-                f"training.resume: no checkpoint in {run_dir / 'checkpoints'}",
-                "set training.save_steps so runs leave checkpoints, or start without --resume",
-            )
+    checkpoint = latest_checkpoint(run_dir) if t.resume else None
+    if t.resume is True and not checkpoint:
+        raise QtuneError(
+            f"training.resume: no checkpoint in {run_dir / 'checkpoints'}",
+            "set training.save_steps so runs leave checkpoints, or start without --resume",
+        )
+    if checkpoint:
+        check_resume_matches(recipe, run_dir, checkpoint)
     elif existing and not t.overwrite:
         raise QtuneError(
             f"output_dir: {run_dir} already holds an earlier run ({', '.join(existing[:4])})",
@@ -224,10 +259,63 @@ def _writable(path: Path) -> bool:
 
 
 def latest_checkpoint(run_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint: the Trainer writes trainer_state.json last, so a folder without it is
+    one a crash (SIGKILL, power loss) cut short while saving; resume skips it for the one before."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     folder = run_dir / "checkpoints"
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if not folder.is_dir():
+        return None
+    complete = [
+        p
+        for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if p.name.rsplit("-", 1)[-1].isdigit() and (p / "trainer_state.json").is_file()
+    ]
+    return str(max(complete, key=lambda p: int(p.name.rsplit("-", 1)[-1]))) if complete else None
+
+
+# Recipe keys that define what a checkpoint's weights mean: resuming under other values would load an
+# adapter into a different base or shape (or silently change the function being trained).
+RESUME_MUST_MATCH = (
+    ("model", "name"),
+    ("model", "revision"),
+    ("quantization", "bits"),
+    ("quantization", "quant_type"),
+    ("lora", "r"),
+    ("lora", "alpha"),
+    ("lora", "target_modules"),
+    ("lora", "modules_to_save"),
+    ("lora", "bias"),
+    ("lora", "use_rslora"),
+    ("lora", "use_dora"),
+)
+
+
+def check_resume_matches(recipe: Recipe, run_dir: Path, checkpoint: str) -> None:
+    """Refuse to resume a checkpoint written under another model or adapter shape (run_dir/recipe.yaml)."""
+    import yaml
+
+    from qtune.config import recipe_to_dict
+
+    saved_path = run_dir / "recipe.yaml"
+    if not saved_path.is_file():
+        raise QtuneError(
+            f"training.resume: {saved_path} is missing, so {checkpoint} cannot be checked against this recipe",
+            "start a new run (output_dir=<new dir>) or --overwrite",
+        )
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    now = recipe_to_dict(recipe)
+    changed = []
+    for section, key in RESUME_MUST_MATCH:
+        before, after = (saved.get(section) or {}).get(key), now[section][key]
+        if before != after:
+            changed.append(f"{section}.{key} {before!r} -> {after!r}")
+    if changed:
+        raise QtuneError(
+            f"training.resume: {checkpoint} was trained with a different recipe: {'; '.join(changed)}",
+            f"resume with the run's own settings (see {saved_path}), or start a new run with "
+            "output_dir=<new dir> (or --overwrite to replace this one)",
+        )
 
 
 def _clear_previous_outputs(run_dir: Path) -> None:
@@ -251,11 +339,13 @@ def _adapter_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def _tracking_env(recipe: Recipe) -> None:
-    """transformers' W&B integration reads its settings from the environment; the recipe sets them."""
+def _tracking_env(recipe: Recipe, run_dir: Path | None = None) -> None:
+    """transformers' tracker integrations read their settings from the environment; the recipe sets them."""
     import os
 
     t = recipe.tracking
+    if t.backend == "tensorboard" and run_dir is not None:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
     if t.backend != "wandb":
         return
     settings = {
@@ -264,18 +354,126 @@ def _tracking_env(recipe: Recipe) -> None:
         "WANDB_RUN_GROUP": t.group,
         "WANDB_TAGS": ",".join(t.tags) if t.tags else None,
         "WANDB_MODE": t.mode if "WANDB_MODE" not in os.environ else None,  # an explicit env wins (e.g. disabled)
+        # qtune logs the finished adapter folder itself (tracking.log_model); never the pickled checkpoints
+        "WANDB_LOG_MODEL": "false",
     }
     os.environ.update({k: v for k, v in settings.items() if v})
 
 
-def run(recipe: Recipe, model, tokenizer, dataset, args, launch: Launch) -> Path:
-    """Train with TRL's SFTTrainer and save the adapter (safetensors, no pickles) into output_dir/adapter."""
+def _start_wandb(recipe: Recipe, run_dir: Path, launch: Launch):
+    """The W&B run, opened by qtune on the main process only, with the resolved recipe (secrets redacted)
+    as its config; transformers' WandbCallback then logs into it and adds the trainer arguments."""
+    import os
+
+    from qtune.config import recipe_to_dict
+
+    if recipe.tracking.backend != "wandb" or not launch.is_main:
+        return None
+    import wandb
+
+    t = recipe.tracking
+    return wandb.init(
+        project=t.project,
+        entity=t.entity,
+        name=t.run_name,
+        group=t.group,
+        tags=t.tags or None,
+        config=recipe_to_dict(recipe),
+        dir=os.environ.get("WANDB_DIR") or str(run_dir),
+    )
+
+
+def _keep_adapter_fp32(model) -> None:
+    """TRL casts a quantized model's trainable LoRA weights to bf16 when SFTTrainer starts, but peft loads
+    them back as fp32 when a checkpoint is resumed, so a resumed run would go on in another precision than an
+    uninterrupted one (~1e-3 apart). Keep fp32 master weights from the start, peft's own default (and what
+    fp16 mixed precision requires); bf16/fp16 autocast still runs the matmuls in half precision."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+
+
+def check_free_space(run_dir: Path, trainable_params: int, recipe: Recipe) -> None:
+    """Fail before training when the disk cannot hold the adapter and the checkpoints the recipe keeps
+    (each: fp32 adapter + two AdamW moments, plus tokenizer files)."""
+    probe = next(p for p in [run_dir, *run_dir.parents] if p.exists())
+    free = shutil.disk_usage(probe).free
+    t = recipe.training
+    kept = (t.save_total_limit or 3) if t.save_steps else 1  # 1: the checkpoint a SIGTERM saves
+    need = kept * (12 * trainable_params + 32 * 2**20) + 4 * trainable_params + 32 * 2**20
+    if free < need:
+        raise QtuneError(
+            f"output_dir: {probe} has {free / 2**30:.2f} GiB free; this run needs about {need / 2**30:.2f} GiB "
+            f"(the adapter and {kept} checkpoint(s) of {trainable_params:,} trainable parameters)",
+            "free some space, choose another output_dir, or lower training.save_total_limit",
+        )
+
+
+def _start_lines(recipe: Recipe, dataset, args, launch: Launch, checkpoint: str | None) -> list[tuple[str, str]]:
+    """The run summary printed when training starts (qtune.monitor adds trainable params and steps)."""
+    from qtune.model import _describe_quant
+
+    lo, d = recipe.lora, recipe.data
+    targets = lo.target_modules if isinstance(lo.target_modules, str) else ", ".join(lo.target_modules)
+    sizes = f"{len(dataset['train']):,} train rows"
+    if dataset.get("eval") is not None:
+        sizes += f", {len(dataset['eval']):,} eval rows"
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * launch.world_size
+    precision = "bf16 mixed" if args.bf16 else "fp16 mixed" if args.fp16 else "fp32"
+    device = str(args.device)
+    if args.device.type == "cuda":
+        import torch
+
+        device += f" ({torch.cuda.get_device_name(args.device)})"
+    lines = [
+        ("model", f"{recipe.model.name}, {_describe_quant(recipe)}"),
+        ("adapter", f"LoRA r {lo.r}, alpha {lo.alpha:g}, dropout {lo.dropout:g} on {targets}"),
+        ("data", f"{sizes}, max_length {d.max_length}, packing {'on' if d.packing else 'off'}"),
+        (
+            "batch",
+            f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x "
+            f"{launch.world_size} process(es) = {per_step} examples per optimizer step",
+        ),
+        ("precision", f"{precision} (adapter weights fp32)"),
+        ("devices", f"{device} x {launch.world_size} process(es) ({launch.distributed_type})"),
+        ("output", str(recipe.output_dir) + (f" (resuming {Path(checkpoint).name})" if checkpoint else "")),
+    ]
+    if recipe.tracking.backend != "none":
+        lines.append(("tracking", recipe.tracking.backend))
+    return lines
+
+
+def _stopped_early(guard, trainer, run_dir: Path) -> QtuneError:
+    step, total = trainer.state.global_step, trainer.state.max_steps
+    checkpoint = latest_checkpoint(run_dir)
+    if guard.bad:
+        bad_step, what = guard.bad
+        return QtuneError(
+            f"training stopped at step {bad_step}/{total}: {what} is not a finite number; the adapter was not saved",
+            f"last good checkpoint: {checkpoint or 'none (set training.save_steps to keep checkpoints)'}; "
+            "lower training.lr or training.max_grad_norm or check the data, then --resume or start over",
+        )
+    return QtuneError(
+        f"training stopped by {guard.signal_name} at step {step}/{total}; checkpoint saved: {checkpoint}",
+        "continue with the same command plus --resume",
+    )
+
+
+def run(recipe: Recipe, model, tokenizer, dataset, args, launch: Launch, quiet: bool = False) -> Path:
+    """Train with TRL's SFTTrainer and save the adapter (safetensors, no pickles) into output_dir/adapter;
+    metrics.jsonl, summary.json and loss.png beside it. `quiet`: log lines instead of a progress bar."""
     from accelerate import PartialState
+    from transformers import PrinterCallback, ProgressCallback
     from trl import SFTTrainer
+
+    from qtune import monitor
 
     run_dir = Path(recipe.output_dir)
     state = PartialState()
-    _tracking_env(recipe)
+    _tracking_env(recipe, run_dir)
+    checkpoint = latest_checkpoint(run_dir) if recipe.training.resume else None
     if launch.is_main:
         if recipe.training.overwrite:
             _clear_previous_outputs(run_dir)
@@ -283,50 +481,133 @@ def run(recipe: Recipe, model, tokenizer, dataset, args, launch: Launch) -> Path
         dump_recipe(recipe, run_dir / "recipe.yaml")
     state.wait_for_everyone()
 
+    guard = monitor.StopGuard()
+    watcher = monitor.RunMonitor(
+        recipe, run_dir, launch.world_size, _start_lines(recipe, dataset, args, launch, checkpoint)
+    )
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=dataset["train"],
         eval_dataset=dataset.get("eval"),
         processing_class=tokenizer,
+        callbacks=[guard],
     )
-    started = time.time()
-    result = trainer.train(resume_from_checkpoint=latest_checkpoint(run_dir) if recipe.training.resume else None)
-    wall = time.time() - started
+    _keep_adapter_fp32(trainer.model)
+    # The figures come first so every tracker's on_log sees them; qtune's console replaces the default one.
+    trainer.callback_handler.callbacks.insert(0, watcher)
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(monitor.Console(quiet=quiet))
+    trainable, _ = trainer.model.get_nb_trainable_parameters()
+    check_free_space(run_dir, trainable, recipe)
 
-    final_eval = trainer.evaluate() if dataset.get("eval") is not None else {}  # all ranks take part
-    fingerprints = [_adapter_fingerprint(trainer.model)]
-    if launch.distributed:
-        import torch.distributed as dist
+    tracker = _start_wandb(recipe, run_dir, launch)
+    try:
+        started = time.time()
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        wall = time.time() - started
+        if guard.bad or guard.signal_name:
+            if launch.is_main:
+                monitor.plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+            raise _stopped_early(guard, trainer, run_dir)
 
-        gathered: list = [None] * launch.world_size
-        dist.all_gather_object(gathered, fingerprints[0])
-        fingerprints = gathered
+        final_eval = trainer.evaluate() if dataset.get("eval") is not None else {}  # all ranks take part
+        fingerprints = [_adapter_fingerprint(trainer.model)]
+        if launch.distributed:
+            import torch.distributed as dist
 
-    if launch.is_main:
-        adapter_dir = run_dir / "adapter"
-        staging = run_dir / "adapter.tmp"
-        if staging.exists():
-            shutil.rmtree(staging)
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        staging.rename(adapter_dir)
-        summary = {
-            "steps": trainer.state.global_step,
-            "train_loss": result.training_loss,
-            "eval_loss": final_eval.get("eval_loss"),
-            "wall_time_s": round(wall, 2),
-            "world_size": launch.world_size,
-            "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
-            "backend": trainer.accelerator.state.backend,
-            "adapter_fingerprint_per_rank": fingerprints,
-            "replicas_identical": len(set(fingerprints)) == 1,
-        }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        if not summary["replicas_identical"]:
-            print(f"qtune: warning: DDP replicas diverged: adapter fingerprints {fingerprints}", flush=True)
-        print(f"qtune: adapter saved to {adapter_dir} ({summary['steps']} steps, {wall:.1f}s)", flush=True)
+            gathered: list = [None] * launch.world_size
+            dist.all_gather_object(gathered, fingerprints[0])
+            fingerprints = gathered
+
+        if launch.is_main:
+            adapter_dir = run_dir / "adapter"
+            staging = run_dir / "adapter.tmp"
+            if staging.exists():
+                shutil.rmtree(staging)
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            if adapter_dir.exists():
+                shutil.rmtree(adapter_dir)
+            staging.rename(adapter_dir)
+            tokens = trainer.state.num_input_tokens_seen
+            session_tokens = tokens - watcher.tokens_at_start
+            summary = {
+                "steps": trainer.state.global_step,
+                "max_steps": trainer.state.max_steps,
+                "epochs": round(trainer.state.epoch or 0.0, 4),
+                "resumed_from": Path(checkpoint).name if checkpoint else None,
+                "tokens": tokens,
+                "train_loss": result.training_loss,
+                "final_loss": watcher.final.get("loss"),
+                "eval_loss": final_eval.get("eval_loss"),
+                "wall_time_s": round(wall, 2),
+                "tokens_per_s": round(session_tokens / wall, 2) if wall else None,
+                "tokens_per_s_per_device": round(session_tokens / wall / launch.world_size, 2) if wall else None,
+                "samples_per_s": result.metrics.get("train_samples_per_second"),
+                **monitor.peak_memory(),
+                "world_size": launch.world_size,
+                "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
+                "backend": trainer.accelerator.state.backend,
+                "adapter_fingerprint_per_rank": fingerprints,
+                "replicas_identical": len(set(fingerprints)) == 1,
+            }
+            staged = run_dir / "summary.json.tmp"
+            staged.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            staged.replace(run_dir / "summary.json")
+            plotted = monitor.plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+            if tracker is not None:
+                tracker.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+                if recipe.tracking.log_model:
+                    import wandb
+
+                    artifact = wandb.Artifact(f"{tracker.name or tracker.id}-adapter", type="model")
+                    artifact.add_dir(str(adapter_dir))
+                    tracker.log_artifact(artifact, aliases=["final"])
+            if not summary["replicas_identical"]:
+                print(f"qtune: warning: DDP replicas diverged: adapter fingerprints {fingerprints}", flush=True)
+            _print_done(summary, run_dir, adapter_dir, plotted, tracker, recipe)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish(exit_code=1)
+        raise
+    if tracker is not None:
+        tracker.finish()
     state.wait_for_everyone()
     return run_dir
+
+
+def _print_done(summary: dict, run_dir: Path, adapter_dir: Path, plotted: bool, tracker, recipe: Recipe) -> None:
+    """Where everything is, and the next command to run."""
+    import shlex
+
+    quoted = shlex.quote(str(run_dir))
+    print(f"qtune: adapter saved to {adapter_dir} ({summary['steps']} steps, {summary['wall_time_s']:.1f}s)")
+    figures = []
+    if summary["final_loss"] is not None:
+        figures.append(f"final loss {summary['final_loss']:.4f}")
+    if summary["eval_loss"] is not None:
+        figures.append(f"eval loss {summary['eval_loss']:.4f}")
+    if summary["tokens_per_s"]:
+        figures.append(f"{summary['tokens_per_s']:,.0f} tokens/s")
+    if "peak_mem_gb" in summary:
+        figures.append(f"GPU peak {summary['peak_mem_gb']:.2f} GB")
+    elif "peak_rss_gb" in summary:
+        figures.append(f"RSS peak {summary['peak_rss_gb']:.2f} GB")
+    if figures:
+        print("qtune: " + ", ".join(figures))
+    files = ["recipe.yaml", "summary.json", "metrics.jsonl"] + (["loss.png"] if plotted else [])
+    if (run_dir / "checkpoints").is_dir():
+        files.append("checkpoints/")
+    print(f"  run dir      {run_dir}: {', '.join(files)}")
+    if tracker is not None:
+        if tracker.settings._offline:
+            print(f"  W&B          offline; upload with: wandb sync {shlex.quote(str(tracker.settings.sync_dir))}")
+        else:
+            print(f"  W&B          {tracker.url}")
+    if recipe.tracking.backend == "tensorboard":
+        print(f"  TensorBoard  tensorboard --logdir {shlex.quote(str(run_dir / 'tensorboard'))}")
+    print("next:")
+    print(f"  qtune chat {quoted}     # talk to the fine-tuned model")
+    print(f"  qtune merge {quoted}    # merge the adapter into the base for serving", flush=True)

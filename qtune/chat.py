@@ -1,0 +1,146 @@
+"""`qtune chat`: talk to a run's adapter on its 4-bit base (as trained), a merged model, or any local model.
+
+Tokens stream to the terminal through transformers' TextStreamer; temperature 0 is greedy (deterministic).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from qtune.errors import QtuneError
+
+
+def load(target: str, merged: bool = False, allow_pickle: bool = False):
+    """(model, tokenizer, description) for a run directory (adapter on the trained base, or its merged/) or a model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qtune import export
+
+    path = Path(target)
+    if (path / "recipe.yaml").is_file():
+        run = export.open_run(path)
+        if merged:
+            path = run.path / "merged"
+            if not (path / "config.json").is_file():
+                raise QtuneError(f"{path}: no merged model in the run", f"run `qtune merge {run.path}` first")
+        else:
+            recipe = run.recipe
+            if recipe.quantization.bits is not None:
+                base = export.load_4bit_base(recipe)
+            else:
+                from qtune.quant import resolve_dtype
+
+                base = AutoModelForCausalLM.from_pretrained(
+                    recipe.model.name,
+                    revision=recipe.model.revision,
+                    dtype=resolve_dtype(recipe.model.dtype),
+                    trust_remote_code=recipe.model.trust_remote_code,
+                    use_safetensors=True,
+                )
+            model = export.attach_adapter(base, run.adapter, recipe.model.name)
+            tokenizer = AutoTokenizer.from_pretrained(str(run.adapter))
+            return model, tokenizer, f"adapter {run.adapter} on {recipe.model.name} ({_describe(recipe)})"
+    elif merged:
+        raise QtuneError(f"--merged: {target} is not a run directory", "give RUN_DIR, or the model folder itself")
+    export.check_no_pickle(str(path), allow_pickle)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), device_map=export._device_map(), use_safetensors=None if allow_pickle else True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except OSError as exc:
+        raise QtuneError(
+            f"{target}: cannot load a model: {str(exc).strip().splitlines()[0][:300]}",
+            "give a run directory, a local model folder with safetensors weights, or a cached hub id",
+        ) from None
+    return model.eval(), tokenizer, str(path)
+
+
+def _describe(recipe) -> str:
+    q = recipe.quantization
+    return "unquantized" if q.bits is None else f"{q.bits}-bit" + (f" {q.quant_type}" if q.bits == 4 else "")
+
+
+def generate(
+    model,
+    tokenizer,
+    messages: list[dict],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stream=None,
+) -> str:
+    """One assistant turn: the chat template (or the raw text without one), streamed, returned as text."""
+    import torch
+    from transformers import TextStreamer
+
+    if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
+        raise QtuneError(
+            "generation settings out of range", "temperature ≥ 0 (0: greedy), 0 < top_p ≤ 1, max_new_tokens ≥ 1"
+        )
+    if tokenizer.chat_template:
+        inputs = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    else:
+        inputs = tokenizer("\n".join(m["content"] for m in messages), return_tensors="pt")
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    settings = {"do_sample": False}
+    if temperature > 0:
+        settings = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            streamer=streamer,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            **settings,
+        )
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def run(
+    target: str,
+    prompt: str | None = None,
+    system: str | None = None,
+    merged: bool = False,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    allow_pickle: bool = False,
+) -> int:
+    """One-shot with `prompt` (the answer alone on stdout), else a REPL (/reset clears history, /exit or Ctrl-D quits)."""
+    from transformers import set_seed
+
+    model, tokenizer, what = load(target, merged, allow_pickle)
+    set_seed(seed)
+    base = [{"role": "system", "content": system}] if system else []
+    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+    if prompt is not None:
+        generate(model, tokenizer, [*base, {"role": "user", "content": prompt}], stream=True, **settings)
+        sys.stdout.flush()
+        return 0
+    print(f"qtune chat: {what}. /reset clears the conversation, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    history = list(base)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = list(base)
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        print("assistant> ", end="", flush=True)
+        answer = generate(model, tokenizer, history, stream=True, **settings)
+        history.append({"role": "assistant", "content": answer})

@@ -1,0 +1,679 @@
+"""After training: merge the adapter into its base (and verify it), quantize-and-save, publish to the Hub.
+
+Everything written here is safetensors / JSON / YAML / text, staged in a temporary folder next to the
+destination and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from qtune.config import Recipe, load_recipe
+from qtune.errors import QtuneError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# Largest logit difference accepted between the merged model and its reference, relative to the largest
+# reference logit (at least 1), and the top-1 agreement demanded, per dtype the merged weights are saved in.
+TOLERANCE = {"float32": (1e-4, 1.0), "float16": (2e-2, 0.95), "bfloat16": (5e-2, 0.95)}
+VERIFY_PROMPTS = (
+    "The meaning of life is",
+    "Question: what is two plus two?\nAnswer:",
+    "def fibonacci(n):",
+)
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# --------------------------------------------------------------------------- run directories and files
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run directory: the resolved recipe it was trained with and its saved adapter."""
+
+    path: Path
+    recipe: Recipe
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / "adapter"
+
+
+def open_run(run_dir: str | os.PathLike) -> Run:
+    """Read RUN_DIR/recipe.yaml and check RUN_DIR/adapter holds a safetensors adapter."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise QtuneError(f"{path}: no such run directory", "give the output_dir of a finished `qtune train`")
+    if not (path / "recipe.yaml").is_file():
+        raise QtuneError(
+            f"{path}: not a qtune run directory (no recipe.yaml)",
+            "give the output_dir of a finished `qtune train`, or a model folder where a MODEL is accepted",
+        )
+    adapter = path / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise QtuneError(
+            f"{path}: the run has no adapter ({adapter}/adapter_config.json is missing)",
+            "the training did not finish; run `qtune train RECIPE --resume` or train again",
+        )
+    if not (adapter / "adapter_model.safetensors").is_file():
+        pickled = [p.name for p in adapter.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        raise QtuneError(
+            f"{adapter}: no adapter_model.safetensors"
+            + (f" (only pickle weights: {', '.join(pickled)})" if pickled else ""),
+            "qtune loads adapters from safetensors only; convert it with peft (save_pretrained(safe_serialization=True))",
+        )
+    return Run(path, load_recipe(path / "recipe.yaml"))
+
+
+def check_no_pickle(model: str, allow_pickle: bool) -> None:
+    """A local model folder must hold safetensors weights unless the user accepts pickle's risk."""
+    folder = Path(model)
+    if allow_pickle or not folder.is_dir():
+        return
+    names = [p.name for p in folder.iterdir()]
+    if not any(n.endswith(".safetensors") for n in names) and any(n.endswith(PICKLE_SUFFIXES) for n in names):
+        raise QtuneError(
+            f"{folder}: weights are pickle files ({', '.join(n for n in names if n.endswith(PICKLE_SUFFIXES))}); "
+            "loading a pickle can run arbitrary code",
+            "convert them to safetensors, or pass --allow-pickle if you trust where they came from",
+        )
+
+
+def check_output_dir(out: Path, overwrite: bool = False) -> None:
+    """The destination is new (or an empty folder, or --overwrite) and its parent is writable."""
+    if out.exists() and not out.is_dir():
+        raise QtuneError(f"{out}: exists and is not a directory", "choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise QtuneError(f"{out}: output directory is not empty", "choose another --out, or pass --overwrite")
+    parent = out.parent if out.parent != Path("") else Path(".")
+    probe = next((p for p in [parent, *parent.parents] if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK):
+        raise QtuneError(f"{out}: cannot write to {probe}", "choose a writable --out")
+
+
+def staging_dir(out: Path) -> Path:
+    """A fresh temporary folder beside `out` (same filesystem, so the final rename is atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def publish_dir(staging: Path, out: Path) -> None:
+    """Move a complete staging folder into place (replacing an empty or overwritten `out`)."""
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+
+
+def _check_saved(folder: Path) -> None:
+    pickled = [p.name for p in folder.rglob("*") if p.name.endswith(PICKLE_SUFFIXES)]
+    if pickled:  # a library changed its default: never ship it
+        raise QtuneError(f"refusing to publish pickle files: {', '.join(pickled)}")
+
+
+def _device_map():
+    import torch
+
+    return {"": 0} if torch.cuda.is_available() else None
+
+
+def _memory_gib() -> float:
+    """Peak memory of this process so far: the GPU's allocator peak on CUDA, else the peak resident set."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_4bit_base(recipe: Recipe, base: str | None = None):
+    """The base exactly as training loaded it (same BitsAndBytesConfig and dtype), without k-bit preparation.
+
+    bitsandbytes' CPU repack is disabled on every 4-bit layer, so a no-grad forward cannot change the
+    stored weights or their constants (the repack converts absmax to bf16 and drops double quant)."""
+    from transformers import AutoModelForCausalLM
+
+    from qtune.model import _keep_cpu_4bit_trainable
+    from qtune.quant import bnb_config, resolve_dtype
+
+    m = recipe.model
+    model = AutoModelForCausalLM.from_pretrained(
+        base or m.name,
+        revision=None if base else m.revision,
+        trust_remote_code=m.trust_remote_code,
+        quantization_config=bnb_config(recipe),
+        dtype=resolve_dtype(m.dtype),
+        device_map=_device_map(),
+        use_safetensors=True,
+    )
+    _keep_cpu_4bit_trainable(model)
+    return model.eval()
+
+
+def attach_adapter(model, adapter: Path, base_name: str):
+    """PeftModel.from_pretrained, with a clear error when the adapter was trained on another architecture."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise QtuneError(
+            f"{adapter}: the adapter does not fit the base model {base_name}: {first}",
+            "use the base the adapter was trained on (recipe.yaml model.name, or --base)",
+        ) from None
+
+
+# --------------------------------------------------------------------------- merge
+
+
+@dataclass(frozen=True)
+class Comparison:
+    max_diff: float
+    mean_diff: float
+    top1: float
+    scale: float  # largest |logit| of the reference
+
+    def within(self, rel_tol: float, min_top1: float) -> bool:
+        return self.max_diff <= rel_tol * max(1.0, self.scale) and self.top1 >= min_top1
+
+    def text(self) -> str:
+        return f"max |Δlogit| {self.max_diff:.3g}, mean {self.mean_diff:.3g}, top-1 agreement {100 * self.top1:.1f}%"
+
+
+def _logits(model, tokenizer, prompts) -> list:
+    import torch
+
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").to(device)
+            out.append(model(**ids).logits[0].float().cpu())
+    return out
+
+
+def compare(logits, reference) -> Comparison:
+    import torch
+
+    a, b = torch.cat(logits), torch.cat(reference)
+    diff = (a - b).abs()
+    top1 = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    return Comparison(diff.max().item(), diff.mean().item(), top1, b.abs().max().item())
+
+
+def merge(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    dtype: str = "fp32",
+    onto: str = "dequantized",
+    base: str | None = None,
+    quantize_bits: int | None = None,
+    prompts: tuple[str, ...] = (),
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
+    log=print,
+) -> dict:
+    """Merge RUN_DIR's adapter into its base, verify the logits, save safetensors + tokenizer, return the report.
+
+    onto=dequantized: the base quantized exactly as in training, then dequantized (the weights the adapter
+    was trained against). onto=original: the base's original weights (ignores the quantization error).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = open_run(run_dir)
+    recipe = run.recipe
+    if onto not in ("dequantized", "original"):
+        raise QtuneError(f"--onto: unknown mode '{onto}'", "dequantized (default) or original")
+    if dtype not in DTYPES:
+        raise QtuneError(f"--dtype: unknown dtype '{dtype}'", "bf16, fp16 or fp32")
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    dest = Path(out) if out else run.path / "merged"
+    check_output_dir(dest, overwrite)
+    base_name = base or recipe.model.name
+    check_no_pickle(base_name, allow_pickle=False)
+    quantized_in_training = recipe.quantization.bits is not None
+    if onto == "dequantized" and recipe.quantization.bits == 8:
+        raise QtuneError(
+            "merge --onto dequantized: the run trained on an 8-bit base; only 4-bit bases are dequantized exactly",
+            "use --onto original",
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(run.adapter))
+    prompts = tuple(prompts) or VERIFY_PROMPTS
+    start_mem = _memory_gib()
+
+    # 1. The reference: the adapter on the base as it was trained (4-bit), on fixed prompts.
+    m = recipe.model
+    if quantized_in_training:
+        trained = attach_adapter(load_4bit_base(recipe, base), run.adapter, base_name)
+    else:
+        from qtune.quant import resolve_dtype
+
+        plain = AutoModelForCausalLM.from_pretrained(
+            base_name, dtype=resolve_dtype(m.dtype), trust_remote_code=m.trust_remote_code, use_safetensors=True
+        )
+        trained = attach_adapter(plain, run.adapter, base_name)
+    reference = _logits(trained, tokenizer, prompts)
+
+    # 2. The base to merge into, in the requested dtype.
+    if onto == "dequantized" and quantized_in_training:
+        model = trained.unload()  # the 4-bit base again, LoRA layers removed; reuse it (no second load)
+        del trained
+        model = model.dequantize(dtype=torch_dtype).to(torch_dtype)  # transformers: bnb.dequantize_4bit per layer
+    else:
+        del trained
+        model = AutoModelForCausalLM.from_pretrained(
+            base_name,
+            revision=None if base else m.revision,
+            dtype=torch_dtype,
+            trust_remote_code=m.trust_remote_code,
+            device_map=_device_map(),
+            use_safetensors=True,
+        )
+    peft_model = attach_adapter(model, run.adapter, base_name)
+    unmerged = _logits(peft_model, tokenizer, prompts) if onto == "original" else None
+    merged = peft_model.merge_and_unload()
+    merged_logits = _logits(merged, tokenizer, prompts)
+    peak = _memory_gib()
+
+    # 3. Verify. dequantized: merged must equal the adapter on the 4-bit base (what training optimised).
+    #    original: merged must equal the adapter on the original weights; the gap to training is reported.
+    rel_tol, min_top1 = TOLERANCE[DTYPES[dtype]]
+    vs_trained = compare(merged_logits, reference)
+    check = vs_trained if onto == "dequantized" or not quantized_in_training else compare(merged_logits, unmerged)
+    log(f"qtune: merged ({onto}, {dtype}) vs adapter on the base as trained: {vs_trained.text()}")
+    if check is not vs_trained:
+        log(f"qtune: merged ({onto}, {dtype}) vs adapter on the original base (unmerged): {check.text()}")
+        log(
+            "qtune: note: --onto original ignores the quantization error the adapter was trained with; "
+            "the first line is how far that moves the logits (--onto dequantized reproduces training)"
+        )
+    tolerance_text = f"max |Δlogit| ≤ {rel_tol:g} × max(1, max|logit| = {check.scale:.3g}), top-1 ≥ {100 * min_top1:g}%"
+    if not check.within(rel_tol, min_top1):
+        raise QtuneError(
+            f"merge verification failed: {check.text()} exceeds the tolerance ({tolerance_text}); nothing was written",
+            "the adapter may not belong to this base; try --dtype fp32; --debug shows details",
+        )
+    log(f"qtune: verified within tolerance ({tolerance_text})")
+
+    report = {
+        "onto": onto,
+        "dtype": DTYPES[dtype],
+        "base_model": base_name,
+        "prompts": list(prompts),
+        "vs_trained": vs_trained.__dict__,
+        "checked": check.__dict__,
+        "tolerance": {"relative_max_diff": rel_tol, "min_top1": min_top1},
+        "weights_gib": merged.get_memory_footprint() / 2**30,
+        "peak_memory_gib": peak,
+        "memory_before_load_gib": start_mem,
+        "quantized_on_save": quantize_bits,
+    }
+
+    # 4. Save: safetensors shards + tokenizer + generation config, staged then renamed.
+    staging = staging_dir(dest)
+    try:
+        merged.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(staging)
+        del merged, peft_model, model
+        if quantize_bits:
+            requantized = staging_dir(dest)
+            try:
+                report["quantize"] = quantize(
+                    str(staging), quantize_bits, out=None, staging=requantized, log=log, tokenizer_from=staging
+                )
+            except BaseException:
+                shutil.rmtree(requantized, ignore_errors=True)
+                raise
+            shutil.rmtree(staging)
+            staging = requantized
+        (staging / "qtune_merge.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        _check_saved(staging)
+        publish_dir(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(
+        f"qtune: merged model saved to {dest} ({report['weights_gib'] * 1024:.1f} MiB of weights in {DTYPES[dtype]}); "
+        f"peak memory {peak:.2f} GiB ({'GPU allocator' if _device_map() else 'process RSS, incl. ~'}"
+        + ("" if _device_map() else f"{start_mem:.2f} GiB of libraries before loading")
+        + ")"
+    )
+    return report
+
+
+# --------------------------------------------------------------------------- quantize (the seed tutorial)
+
+
+def _size(n: int) -> str:
+    """Bytes in the seed tutorial's unit (GiB, which it prints as "GB"), or MiB for small models."""
+    return f"{n / 2**30:.3f} GiB" if n >= 2**27 else f"{n / 2**20:.3f} MiB"
+
+
+def quant_constants_bytes(model) -> int:
+    """Bytes of the quantization constants that get_memory_footprint() leaves out: 4-bit absmax (and with
+    double quant its 8-bit absmax + fp32 scales + code), 8-bit per-row scales (SCB)."""
+    import bitsandbytes as bnb
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            tensors = [state.absmax, state.code]
+            if state.nested:
+                tensors += [state.state2.absmax, state.state2.code, state.offset]
+            total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            scb = getattr(module.weight, "SCB", None)
+            total += scb.numel() * scb.element_size() if scb is not None else 0
+    return total
+
+
+def _footprint_of_original(model: str, dtype, trust_remote_code: bool) -> tuple[int, str]:
+    """get_memory_footprint() of the unquantized model, built on the meta device (no weights loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    if dtype is None:  # what from_pretrained would load: the checkpoint's own dtype
+        dtype = getattr(config, "dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return meta.get_memory_footprint(), str(dtype).replace("torch.", "")
+
+
+def quantize_config(bits: int, quant_type: str = "nf4", double_quant: bool = False, compute_dtype=None):
+    """The BitsAndBytesConfig the seed tutorial builds: load_in_8bit, or load_in_4bit with its options."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant_type,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    raise QtuneError(f"--bits: {bits} is not supported", "4 or 8")
+
+
+def load_quantized(model: str, bits: int, quant_type="nf4", double_quant=False, dtype=None, allow_pickle=False):
+    """`from_pretrained(model, quantization_config=...)` as in the seed, safetensors only unless allowed."""
+    from transformers import AutoModelForCausalLM
+
+    from qtune.quant import resolve_dtype
+
+    check_no_pickle(model, allow_pickle)
+    config = quantize_config(bits, quant_type, double_quant, compute_dtype=dtype or resolve_dtype("auto"))
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            model,
+            quantization_config=config,
+            dtype=dtype or "auto",
+            device_map=_device_map(),
+            use_safetensors=None if allow_pickle else True,
+        )
+    except OSError as exc:
+        raise QtuneError(
+            f"{model}: cannot load: {str(exc).strip().splitlines()[0][:300]}",
+            "give a local model folder with safetensors weights (or a cached hub id); --allow-pickle accepts .bin",
+        ) from None
+
+
+def quantize(
+    model: str,
+    bits: int,
+    out: str | os.PathLike | None,
+    quant_type: str = "nf4",
+    double_quant: bool = False,
+    dtype: str | None = None,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    staging: Path | None = None,
+    tokenizer_from: str | os.PathLike | None = None,
+    log=print,
+) -> dict:
+    """Load MODEL quantized with bitsandbytes, print footprints before/after, save safetensors + tokenizer.
+
+    With `staging` given, write into that (existing, empty) folder and leave the rename to the caller."""
+    import torch
+    from transformers import AutoTokenizer
+
+    torch_dtype = getattr(torch, DTYPES[dtype]) if dtype else None
+    dest = Path(out) if out is not None else None
+    if dest is not None:
+        check_output_dir(dest, overwrite)
+    check_no_pickle(model, allow_pickle)
+    before, before_dtype = _footprint_of_original(model, torch_dtype, trust_remote_code=False)
+    quantized = load_quantized(model, bits, quant_type, double_quant, torch_dtype, allow_pickle)
+    after = quantized.get_memory_footprint()
+    constants = quant_constants_bytes(quantized)
+    label = (
+        f"{bits}-bit" + (f" {quant_type.upper()}" if bits == 4 else "") + (" + double quant" if double_quant else "")
+    )
+    log(f"qtune: {model}: {before_dtype} model: {_size(before)} (get_memory_footprint)")
+    log(f"qtune: {label} model: {_size(after)} (get_memory_footprint)")
+    log(
+        f"qtune: get_memory_footprint leaves out the quantization constants: +{_size(constants)} "
+        f"→ {_size(after + constants)} in all"
+    )
+    report = {
+        "model": model,
+        "bits": bits,
+        "quant_type": quant_type if bits == 4 else None,
+        "double_quant": double_quant if bits == 4 else None,
+        "footprint_before_bytes": before,
+        "footprint_before_dtype": before_dtype,
+        "footprint_after_bytes": after,
+        "quant_constants_bytes": constants,
+    }
+    own_staging = staging is None
+    folder = staging if staging is not None else staging_dir(dest)
+    try:
+        quantized.save_pretrained(folder, safe_serialization=True)
+        try:
+            AutoTokenizer.from_pretrained(str(tokenizer_from or model)).save_pretrained(folder)
+        except (OSError, ValueError):
+            log(f"qtune: note: no tokenizer found with {model}; saved the weights only")
+        _check_saved(folder)
+        if own_staging:
+            publish_dir(folder, dest)
+    except BaseException:
+        if own_staging:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if own_staging:
+        log(f"qtune: saved {dest} (safetensors only): {', '.join(sorted(p.name for p in dest.iterdir()))}")
+    return report
+
+
+# --------------------------------------------------------------------------- push
+
+
+def check_repo_id(repo_id: str | None) -> str:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not repo_id or not REPO_ID.match(repo_id):
+        raise QtuneError(f"--repo-id: '{repo_id}' is not ORG/NAME", "e.g. my-user/llama2-7b-qlora-alpaca")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise QtuneError(f"--repo-id: '{repo_id}' is not a valid Hub repo id: {str(exc).splitlines()[0]}") from None
+    return repo_id
+
+
+def hub_token() -> str:
+    """The token from HF_TOKEN or the stored `hf auth login`; held in memory only, never written or logged."""
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise QtuneError("no Hugging Face token: set HF_TOKEN or run `hf auth login`", "a token with write access")
+    return token
+
+
+def _hub_id(name: str) -> str | None:
+    """`name` if it looks like a Hub repo id rather than a local path."""
+    if Path(name).exists() or not REPO_ID.match(name):
+        return None
+    return name
+
+
+def model_card(recipe: Recipe, repo_id: str, merged: bool, summary: dict | None, license: str = "other") -> str:
+    """README.md with YAML metadata (base_model, library_name, tags, datasets, license) and a usage snippet."""
+    import yaml
+    from huggingface_hub import ModelCardData
+
+    from qtune.config import recipe_to_dict
+
+    base = recipe.model.name
+    base_id = _hub_id(base)
+    datasets = [d for d in (_hub_id(s.path) for s in recipe.data.datasets) if d]
+    data = ModelCardData(
+        base_model=base_id,
+        library_name="transformers" if merged else "peft",
+        tags=["qtune", "qlora", "lora", "sft", "trl", "peft"] + (["merged"] if merged else []),
+        license=license,
+        datasets=datasets or None,
+        pipeline_tag="text-generation",
+    )
+    q = recipe.quantization
+    quant = "no quantization" if q.bits is None else ("8-bit" if q.bits == 8 else f"4-bit {q.quant_type}")
+    if q.bits == 4 and q.double_quant:
+        quant += " + double quant"
+    figures = []
+    for key, label in [
+        ("steps", "steps"),
+        ("train_loss", "train loss"),
+        ("eval_loss", "eval loss"),
+        ("wall_time_s", "wall time (s)"),
+        ("world_size", "processes"),
+    ]:
+        if summary and summary.get(key) is not None:
+            value = summary[key]
+            figures.append(f"| {label} | {value:.4g} |" if isinstance(value, float) else f"| {label} | {value} |")
+    if merged:
+        usage = (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")'
+        )
+    else:
+        usage = (
+            "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")  # loads the base, then the adapter\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")'
+        )
+    kind = "merged model (LoRA adapter folded into the base weights)" if merged else "LoRA adapter"
+    base_text = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{base}` (a local model)"
+    sources = ", ".join(f"`{s.path}`" for s in recipe.data.datasets)
+    body = [
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"A {kind} fine-tuned with [qtune](https://github.com/) (QLoRA: {quant} base, LoRA r={recipe.lora.r}, "
+        f"alpha={recipe.lora.alpha:g}) from {base_text} on {sources}.",
+        "",
+        "## Training figures",
+        "",
+        *(["| figure | value |", "|---|---|", *figures] if figures else ["No summary.json was found for this run."]),
+        "",
+        "## Usage",
+        "",
+        "```python",
+        usage,
+        "```",
+        "",
+        "## Recipe",
+        "",
+        "The resolved recipe this was trained with (`qtune train recipe.yaml` repeats the run):",
+        "",
+        "```yaml",
+        yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
+
+
+def stage_push(run_dir: str | os.PathLike, repo_id: str, merged: bool, into: Path, license: str = "other") -> Path:
+    """Copy the files to upload (adapter or merged model, tokenizer, README.md) into the empty folder `into`."""
+    run = open_run(run_dir)
+    source = run.path / "merged" if merged else run.adapter
+    if merged and not (source / "config.json").is_file():
+        raise QtuneError(f"{source}: no merged model in the run", f"run `qtune merge {run.path}` first")
+    summary_file = run.path / "summary.json"
+    summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else None
+    for item in source.iterdir():
+        if item.name.endswith(PICKLE_SUFFIXES) or item.name == "README.md":
+            continue  # peft's placeholder card is replaced by ours
+        if item.is_file():
+            shutil.copy2(item, into / item.name)
+    shutil.copy2(run.path / "recipe.yaml", into / "qtune_recipe.yaml")  # secrets were redacted when it was written
+    (into / "README.md").write_text(model_card(run.recipe, repo_id, merged, summary, license), encoding="utf-8")
+    _check_saved(into)
+    return into
+
+
+def upload(folder: Path, repo_id: str, private: bool, token: str, message: str) -> str:
+    """HfApi.create_repo + upload_folder; returns the commit URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=message)
+    except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as exc:
+        text = str(exc).replace(token, "<token>").strip().splitlines()[0][:300]
+        raise QtuneError(
+            f"push to {repo_id} failed: {text}", "check the token's write access and the network"
+        ) from None
+    return str(getattr(info, "commit_url", info))
+
+
+def push(
+    run_dir: str | os.PathLike,
+    repo_id: str,
+    merged: bool = False,
+    private: bool = True,
+    dry_run: str | os.PathLike | None = None,
+    license: str = "other",
+    log=print,
+) -> Path | str:
+    """Upload the adapter (or merged model) with tokenizer and model card; with dry_run, stage only."""
+    check_repo_id(repo_id)
+    if dry_run is not None:
+        dest = Path(dry_run)
+        check_output_dir(dest)
+        folder = staging_dir(dest)
+        try:
+            stage_push(run_dir, repo_id, merged, folder, license)
+            publish_dir(folder, dest)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        log(
+            f"qtune: dry run: files for {repo_id} staged in {dest}: {', '.join(sorted(p.name for p in dest.iterdir()))}"
+        )
+        return dest
+    token = hub_token()
+    with tempfile.TemporaryDirectory(prefix="qtune-push-") as tmp:
+        stage_push(run_dir, repo_id, merged, Path(tmp), license)
+        url = upload(Path(tmp), repo_id, private, token, f"qtune: {'merged model' if merged else 'LoRA adapter'}")
+    log(f"qtune: pushed {'merged model' if merged else 'adapter'} to https://huggingface.co/{repo_id} ({url})")
+    return url

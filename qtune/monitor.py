@@ -1,0 +1,340 @@
+"""What a user watches while a run goes and reads after it: the figures added to every log step, the
+console (a progress bar or, with --quiet, log lines only), `metrics.jsonl`, the start summary, the
+Ctrl-C / SIGTERM stop with a checkpoint, the NaN/inf guard, `loss.png`.
+
+Everything here is a `transformers.TrainerCallback` that reads the Trainer's state and logs and sets
+`TrainerControl` flags; the loop is TRL's. Imported only by `qtune.train.run` (transformers at module
+level is fine here: `qtune --help` never reaches this module).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from transformers import ProgressCallback, TrainerCallback
+
+from qtune.config import Recipe
+
+GB = 1024**3
+# Trainer log entries that duplicate qtune's own figures (tokens, tokens/s) or are end-of-run totals.
+SKIPPED_LOG_KEYS = {
+    "epoch",
+    "num_input_tokens_seen",
+    "num_tokens",
+    "train_runtime",
+    "train_tokens_per_second",
+    "total_flos",
+}
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak memory of this process so far: allocated and reserved GPU memory, or the resident set on the CPU."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {
+            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / GB, 3),
+            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / GB, 3),
+        }
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS
+    return {"peak_rss_gb": round(kib * scale / GB, 3)}
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def format_line(record: dict, max_steps: int) -> str:
+    """One log step as a readable console line."""
+    step = record.get("step", 0)
+    parts = [f"step {step}/{max_steps}"]
+    if "eval_loss" in record:
+        parts.append(f"eval loss {record['eval_loss']:.4f}")
+    if "loss" in record:
+        parts.append(f"loss {record['loss']:.4f}")
+    if "lr" in record:
+        parts.append(f"lr {record['lr']:.2e}")
+    if record.get("grad_norm") is not None:
+        parts.append(f"grad {record['grad_norm']:.3f}")
+    if "tokens_per_s" in record:
+        per_device = record.get("tokens_per_s_per_device", record["tokens_per_s"])
+        parts.append(f"{record['tokens_per_s']:,.0f} tok/s ({per_device:,.0f}/device)")
+    if "samples_per_s" in record:
+        parts.append(f"{record['samples_per_s']:.2f} samples/s")
+    if "peak_mem_gb" in record:
+        parts.append(f"GPU peak {record['peak_mem_gb']:.2f} GB (reserved {record['peak_reserved_gb']:.2f})")
+    elif "peak_rss_gb" in record:
+        parts.append(f"RSS peak {record['peak_rss_gb']:.2f} GB")
+    if "elapsed_s" in record:
+        parts.append(f"{_clock(record['elapsed_s'])} elapsed, {_clock(record.get('remaining_s'))} left")
+    return " | ".join(parts)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+class RunMonitor(TrainerCallback):
+    """Adds throughput, memory and time figures to every training log (so every tracker gets them), writes
+    each log step to `metrics.jsonl` on the main process, and prints the start summary.
+
+    Must run before the other callbacks' `on_log` (train.run puts it first): they see the same `logs` dict.
+    """
+
+    def __init__(self, recipe: Recipe, run_dir: Path, world_size: int, start_lines: list[tuple[str, str]]):
+        self.recipe = recipe
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.world_size = world_size
+        self.start_lines = start_lines
+        self.session_start = time.time()
+        self.first_step = 0
+        self.tokens_at_start = 0
+        self.last = (self.session_start, 0, 0)  # time, step, tokens at the previous train log
+        self.final: dict = {}
+
+    # ---- start
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.session_start = time.time()
+        self.first_step = state.global_step
+        self.tokens_at_start = state.num_input_tokens_seen
+        self.last = (self.session_start, state.global_step, state.num_input_tokens_seen)
+        if not state.is_world_process_zero:
+            return
+        if state.global_step and self.metrics_path.exists():
+            # Resumed: lines logged after the checkpoint are redone by this session; keep one line per step.
+            kept = [
+                line
+                for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= state.global_step
+            ]
+            _write_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
+        elif not state.global_step and self.metrics_path.exists():
+            self.metrics_path.unlink()
+        lines = list(self.start_lines)
+        if model is not None and hasattr(model, "get_nb_trainable_parameters"):
+            trainable, total = model.get_nb_trainable_parameters()
+            lines.insert(2, ("trainable", f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)"))
+        steps = f"{state.max_steps} optimizer steps ({state.num_train_epochs} epoch(s) over the data)"
+        if state.global_step:
+            steps += f", resuming at step {state.global_step}"
+        lines.append(("steps", steps))
+        width = max(len(k) for k, _ in lines)
+        print("qtune: run summary", flush=True)
+        for key, value in lines:
+            print(f"  {key:<{width}}  {value}", flush=True)
+
+    # ---- every log step
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        now = time.time()
+        is_train_log = "loss" in logs and "train_loss" not in logs
+        if is_train_log:
+            t0, step0, tokens0 = self.last
+            tokens = state.num_input_tokens_seen
+            dt = max(now - t0, 1e-9)
+            samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * self.world_size
+            done_here = state.global_step - self.first_step
+            elapsed = now - self.session_start
+            figures = {
+                "tokens": tokens,
+                "tokens_per_s": round((tokens - tokens0) / dt, 2),
+                "tokens_per_s_per_device": round((tokens - tokens0) / dt / self.world_size, 2),
+                "samples_per_s": round((state.global_step - step0) * samples_per_step / dt, 3),
+                **peak_memory(),
+                "elapsed_s": round(elapsed, 2),
+                "remaining_s": round(elapsed / done_here * (state.max_steps - state.global_step), 2)
+                if done_here
+                else None,
+            }
+            logs.update({k: v for k, v in figures.items() if v is not None})
+            self.last = (now, state.global_step, tokens)
+        if not state.is_world_process_zero or "train_loss" in logs:  # the end-of-training totals: summary.json
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        for key, value in logs.items():
+            if key in SKIPPED_LOG_KEYS:
+                continue
+            if isinstance(value, (int, float)):
+                record["lr" if key == "learning_rate" else key] = value
+        record["time"] = round(now, 3)
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        self.final.update(record)
+
+
+class Console(ProgressCallback):
+    """transformers' progress bar on the main process, with each log step as one readable line under it;
+    with `quiet`, no bar: the log lines only. Other ranks print nothing."""
+
+    def __init__(self, quiet: bool = False):
+        super().__init__()
+        self.quiet = quiet
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.current_step = 0
+        if not self.quiet:
+            super().on_train_begin(args, state, control, **kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.quiet:
+            super().on_step_end(args, state, control, **kwargs)
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if not self.quiet:
+            super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "train_loss" in logs:
+            return
+        record = {"lr" if k == "learning_rate" else k: v for k, v in logs.items()}
+        line = format_line({**record, "step": state.global_step}, state.max_steps)
+        if self.training_bar is not None:
+            self.training_bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            super().on_train_end(args, state, control, **kwargs)
+
+
+class StopGuard(TrainerCallback):
+    """Ends a run cleanly instead of losing it or training on garbage.
+
+    - SIGTERM / Ctrl-C: finish the current optimizer step, save a checkpoint, stop (a second Ctrl-C stops
+      at once). Under DDP the ranks agree on the stop before acting.
+    - A non-finite training loss (or non-finite adapter weights about to be checkpointed): stop without
+      saving, so the last checkpoint on disk stays the last good one.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self.bad: tuple[int, str] | None = None  # (step, what)
+        self._previous: dict = {}
+
+    # ---- signals
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signal_name is not None:  # second signal: stop now
+            self._restore()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.signal_name = name
+        print(
+            f"\nqtune: {name} received: saving a checkpoint after this step, then stopping"
+            + (" (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for name in self.SIGNALS:
+            signum = getattr(signal, name)
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._restore()
+
+    def _stop_requested(self, args) -> bool:
+        requested = self.signal_name is not None
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            import torch
+
+            flag = torch.tensor([1 if requested else 0], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and self.signal_name is None:
+                self.signal_name = "a stop on another rank"
+            requested = bool(flag.item())
+        return requested
+
+    # ---- every step
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self._stop_requested(args):
+            control.should_save = True
+            control.should_training_stop = True
+        if control.should_save and model is not None:
+            broken = [n for n, p in model.named_parameters() if p.requires_grad and not bool(p.isfinite().all())]
+            if broken:
+                self.bad = (state.global_step, f"non-finite adapter weights ({broken[0]} …)")
+                control.should_save = False
+                control.should_training_stop = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "eval_loss"):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                self.bad = (state.global_step, f"{key} {value}")
+                control.should_save = False
+                control.should_training_stop = True
+        return control
+
+
+def plot_loss(metrics_path: Path, png_path: Path) -> bool:
+    """Train (and eval) loss against step from metrics.jsonl into a PNG; False when there is nothing to plot."""
+    if not metrics_path.is_file():
+        return False
+    train, evals = [], []
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if isinstance(record.get("loss"), (int, float)):
+            train.append((record["step"], record["loss"]))
+        if isinstance(record.get("eval_loss"), (int, float)):
+            evals.append((record["step"], record["eval_loss"]))
+    if not train and not evals:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", marker="." if len(train) < 40 else None)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), label="eval loss", marker="o")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(png_path.parent.name)
+    fig.tight_layout()
+    tmp = png_path.with_name(png_path.name + ".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(png_path)
+    return True

@@ -1,0 +1,242 @@
+"""merge (verified numerically), quantize (round trip), chat (greedy is deterministic), push (staged files load)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import run_qtune, spell_rows, write_jsonl
+from qtune import export
+from qtune.config import load_recipe
+
+pytestmark = pytest.mark.slow
+PROMPT = "spell 1 2 3 4"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_llama, tmp_path_factory) -> Path:
+    """One short training shared by the module; lr 1e-2 so lora_B moves enough to make merges differ."""
+    root = tmp_path_factory.mktemp("export")
+    recipe = {
+        "model": {"name": str(tiny_llama)},
+        "quantization": {"bits": 4, "double_quant": True},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"datasets": [{"path": str(write_jsonl(root / "train.jsonl", spell_rows(64)))}], "max_length": 64},
+        "training": {
+            "max_steps": 16,
+            "micro_batch_size": 8,
+            "grad_accum": 1,
+            "lr": 1e-2,
+            "logging_steps": 4,
+            "gradient_checkpointing": False,
+        },
+        "output_dir": str(root / "run"),
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    result = run_qtune("train", root / "recipe.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def merged(run_dir) -> Path:
+    result = run_qtune("merge", run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "verified within tolerance" in result.stdout
+    return run_dir / "merged"
+
+
+def _logits(model, tokenizer, text=PROMPT) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**tokenizer(text, return_tensors="pt")).logits[0].float()
+
+
+def qtune_main(capsys, *args) -> tuple[int, str, str]:
+    """The CLI in-process (no interpreter start-up): exit code, stdout, stderr."""
+    from qtune.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+def _no_leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if ".tmp-" in p.name]
+
+
+def test_merge_onto_dequantized_reproduces_the_adapter_on_the_4bit_base(run_dir, merged, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    names = {p.name for p in merged.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= names
+    assert not [n for n in names if n.endswith(export.PICKLE_SUFFIXES)]
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    report = json.loads((merged / "qtune_merge.json").read_text())
+    assert report["onto"] == "dequantized" and report["vs_trained"]["top1"] == 1.0
+
+    # Independently: the adapter on the 4-bit base as trained vs the saved merged model.
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    trained = export.attach_adapter(export.load_4bit_base(recipe), run_dir / "adapter", "base")
+    reference = _logits(trained, tokenizer)
+    with trained.disable_adapter():
+        adapter_effect = (reference - _logits(trained, tokenizer)).abs().max().item()
+    merged_model = AutoModelForCausalLM.from_pretrained(merged)
+    diff = (_logits(merged_model, tokenizer) - reference).abs().max().item()
+    assert adapter_effect > 1e-2, "the adapter should have moved the logits (otherwise the check is vacuous)"
+    assert diff < 1e-4 * max(1.0, reference.abs().max().item())
+
+    # --onto original merges onto the unquantized weights: a real gap to what was trained, well above dequantized.
+    out = run_dir.parent / "merged-original"
+    code, stdout, err = qtune_main(capsys, "merge", run_dir, "--onto", "original", "--dtype", "bf16", "--out", out)
+    assert code == 0, err[-3000:]
+    original = AutoModelForCausalLM.from_pretrained(out)
+    assert {p.dtype for p in original.parameters()} == {torch.bfloat16}
+    gap = (_logits(original, tokenizer) - reference).abs().max().item()
+    assert gap > 100 * diff and "ignores the quantization error" in stdout
+
+
+def test_merge_refuses_bad_input_and_writes_nothing(run_dir, tmp_path, capsys):
+    from qtune.tiny import build_tiny_model
+
+    no_adapter = tmp_path / "half-run"
+    no_adapter.mkdir()
+    (no_adapter / "recipe.yaml").write_text((run_dir / "recipe.yaml").read_text())
+    code, _, err = qtune_main(capsys, "merge", no_adapter)
+    assert code == 2 and err.startswith("error: ") and "has no adapter" in err and "  hint: " in err
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    code, _, err = qtune_main(capsys, "merge", run_dir, "--out", busy)
+    assert code == 2 and "not empty" in err
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+
+    other = build_tiny_model(tmp_path / "wider", hidden_size=128, intermediate_size=256)
+    code, _, err = qtune_main(capsys, "merge", run_dir, "--base", other, "--out", tmp_path / "m")
+    assert code == 2 and "does not fit the base model" in err, err[-2000:]
+    assert not (tmp_path / "m").exists() and not _no_leftovers(tmp_path)
+
+
+def test_failed_verification_writes_nothing(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(export.TOLERANCE, "float32", (0.0, 1.0))  # nothing passes a zero tolerance
+    with pytest.raises(export.QtuneError, match="merge verification failed"):
+        export.merge(run_dir, out=tmp_path / "m", log=lambda *_: None)
+    assert not (tmp_path / "m").exists() and not _no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("args", [["--bits", "4", "--double-quant"], ["--bits", "8"]])
+def test_quantize_round_trip(tiny_llama, tmp_path, args, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "q"
+    code, stdout, err = qtune_main(capsys, "quantize", tiny_llama, *args, "--out", out)
+    assert code == 0, err[-3000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" in names and not [n for n in names if n.endswith(export.PICKLE_SUFFIXES)]
+
+    bits, dq = int(args[1]), "--double-quant" in args
+    in_memory = export.load_quantized(str(tiny_llama), bits, double_quant=dq)
+    before = AutoModelForCausalLM.from_pretrained(tiny_llama).get_memory_footprint()
+    after = in_memory.get_memory_footprint()
+    assert f"float32 model: {before / 2**20:.3f} MiB" in stdout
+    assert f"model: {after / 2**20:.3f} MiB (get_memory_footprint)" in stdout and after < before / 2
+    constants = export.quant_constants_bytes(in_memory)
+    assert constants > 0 and f"+{constants / 2**20:.3f} MiB" in stdout
+
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert torch.equal(_logits(loaded, tokenizer), _logits(in_memory, tokenizer))
+
+
+def test_pickle_weights_are_refused_unless_allowed(tiny_llama, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pickled = tmp_path / "pickled"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model.config.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(pickled)
+    for command in (["quantize", pickled, "--bits", "4", "--out", tmp_path / "q"], ["chat", pickled, "--prompt", "hi"]):
+        code, _, err = qtune_main(capsys, *command)
+        assert code == 2 and "pickle" in err and "--allow-pickle" in err
+    assert not (tmp_path / "q").exists()
+
+
+def test_chat_one_shot_is_greedy_deterministic_and_matches_the_merged_model(run_dir, merged, capsys, monkeypatch):
+    first = run_qtune("chat", run_dir, "--prompt", PROMPT, "--max-new-tokens", "8")
+    second = run_qtune("chat", run_dir, "--prompt", PROMPT, "--max-new-tokens", "8")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.strip() and first.stdout == second.stdout
+    code, from_merged, _ = qtune_main(capsys, "chat", run_dir, "--merged", "--prompt", PROMPT, "--max-new-tokens", "8")
+    assert code == 0 and from_merged == first.stdout
+
+    # The REPL streams the same answer for the same first turn, then quits on /exit.
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{PROMPT}\n/exit\n"))
+    code, repl, _ = qtune_main(capsys, "chat", run_dir, "--max-new-tokens", "8")
+    assert code == 0 and first.stdout.strip() in repl
+
+
+def test_push_dry_run_stages_a_loadable_adapter_and_card(run_dir, merged, tmp_path, capsys, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    secret = "hf_dontwritemeanywhere123"
+    staged = tmp_path / "stage"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    code, _, err = qtune_main(capsys, "push", run_dir, "--repo-id", "me/tiny-qlora", "--dry-run", staged)
+    assert code == 0, err[-3000:]
+    names = {p.name for p in staged.iterdir()}
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= names
+    card = (staged / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["library_name"] == "peft" and meta["license"] == "other" and "qlora" in meta["tags"]
+    assert "eval loss" in card or "train loss" in card
+    assert "AutoPeftModelForCausalLM" in card and "```yaml" in card
+    assert all(secret not in p.read_text(errors="ignore") for p in staged.iterdir())
+
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    loaded = PeftModel.from_pretrained(export.load_4bit_base(recipe), staged)
+    ours = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    state = {k: v for k, v in loaded.state_dict().items() if "lora_" in k}
+    assert len(state) == len(ours)
+
+    staged_merged = tmp_path / "stage-merged"
+    code, _, err = qtune_main(
+        capsys, "push", run_dir, "--repo-id", "me/tiny-merged", "--merged", "--dry-run", staged_merged
+    )
+    assert code == 0, err[-3000:]
+    assert yaml.safe_load((staged_merged / "README.md").read_text().split("---")[1])["library_name"] == "transformers"
+    AutoModelForCausalLM.from_pretrained(staged_merged)
+
+
+def test_push_errors_are_clear_and_never_leak_the_token(run_dir, tmp_path, capsys, monkeypatch):
+    code, _, err = qtune_main(capsys, "push", run_dir, "--repo-id", "not a repo")
+    assert code == 2 and "is not ORG/NAME" in err
+
+    no_token = {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf-home")}
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    result = run_qtune("push", run_dir, "--repo-id", "me/tiny", env={**env, **no_token})
+    assert result.returncode == 2 and "no Hugging Face token" in result.stderr
+
+    secret = "hf_dontprintme456"
+    monkeypatch.setenv("HF_TOKEN", secret)  # conftest sets HF_HUB_OFFLINE=1: the upload cannot reach a hub
+    code, out, err = qtune_main(capsys, "push", run_dir, "--repo-id", "me/tiny")
+    assert code == 2 and "push to me/tiny failed" in err
+    assert secret not in out + err
+
+
+def test_model_card_names_a_hub_base_model(run_dir):
+    recipe = load_recipe(run_dir / "recipe.yaml", ["model.name=meta-llama/Llama-2-7b-hf"])
+    card = export.model_card(recipe, "me/x", merged=False, summary={"eval_loss": 1.25}, license="llama2")
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == "meta-llama/Llama-2-7b-hf" and meta["license"] == "llama2"
+    assert "| eval loss | 1.25 |" in card
