@@ -1,0 +1,471 @@
+"""The data path: sources, formats, templates, masking proven token by token on TRL's own batches, mixing,
+bad rows, the loud checks, packing and `qtune data`. Fixture files are in tests/data/."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_qtune, write_jsonl
+from qtune import data, train
+from qtune.config import load_recipe
+from qtune.errors import QtuneError
+from qtune.model import Launch
+
+DATA = Path(__file__).parent / "data"
+SINGLE = Launch(1, 0, 0, "NO")
+
+
+@pytest.fixture
+def recipe_for(tmp_path, tiny_llama):
+    def make(sources, **data_keys):
+        sources = [s if isinstance(s, dict) else {"path": str(s)} for s in sources]
+        doc = {
+            "model": {"name": str(tiny_llama)},
+            "quantization": {"bits": None},
+            "data": {"datasets": sources, "max_length": 64, **data_keys},
+            "training": {"max_steps": 1, "micro_batch_size": 2, "grad_accum": 1, "gradient_checkpointing": False},
+            "output_dir": str(tmp_path / "run"),
+        }
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+        return load_recipe(path, [])
+
+    return make
+
+
+def _tokenizer(tiny_llama):
+    from qtune.config import Recipe
+    from qtune.model import load_tokenizer
+
+    return load_tokenizer(
+        Recipe.model_validate(
+            {"model": {"name": str(tiny_llama)}, "data": {"datasets": [{"path": "x"}]}, "output_dir": "x"}
+        )
+    )
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _by_prompt(rows):
+    return sorted(json.dumps(r, sort_keys=True) for r in rows)
+
+
+@pytest.mark.parametrize(
+    "source, fmt, n",
+    [
+        ("alpaca.jsonl", "messages", 3),
+        ("sharegpt.json", "messages", 2),
+        ("messages.jsonl", "messages", 2),
+        ("prompt_completion.csv", "prompt_completion", 2),
+        ("text.txt", "text", 2),
+    ],
+)
+def test_local_files_of_every_type_load_and_map(recipe_for, source, fmt, n):
+    schema, rows = data.load_rows(recipe_for([DATA / source]))
+    assert schema == fmt and len(rows) == n
+    assert rows.sources[0]["detected"] is True
+
+
+def test_parquet_folder_save_to_disk_and_local_repo_with_name_and_split(recipe_for, tmp_path):
+    import datasets
+
+    ds = datasets.load_dataset("json", data_files=str(DATA / "alpaca.jsonl"), split="train")
+    ds.to_parquet(str(tmp_path / "a.parquet"))
+    (tmp_path / "folder").mkdir()
+    shutil.copy(DATA / "alpaca.jsonl", tmp_path / "folder" / "part.jsonl")
+    datasets.DatasetDict(train=ds, validation=ds.select([0])).save_to_disk(str(tmp_path / "saved"))
+
+    expected = _by_prompt(data.load_rows(recipe_for([DATA / "alpaca.jsonl"]))[1])
+    for path in (tmp_path / "a.parquet", tmp_path / "folder", tmp_path / "saved"):
+        schema, got = data.load_rows(recipe_for([path]))
+        assert schema == "messages" and _by_prompt(got) == expected, path
+
+    # save_to_disk folder, a named eval split
+    _, got = data.load_rows(recipe_for([tmp_path / "saved"], eval_split="validation"))
+    assert len(got) == 3 and len(got.eval_rows) == 1
+
+    # a dataset repo folder (Hub layout) with configs: `name` picks the config, `split` the split
+    repo = str(DATA / "repo")
+    schema, got = data.load_rows(recipe_for([{"path": repo, "name": "chat"}], eval_split="test"))
+    assert schema == "messages" and len(got) == 3 and got.eval_rows[0]["messages"][1]["content"] == "four"
+    schema, got = data.load_rows(recipe_for([{"path": repo, "name": "plain"}]))
+    assert schema == "text" and sorted(r["text"] for r in got) == ["one two", "three four"]
+    with pytest.raises(QtuneError, match="split 'nope'|nope"):
+        data.load_rows(recipe_for([{"path": repo, "name": "chat", "split": "nope"}]))
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def test_formats_map_to_one_schema(recipe_for):
+    _, rows = data.load_rows(recipe_for([DATA / "alpaca.jsonl"]))
+    by_answer = {r["messages"][-1]["content"]: r["messages"] for r in rows}
+    assert by_answer["one two"] == [
+        {"role": "user", "content": "spell the digits\n\n1 2"},
+        {"role": "assistant", "content": "one two"},
+    ]
+    assert by_answer["yes"][0] == {"role": "system", "content": "answer in words"}
+    _, rows = data.load_rows(recipe_for([DATA / "sharegpt.json"]))
+    roles = sorted([m["role"] for m in r["messages"]] for r in rows)
+    assert roles == [["system", "user", "assistant"], ["user", "assistant", "user", "assistant"]]
+
+
+def test_column_mapping_and_role_mapping(recipe_for, tmp_path):
+    source = {"path": str(DATA / "custom.jsonl"), "format": "prompt_completion"}
+    source["columns"] = {"prompt": "question", "completion": "answer"}
+    schema, rows = data.load_rows(recipe_for([source]))
+    assert schema == "prompt_completion" and sorted(r["completion"] for r in rows) == ["three", "two"]
+    assert rows.sources[0]["ignored_columns"] == ["id"]  # said, not silently dropped
+
+    odd = write_jsonl(
+        tmp_path / "odd.jsonl",
+        [{"conversations": [{"from": "asker", "value": "spell 1"}, {"from": "bot", "value": "one"}]}],
+    )
+    with pytest.raises(QtuneError, match="'asker' is not a known speaker"):
+        data.load_rows(recipe_for([odd]))
+    _, rows = data.load_rows(recipe_for([{"path": str(odd), "roles": {"asker": "user", "bot": "assistant"}}]))
+    assert [m["role"] for m in rows[0]["messages"]] == ["user", "assistant"]
+
+
+def test_undetectable_columns_are_listed(recipe_for):
+    with pytest.raises(QtuneError, match=r"cannot tell the format from the columns \['answer', 'id', 'question'\]"):
+        data.load_rows(recipe_for([DATA / "custom.jsonl"]))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+BAD = {
+    "null field": (
+        '{"instruction": "a", "output": "b"}\n{"instruction": null, "output": "b"}\n',
+        "jsonl",
+        "row 2",
+        "'instruction'",
+    ),
+    "role order": (
+        '{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}\n',
+        "jsonl",
+        "row 1",
+        "wrong role order",
+    ),
+    "empty answer": (
+        '{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "  "}\n',
+        "jsonl",
+        "row 2",
+        "'completion'",
+    ),
+    "not json": ('{"text": "a"}\n{"text": \n', "jsonl", "row 2", "invalid JSON"),
+    "ragged csv": ("prompt,completion\na,b\nc,d,e\nf,g\n", "csv", "row 3", "3 fields where the header has 2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_rows_stop_naming_file_and_row_or_are_skipped_and_counted(recipe_for, tmp_path, case):
+    text, suffix, row, problem = BAD[case]
+    path = tmp_path / f"bad.{suffix}"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(QtuneError) as err:
+        data.load_rows(recipe_for([path]))
+    assert str(path) in err.value.message and row in err.value.message and problem in err.value.message
+    if case == "role order":  # the only row is bad: skipping leaves nothing, said so
+        with pytest.raises(QtuneError, match="every row was skipped"):
+            data.load_rows(recipe_for([path], on_bad_row="skip"))
+        return
+    _, rows = data.load_rows(recipe_for([path], on_bad_row="skip"))
+    assert sum(rows.sources[0]["skipped"].values()) == 1 and len(rows) >= 1
+
+
+def test_non_utf8_bytes_are_named(recipe_for, tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(QtuneError, match=r"row 2: not valid UTF-8 \(byte 0xe9"):
+        data.load_rows(recipe_for([path]))
+    _, rows = data.load_rows(recipe_for([path], on_bad_row="skip"))
+    assert [r["text"] for r in rows] == ["ok"] and rows.sources[0]["skipped"] == {"not UTF-8": 1}
+
+
+def test_unknown_format_name_is_a_recipe_error(recipe_for):
+    with pytest.raises(QtuneError, match="format"):
+        recipe_for([{"path": str(DATA / "text.txt"), "format": "vicuna"}])
+
+
+# --------------------------------------------------------------------------- masking, token by token
+
+
+def _trainer(recipe, tiny_llama, rows_schema):
+    """A real SFTTrainer on the tiny model with the recipe's SFTConfig, as `qtune train` builds it."""
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
+
+    fmt, rows = rows_schema
+    tokenizer = _tokenizer(tiny_llama)
+    args = train.sft_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+    args = __import__("dataclasses").replace(args, output_dir=str(Path(recipe.output_dir) / "ck"))
+    dataset = data.build(recipe, tokenizer, fmt, rows)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset["train"], processing_class=tokenizer)
+    return trainer, tokenizer, args
+
+
+def _trained_spans(tokenizer, ids, labels) -> list[str]:
+    """The decoded runs of tokens that carry loss, in order."""
+    spans, run = [], []
+    for token, label in zip(ids, labels, strict=True):
+        if label != -100:
+            run.append(token)
+        elif run:
+            spans.append(tokenizer.decode(run))
+            run = []
+    if run:
+        spans.append(tokenizer.decode(run))
+    return spans
+
+
+def _batch_spans(trainer, tokenizer):
+    ds = trainer.train_dataset
+    batch = trainer.data_collator([ds[i] for i in range(len(ds))])  # a collated TRL batch
+    out = []
+    for ids, labels, mask in zip(
+        batch["input_ids"].tolist(), batch["labels"].tolist(), batch["attention_mask"].tolist(), strict=True
+    ):
+        ids_text = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m])
+        out.append((ids_text, _trained_spans(tokenizer, ids, labels)))
+    return sorted(out)
+
+
+CASES = {
+    # source, data keys, expected {rendered prompt fragment: trained spans}
+    "alpaca": (
+        "alpaca.jsonl",
+        {},
+        {"spell 4 7": ["four seven <|im_end|>"], "1 2": ["one two <|im_end|>"], "say yes": ["yes <|im_end|>"]},
+    ),
+    "sharegpt multi-turn": (
+        "sharegpt.json",
+        {},
+        {"spell 2": ["one <|im_end|>", "two <|im_end|>"], "spell 3": ["three <|im_end|>"]},
+    ),
+    "messages multi-turn with system": (
+        "messages.jsonl",
+        {},
+        {"spell 6 7": ["five <|im_end|>", "six seven <|im_end|>"], "spell 8": ["eight <|im_end|>"]},
+    ),
+    "prompt_completion": (
+        "prompt_completion.csv",
+        {},
+        {"spell 9": ["nine <|im_end|>"], "spell 1": ["one two <|im_end|>"]},
+    ),
+    "text": (
+        "text.txt",
+        {},
+        {"one two": ["one two three four <|im_end|>"], "five": ["five six seven eight <|im_end|>"]},
+    ),
+    "train_on all": ("alpaca.jsonl", {"train_on": "all"}, None),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_exactly_the_answer_tokens_and_end_of_turn_carry_loss(recipe_for, tiny_llama, case):
+    source, keys, expected = CASES[case]
+    recipe = recipe_for([DATA / source], **keys)
+    trainer, tokenizer, args = _trainer(recipe, tiny_llama, data.load_rows(recipe))
+    got = _batch_spans(trainer, tokenizer)
+    if expected is None:  # train_on: all: every real token carries loss, as one run
+        assert all(len(spans) == 1 and spans[0] == text for text, spans in got), got
+        return
+    assert len(got) == len(expected)
+    for text, spans in got:
+        key = next(k for k in expected if k in text)
+        assert spans == expected[key], (text, spans)
+    # `qtune data` (a carrier model, no weights) prepares exactly what the trainer trains on
+    prepared = data.prepare(recipe, tokenizer, data.build(recipe, tokenizer, *data.load_rows(recipe)), args)
+    assert sorted(prepared.labels) == sorted(trainer.train_dataset["labels"])
+
+
+def test_template_without_generation_markers_trains_the_last_answer(recipe_for, tiny_llama):
+    from qtune.tiny import CHATML_TEMPLATE
+
+    plain = CHATML_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    recipe = recipe_for([DATA / "messages.jsonl"], chat_template=plain)
+    trainer, tokenizer, _ = _trainer(recipe, tiny_llama, data.load_rows(recipe))
+    spans = dict(_batch_spans(trainer, tokenizer))
+    assert sorted(spans.values()) == [["eight <|im_end|>"], ["six seven <|im_end|>"]]
+
+
+# --------------------------------------------------------------------------- templates
+
+
+def test_builtin_templates_render_their_family_format(tiny_llama):
+    tokenizer = _tokenizer(tiny_llama)
+    tokenizer.bos_token, tokenizer.eos_token = "<s>", "</s>"
+    chat = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "U1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "U2"},
+        {"role": "assistant", "content": "A2"},
+    ]
+    expected = {
+        "chatml": "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
+        "<|im_start|>user\nU2<|im_end|>\n<|im_start|>assistant\nA2<|im_end|>\n",
+        "llama-3": "<s><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nU1"
+        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA1<|eot_id|><|start_header_id|>user<|end_header_id|>"
+        "\n\nU2<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA2<|eot_id|>",
+        "llama-2": "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1 </s><s>[INST] U2 [/INST] A2 </s>",
+        "mistral": "<s>[INST] S\n\nU1 [/INST]A1</s>[INST] U2 [/INST]A2</s>",
+        "zephyr": "<|system|>\nS</s>\n<|user|>\nU1</s>\n<|assistant|>\nA1</s>\n<|user|>\nU2</s>\n<|assistant|>\nA2</s>\n",
+    }
+    assert set(expected) == set(data.TEMPLATES)
+    for name, text in expected.items():
+        assert tokenizer.apply_chat_template(chat, tokenize=False, chat_template=data.TEMPLATES[name]) == text, name
+        # every answer and its end-of-turn is inside {% generation %}, so assistant_only_loss trains it
+        out = tokenizer.apply_chat_template(
+            chat, chat_template=data.TEMPLATES[name], return_dict=True, return_assistant_tokens_mask=True
+        )
+        assert sum(out["assistant_masks"]) > 0, name
+
+
+def test_builtin_template_must_match_the_tokenizers_own(recipe_for, tiny_llama):
+    tokenizer = _tokenizer(tiny_llama)
+    data.use_chat_template(recipe_for([DATA / "text.txt"], chat_template="chatml"), tokenizer)  # same render: ok
+    with pytest.raises(QtuneError, match="'llama-3' renders differently from the tokenizer's saved chat_template"):
+        data.use_chat_template(recipe_for([DATA / "text.txt"], chat_template="llama-3"), _tokenizer(tiny_llama))
+    with pytest.raises(QtuneError, match="unknown template 'vicuna'"):
+        data.use_chat_template(recipe_for([DATA / "text.txt"], chat_template="vicuna"), _tokenizer(tiny_llama))
+    with pytest.raises(QtuneError, match="fails to render"):
+        data.use_chat_template(
+            recipe_for([DATA / "text.txt"], chat_template="{{ messages[0]['content'] | nofilter }}"),
+            _tokenizer(tiny_llama),
+        )
+    tokenizer = _tokenizer(tiny_llama)
+    tokenizer.chat_template = None  # a base model: any built-in may be chosen
+    data.use_chat_template(recipe_for([DATA / "text.txt"], chat_template="zephyr"), tokenizer)
+    assert tokenizer.chat_template == data.TEMPLATES["zephyr"]
+
+
+# --------------------------------------------------------------------------- mixing and splits
+
+
+def test_mixing_weights_samples_seeded_shuffle_dedup_and_fraction_split(recipe_for, tiny_llama, tmp_path):
+    alpaca = {"path": str(DATA / "alpaca.jsonl"), "samples": 7}
+    share = {"path": str(DATA / "sharegpt.json"), "weight": 0.5}
+    _, rows = data.load_rows(recipe_for([alpaca, share]))
+    assert len(rows) == 8 and [s["used"] for s in rows.sources] == [7, 1]
+    _, again = data.load_rows(recipe_for([alpaca, share]))
+    assert list(rows) == list(again)  # deterministic by seed
+    _, deduped = data.load_rows(recipe_for([alpaca, share], dedup=True))
+    assert len(deduped) == 4 and "dedup dropped 4" in deduped.notes[0]
+    big = write_jsonl(tmp_path / "big.jsonl", [{"text": f"{i}"} for i in range(40)])
+    first = [r["text"] for r in data.load_rows(recipe_for([big]))[1]]
+    doc = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    doc["training"]["seed"] = 7
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(doc))
+    other = [r["text"] for r in data.load_rows(load_recipe(tmp_path / "recipe.yaml", []))[1]]
+    assert first != other and sorted(first) == sorted(other)
+
+    with pytest.raises(QtuneError, match="different schemas"):
+        data.load_rows(recipe_for([DATA / "alpaca.jsonl", DATA / "text.txt"]))
+    recipe = recipe_for([big], eval_split=0.25)
+    built = data.build(recipe, _tokenizer(tiny_llama), *data.load_rows(recipe))
+    assert len(built["train"]) == 30 and len(built["eval"]) == 10
+
+
+# --------------------------------------------------------------------------- loud checks
+
+
+def test_end_of_turn_never_trained_fails_loudly(recipe_for, tiny_llama):
+    from qtune.tiny import CHATML_TEMPLATE
+
+    # the answer is marked for training, its <|im_end|> is not: the model would never learn to stop
+    broken = CHATML_TEMPLATE.replace(
+        "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}",
+        "{{ message['content'] }}{% endgeneration %}{{ '<|im_end|>' }}",
+    )
+    assert broken != CHATML_TEMPLATE
+    recipe = recipe_for([DATA / "messages.jsonl"], chat_template=broken)
+    tokenizer = _tokenizer(tiny_llama)
+    fmt, rows = data.load_rows(recipe)
+    args = train.sft_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+    with pytest.raises(QtuneError, match="end-of-turn token '<\\|im_end\\|>' carries no loss in any example"):
+        data.check(recipe, tokenizer, fmt, rows, args)
+
+
+def test_too_many_untrained_examples_fail_loudly(recipe_for, tiny_llama, tmp_path):
+    long_prompt = write_jsonl(
+        tmp_path / "long.jsonl",
+        [{"prompt": "spell " + "1 " * 40, "completion": "one"}, {"prompt": "spell 2", "completion": "two"}],
+    )
+    recipe = recipe_for([long_prompt], max_length=16)
+    tokenizer = _tokenizer(tiny_llama)
+    fmt, rows = data.load_rows(recipe)
+    args = train.sft_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+    with pytest.raises(QtuneError, match=r"1 of 2 examples \(50.0%\) have no trained token after truncation"):
+        data.check(recipe, tokenizer, fmt, rows, args)
+
+
+def test_template_that_refuses_a_row_names_it(recipe_for, tiny_llama):
+    recipe = recipe_for([DATA / "messages.jsonl"], chat_template="mistral")
+    tokenizer = _tokenizer(tiny_llama)
+    tokenizer.chat_template = None
+    fmt, rows = data.load_rows(recipe)
+    args = train.sft_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+    prepared = data.check(recipe, tokenizer, fmt, rows, args)  # the mistral template takes these rows
+    assert prepared.stats["end_of_turn_trained"] == 2
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def test_packing_changes_the_batches_not_the_per_token_loss(recipe_for, tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
+
+    from conftest import spell_rows
+
+    path = write_jsonl(tmp_path / "spell.jsonl", spell_rows(24, seed=3))
+    results = {}
+    for packing in (False, True):
+        recipe = recipe_for([path], packing=packing, max_length=64)
+        tokenizer = _tokenizer(tiny_llama)
+        fmt, rows = data.load_rows(recipe)
+        args = train.sft_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+        args = __import__("dataclasses").replace(
+            args, output_dir=str(tmp_path / f"ck{packing}"), per_device_eval_batch_size=4
+        )
+        ds = data.build(recipe, tokenizer, fmt, rows)["train"]
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa")
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, eval_dataset=ds, processing_class=tokenizer)
+        batches = len(trainer.get_eval_dataloader())
+        results[packing] = (batches, trainer.evaluate()["eval_loss"])
+    assert results[True][0] < results[False][0]  # fewer, fuller rows
+    assert results[True][1] == pytest.approx(results[False][1], rel=1e-4)  # packed examples do not see each other
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_qtune_data_prints_summary_and_bracketed_samples(recipe_for, tmp_path):
+    recipe_for([DATA / "sharegpt.json", DATA / "alpaca.jsonl"], eval_split=0.2)
+    result = run_qtune("data", tmp_path / "recipe.yaml", "-n", "2", "data.max_length=12")
+    assert result.returncode == 2 and "have no trained token after truncation" in result.stderr  # loud, after
+    assert "answer tokens lost" in result.stdout  # the summary showing why
+    result = run_qtune("data", tmp_path / "recipe.yaml", "-n", "2", "data.max_length=12", "data.max_untrained_share=1")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "sharegpt.json [train]: format sharegpt (detected), 2 rows" in out
+    assert "alpaca.jsonl [train]: format alpaca (detected), 3 rows" in out
+    assert "tokens per example: min" in out and "p90" in out and "(max_length 12)" in out
+    assert re.search(r"truncated: [1-9]\d* examples, [1-9]\d* answer tokens lost", out)
+    assert "end of turn '<|im_end|>' trained in" in out
+    assert "--- sample 2" in out and "[<|im_start|> user" in out
+    assert not (tmp_path / "run").exists()  # nothing written into the run directory
+
+    bad = run_qtune("data", tmp_path / "recipe.yaml", "data.chat_template=llama-3")
+    assert bad.returncode == 2 and "renders differently" in bad.stderr and "Traceback" not in bad.stderr
