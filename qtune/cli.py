@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     data_cmd.add_argument("--color", action="store_true", help="dim masked tokens instead of [bracketing] them")
     data_cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _export_parsers(sub)
+    _estimate_parser(sub)
     return parser
 
 
@@ -134,6 +135,77 @@ def cmd_data(args: argparse.Namespace) -> int:
     prepared.stats["eval_examples"] = len(data.build(recipe, tokenizer, fmt, rows).get("eval", []))
     print(data.summary(recipe, tokenizer, fmt, rows, prepared, settings, max(0, args.samples), dim=args.color))
     data.verify(recipe, tokenizer, prepared)  # after the summary, so the user sees what is wrong
+    return 0
+
+
+def _estimate_parser(sub) -> None:
+    p = sub.add_parser(
+        "estimate",
+        help="GPU memory a run needs, from the model config alone (no weights downloaded)",
+        description="Break down the GPU memory of a QLoRA run: quantized weights (with their constants), "
+        "non-quantized parts, LoRA weights, gradients and optimizer state, activations (with and without "
+        "checkpointing), logits, CUDA context; the verdict for --gpu, and per GPU under DDP / FSDP for --gpus. "
+        "Either a RECIPE (its model and settings; the options below override them) or --model. Exit code 2 when "
+        "it does not fit --gpu.",
+    )
+    p.add_argument("recipe", nargs="?", help="a recipe YAML file (or use --model)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    p.add_argument("--model", help="hub id from the offline table, a local model folder or a config.json")
+    p.add_argument("--bits", type=int, choices=[4, 8, 16], help="4 (NF4), 8 (LLM.int8) or 16 (no quantization)")
+    p.add_argument("--no-double-quant", action="store_true", help="4-bit without double quantization")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="load / compute dtype (default bf16)")
+    p.add_argument("--micro-batch", type=int, help="examples per GPU per forward pass (default 4)")
+    p.add_argument("--max-length", type=int, help="tokens per example (default 2048)")
+    p.add_argument("--lora-r", type=int, help="LoRA rank (default 16, on all linear layers)")
+    p.add_argument("--optimizer", help="transformers optimizer name (default adamw_torch)")
+    p.add_argument("--no-checkpointing", action="store_true", help="without gradient checkpointing")
+    p.add_argument("--gpu", help="memory of one GPU, e.g. 24GB (GB read as GiB) for the verdict")
+    p.add_argument("--gpus", type=int, help="number of GPUs: per-GPU figures under DDP and FSDP / ZeRO-3")
+    p.add_argument("--probe", action="store_true", help="also run one real training step of RECIPE, print its peak")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """`qtune estimate`: memory breakdown and verdict before a GPU is rented; --probe measures one step."""
+    from qtune import estimate
+
+    if bool(args.recipe) == bool(args.model):
+        raise QtuneError(
+            "give a RECIPE or --model, one of the two",
+            "e.g. qtune estimate --model meta-llama/Llama-2-7b-hf --gpu 24GB",
+        )
+    if args.probe and not args.recipe:
+        raise QtuneError("--probe runs a recipe's training step: give a RECIPE")
+    options = dict(
+        bits=args.bits,
+        double_quant=False if args.no_double_quant else None,
+        dtype=args.dtype,
+        batch=args.micro_batch,
+        length=args.max_length,
+        lora_r=args.lora_r,
+        optimizer=args.optimizer,
+        checkpointing=False if args.no_checkpointing else None,
+        gpu=args.gpu,
+        gpus=args.gpus,
+    )
+    options = {k: v for k, v in options.items() if v is not None}
+    if args.bits == 16:
+        options["bits"] = None  # no quantization
+    _quiet_libraries()
+    if args.recipe:
+        from qtune.config import load_recipe
+
+        result = estimate.from_recipe(load_recipe(args.recipe, list(args.overrides)), **options)
+    else:
+        if args.overrides:
+            raise QtuneError(f"overrides ({' '.join(args.overrides)}) need a RECIPE", "with --model use the options")
+        result = estimate.estimate(args.model, **options)
+    print(result.render(), flush=True)
+    if args.probe:
+        print(estimate.render_probe(estimate.probe(args.recipe, list(args.overrides)), result), flush=True)
+    verdict = result.verdict()
+    if verdict is not None:
+        raise verdict
     return 0
 
 
@@ -293,6 +365,7 @@ COMMANDS = {
     "push": cmd_push,
     "chat": cmd_chat,
     "quantize": cmd_quantize,
+    "estimate": cmd_estimate,
 }
 
 
@@ -300,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     # Overrides may come after options (`train r.yaml --resume lora.r=8`): collect them wherever they are.
     args, rest = parser.parse_known_args(argv)
-    stray = [r for r in rest if r.startswith("-") or "=" not in r or args.command not in ("train", "data")]
+    stray = [r for r in rest if r.startswith("-") or "=" not in r or args.command not in ("train", "data", "estimate")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if rest:

@@ -1,0 +1,633 @@
+"""Memory estimate before a run: from a model config alone (no weights are read or downloaded).
+
+Parameters are counted exactly by building the model on the meta device and splitting the layers
+bitsandbytes quantizes (every nn.Linear but the output layer: `qtune.model.linear_modules`) from the rest
+(embeddings, norms, lm_head, biases). The byte figures per term:
+
+- NF4/FP4 weights: n/2 bytes packed + per tensor the absmax constants, one per block of 64 values:
+  fp32 without double quant; with double quant one uint8 per block plus one fp32 per 256 of those, a
+  256-entry fp32 code and an fp32 offset. Every 4-bit tensor also keeps its 16-entry fp32 code.
+- 8-bit (LLM.int8): n bytes + one fp32 scale per output row. bf16 (no quantization): 2n bytes.
+- Non-quantized parts load in the load dtype, then `prepare_model_for_kbit_training` casts them to fp32
+  (when quantized): that fp32 figure is what training holds.
+- LoRA: r·(in+out) parameters per targeted linear, fp32 (qtune keeps fp32 master weights), + fp32 grads
+  + optimizer state (AdamW 32-bit 8 B/param, 8-bit 2 B/param).
+- Activations: see `activation_bytes`. CUDA context: ~0.5 GiB outside torch's allocator (stated apart).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qtune.errors import QtuneError
+
+GiB = 1024**3
+CUDA_CONTEXT = int(0.5 * GiB)
+BLOCK_4BIT = 64  # bitsandbytes' 4-bit blocksize (transformers' default)
+BLOCK_DQ = 256  # blocksize of the second quantization of the absmax constants
+
+# Offline configs of common base models, addressed by hub id. Instruct/chat variants share the shape.
+_LLAMA = {"model_type": "llama", "rms_norm_eps": 1e-5}
+_QWEN = {"model_type": "qwen2", "rms_norm_eps": 1e-6}
+KNOWN_MODELS: dict[str, dict] = {
+    "meta-llama/Llama-2-7b-hf": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                                 "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+                                 "tie_word_embeddings": False},
+    "meta-llama/Llama-2-13b-hf": {**_LLAMA, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+                                  "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32000,
+                                  "tie_word_embeddings": False},
+    "meta-llama/Llama-2-70b-hf": {**_LLAMA, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                                  "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000,
+                                  "tie_word_embeddings": False},
+    "meta-llama/Llama-3.2-1B": {**_LLAMA, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                                "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                                "vocab_size": 128256, "tie_word_embeddings": True},
+    "meta-llama/Llama-3.2-3B": {**_LLAMA, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+                                "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128,
+                                "vocab_size": 128256, "tie_word_embeddings": True},
+    "meta-llama/Llama-3.1-8B": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                                "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                                "tie_word_embeddings": False},
+    "meta-llama/Llama-3.1-70B": {**_LLAMA, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                                 "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
+                                 "tie_word_embeddings": False},
+    "mistralai/Mistral-7B-v0.1": {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
+                                  "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                  "vocab_size": 32000, "tie_word_embeddings": False},
+    "mistralai/Mistral-7B-v0.3": {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
+                                  "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                  "vocab_size": 32768, "tie_word_embeddings": False},
+    "Qwen/Qwen2.5-0.5B": {**_QWEN, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                          "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+                          "tie_word_embeddings": True},
+    "Qwen/Qwen2.5-1.5B": {**_QWEN, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+                          "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
+                          "tie_word_embeddings": True},
+    "Qwen/Qwen2.5-3B": {**_QWEN, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+                        "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
+                        "tie_word_embeddings": True},
+    "Qwen/Qwen2.5-7B": {**_QWEN, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                        "tie_word_embeddings": False},
+    "Qwen/Qwen2.5-14B": {**_QWEN, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 48,
+                         "num_attention_heads": 40, "num_key_value_heads": 8, "vocab_size": 152064,
+                         "tie_word_embeddings": False},
+    "Qwen/Qwen2.5-32B": {**_QWEN, "hidden_size": 5120, "intermediate_size": 27648, "num_hidden_layers": 64,
+                         "num_attention_heads": 40, "num_key_value_heads": 8, "vocab_size": 152064,
+                         "tie_word_embeddings": False},
+    "Qwen/Qwen2.5-72B": {**_QWEN, "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
+                         "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 152064,
+                         "tie_word_embeddings": False},
+    "google/gemma-2-2b": {"model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216,
+                          "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                          "vocab_size": 256000, "tie_word_embeddings": True},
+    "google/gemma-2-9b": {"model_type": "gemma2", "hidden_size": 3584, "intermediate_size": 14336,
+                          "num_hidden_layers": 42, "num_attention_heads": 16, "num_key_value_heads": 8,
+                          "head_dim": 256, "vocab_size": 256000, "tie_word_embeddings": True},
+    "google/gemma-2-27b": {"model_type": "gemma2", "hidden_size": 4608, "intermediate_size": 36864,
+                           "num_hidden_layers": 46, "num_attention_heads": 32, "num_key_value_heads": 16,
+                           "head_dim": 128, "vocab_size": 256000, "tie_word_embeddings": True},
+    "microsoft/Phi-3-mini-4k-instruct": {"model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192,
+                                         "num_hidden_layers": 32, "num_attention_heads": 32,
+                                         "num_key_value_heads": 32, "vocab_size": 32064,
+                                         "tie_word_embeddings": False},
+    "microsoft/Phi-3-medium-4k-instruct": {"model_type": "phi3", "hidden_size": 5120, "intermediate_size": 17920,
+                                           "num_hidden_layers": 40, "num_attention_heads": 40,
+                                           "num_key_value_heads": 10, "vocab_size": 32064,
+                                           "tie_word_embeddings": False},
+}  # fmt: skip
+# Other hub ids with one of the shapes above.
+ALIASES = {
+    "meta-llama/Llama-2-7b-chat-hf": "meta-llama/Llama-2-7b-hf",
+    "meta-llama/Llama-2-13b-chat-hf": "meta-llama/Llama-2-13b-hf",
+    "meta-llama/Llama-2-70b-chat-hf": "meta-llama/Llama-2-70b-hf",
+    "meta-llama/Meta-Llama-3-8B": "meta-llama/Llama-3.1-8B",
+    "meta-llama/Meta-Llama-3-8B-Instruct": "meta-llama/Llama-3.1-8B",
+    "meta-llama/Meta-Llama-3-70B": "meta-llama/Llama-3.1-70B",
+    "meta-llama/Llama-3.3-70B-Instruct": "meta-llama/Llama-3.1-70B",
+    "mistralai/Mistral-7B-Instruct-v0.2": "mistralai/Mistral-7B-v0.1",
+    "microsoft/Phi-3-mini-128k-instruct": "microsoft/Phi-3-mini-4k-instruct",
+    "microsoft/Phi-3-medium-128k-instruct": "microsoft/Phi-3-medium-4k-instruct",
+}
+
+
+def known_names() -> list[str]:
+    return sorted(KNOWN_MODELS, key=str.lower)
+
+
+def _table_entry(name: str) -> dict | None:
+    key = ALIASES.get(name, name)
+    for suffix in ("", "-Instruct", "-it"):  # meta-llama/Llama-3.1-8B-Instruct, google/gemma-2-9b-it …
+        if suffix and key.endswith(suffix):
+            key = key[: -len(suffix)]
+        lowered = {k.lower(): v for k, v in KNOWN_MODELS.items()}
+        if key.lower() in lowered:
+            return lowered[key.lower()]
+    return None
+
+
+def model_config(name: str, trust_remote_code: bool = False):
+    """A transformers config for a hub id in the offline table, a local folder, a config.json, or (with network
+    access or a filled cache) any hub id."""
+    from transformers import AutoConfig
+
+    entry = _table_entry(name)
+    if entry is not None:
+        fields = dict(entry)
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    path = Path(name)
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if "model_type" not in data:
+            raise QtuneError(f"{name}: no 'model_type' in this config file", "pass a transformers config.json")
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        raise QtuneError(
+            f"unknown model '{name}': not in qtune's offline table, not a local folder or config.json, and its "
+            "config could not be fetched",
+            "pass a local model folder or its config.json (--model path/to/config.json), or one of: "
+            + ", ".join(known_names()),
+        ) from None
+
+
+@dataclass
+class Shape:
+    """What the estimate needs from the model, counted on the meta device."""
+
+    model_type: str
+    linears: list[tuple[str, int, int]]  # (name, in_features, out_features) of the quantizable layers
+    other_params: int  # embeddings, norms, lm_head, biases (counted once when tied)
+    buffer_bytes: int  # rotary tables etc. (kept in their own dtype)
+    hidden: int
+    intermediate: int
+    layers: int
+    q_dim: int
+    kv_dim: int
+    vocab: int
+
+    @property
+    def quantizable(self) -> int:
+        return sum(i * o for _, i, o in self.linears)
+
+    @property
+    def total_params(self) -> int:
+        return self.quantizable + self.other_params
+
+
+def model_shape(config, trust_remote_code: bool = False) -> Shape:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qtune.model import linear_modules
+
+    try:
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise QtuneError(
+            f"model_type {config.model_type} is not a causal language model transformers can build: "
+            f"{str(exc).splitlines()[0]}",
+            "qtune estimates decoder LMs (Llama, Mistral, Qwen2, Gemma, Phi …)",
+        ) from None
+    names = set(linear_modules(meta))
+    modules = dict(meta.named_modules())
+    linears = []
+    quantized_ids = set()
+    for name in sorted(names):
+        w = modules[name].weight
+        out_f, in_f = (w.shape[0], w.shape[1]) if isinstance(modules[name], torch.nn.Linear) else w.shape[::-1]
+        linears.append((name, int(in_f), int(out_f)))
+        quantized_ids.add(id(w))
+    other = sum(p.numel() for p in meta.parameters() if id(p) not in quantized_ids)  # parameters() dedups ties
+    buffers = sum(b.numel() * b.element_size() for b in meta.buffers())
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    return Shape(
+        model_type=config.model_type,
+        linears=linears,
+        other_params=int(other),
+        buffer_bytes=int(buffers),
+        hidden=text.hidden_size,
+        intermediate=getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
+        layers=text.num_hidden_layers,
+        q_dim=heads * head_dim,
+        kv_dim=kv_heads * head_dim,
+        vocab=text.vocab_size,
+    )
+
+
+def quantized_bytes(shape: Shape, bits: int | None, double_quant: bool = True, load_bytes: int = 2) -> int:
+    """Bytes of the quantizable linears' weights as bitsandbytes stores them (constants included)."""
+    total = 0
+    for _, i, o in shape.linears:
+        n = i * o
+        if bits == 4:
+            blocks = math.ceil(n / BLOCK_4BIT)
+            total += math.ceil(n / 2) + 16 * 4  # packed values + the 16-entry fp32 NF4/FP4 code
+            if double_quant:
+                total += (
+                    blocks + math.ceil(blocks / BLOCK_DQ) * 4 + 256 * 4 + 4
+                )  # uint8 absmax, fp32 scales, code, offset
+            else:
+                total += blocks * 4
+        elif bits == 8:
+            total += n + o * 4  # int8 values + fp32 row scales (SCB)
+        else:
+            total += n * load_bytes
+    return total
+
+
+OPTIMIZER_BYTES = (  # optimizer state bytes per trainable parameter, by optimizer name (first match)
+    (re.compile(r"8bit"), 2, "two 8-bit moments"),
+    (re.compile(r"lion"), 4, "one fp32 moment"),
+    (re.compile(r"adafactor"), 1, "factored second moment (≈ rows + cols)"),
+    (re.compile(r"sgd"), 4, "fp32 momentum (at most)"),
+    (re.compile(r"adam|lamb|ademamix|lomo|.*"), 8, "two fp32 moments"),
+)
+
+
+def optimizer_state(name: str) -> tuple[int, str]:
+    for pattern, per_param, what in OPTIMIZER_BYTES:
+        if pattern.search(name):
+            return per_param, what
+    return 8, "two fp32 moments"
+
+
+def lora_params(shape: Shape, r: int, targets) -> int:
+    chosen = shape.linears if targets == "all-linear" else [
+        (n, i, o) for n, i, o in shape.linears if n.rsplit(".", 1)[-1] in set(targets)
+    ]  # fmt: skip
+    return sum(r * (i + o) for _, i, o in chosen)
+
+
+def activation_bytes(shape: Shape, batch: int, length: int, checkpointing: bool, compute_bytes: int, r: int,
+                     dropout: bool) -> dict[str, int]:  # fmt: skip
+    """Saved activations at the start of backward (the peak), for full-length rows.
+
+    Per decoder layer, b·s times: p·(3q + 3kv + 2h + 4i) [q, k, v and their rotary copies, attention output,
+    o_proj and down_proj outputs, MLP gate, up, act(gate), act·up] + 16h [the two RMSNorms, fp32 after k-bit
+    preparation: fp32 input and output each] + p·(5h + q + i) when LoRA dropout > 0 [a dropped copy of each
+    adapted layer's input] + p·7r [LoRA A outputs]. Attention itself is sdpa/flash: no s² matrix is kept.
+    Logits: b·s·V·(p + 4 + 4): the lm_head output, its fp32 upcast for the loss and the fp32 log-softmax the
+    cross-entropy keeps for backward.
+    Without checkpointing every layer keeps its activations and all of it is alive, with the logits, when backward
+    starts: L·layer + logits. With checkpointing each layer keeps only its input (the fp32 residual stream after
+    k-bit preparation, 4·b·s·h) and the peak is the larger of the logits (at the start of backward) and one layer
+    recomputed during backward (the logits are freed by then): L·4·b·s·h + max(logits, layer). The "layers" term
+    below then holds L·4·b·s·h + max(0, layer − logits), so that the two terms add up to that peak.
+    """
+    b, s, p, h = batch, length, compute_bytes, shape.hidden
+    per_layer = b * s * (p * (3 * shape.q_dim + 3 * shape.kv_dim + 2 * h + 4 * shape.intermediate) + 16 * h)
+    per_layer += b * s * p * 7 * r
+    if dropout:
+        per_layer += b * s * p * (5 * h + shape.q_dim + shape.intermediate)
+    logits = b * s * shape.vocab * (p + 8)
+    if checkpointing:
+        layers = shape.layers * b * s * h * 4 + max(0, per_layer - logits)
+    else:
+        layers = shape.layers * per_layer
+    return {"layers": layers, "logits": logits, "per_layer": per_layer}
+
+
+@dataclass
+class Estimate:
+    name: str
+    shape: Shape
+    bits: int | None
+    double_quant: bool
+    load_bytes: int
+    compute_bytes: int
+    lora_r: int
+    lora_targets: object
+    lora_dropout: bool
+    optimizer: str
+    batch: int
+    length: int
+    checkpointing: bool
+    gpu_bytes: int | None = None
+    gpus: int = 1
+    terms: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        s = self.shape
+        self.quantized = quantized_bytes(s, self.bits, self.double_quant, self.load_bytes)
+        self.other_loaded = s.other_params * self.load_bytes + s.buffer_bytes
+        # prepare_model_for_kbit_training casts the non-quantized parameters to fp32 (quantized models only).
+        self.other_training = (s.other_params * 4 if self.bits else s.other_params * self.load_bytes) + s.buffer_bytes
+        self.lora = lora_params(s, self.lora_r, self.lora_targets)
+        self.opt_per_param, self.opt_what = optimizer_state(self.optimizer)
+        acts = activation_bytes(
+            s, self.batch, self.length, self.checkpointing, self.compute_bytes, self.lora_r, self.lora_dropout
+        )
+        other_acts = activation_bytes(
+            s, self.batch, self.length, not self.checkpointing, self.compute_bytes, self.lora_r, self.lora_dropout
+        )
+        self.acts_other_mode = other_acts["layers"] + other_acts["logits"]
+        self.terms = {
+            "quantized weights": self.quantized,
+            "non-quantized parts": self.other_training,
+            "LoRA weights": self.lora * 4,
+            "LoRA gradients": self.lora * 4,
+            "optimizer state": self.lora * self.opt_per_param,
+            "activations (layers)": acts["layers"],
+            "logits + loss": acts["logits"],
+        }
+        self.per_layer = acts["per_layer"]
+
+    @property
+    def weights_loaded(self) -> int:
+        return self.quantized + self.other_loaded
+
+    @property
+    def allocated(self) -> int:
+        return sum(self.terms.values())
+
+    @property
+    def total(self) -> int:
+        return self.allocated + CUDA_CONTEXT
+
+    @property
+    def simple_rule(self) -> float:
+        """The seed's rule of thumb: parameters × bits / 8 × 1.2."""
+        return self.shape.total_params * (self.bits or 16) / 8 * 1.2
+
+    def sharded(self, n: int) -> int:
+        """Per-GPU bytes under FSDP / ZeRO-3 over n GPUs: weights, adapter, grads and optimizer state sharded,
+        two decoder layers gathered at a time (the current one and the prefetched next), activations per GPU."""
+        t = self.terms
+        states = sum(v for k, v in t.items() if not k.startswith(("activations", "logits")))
+        layer = self.quantized / max(self.shape.layers, 1)
+        return math.ceil(states / n) + int(2 * layer) + t["activations (layers)"] + t["logits + loss"] + CUDA_CONTEXT
+
+    def verdict(self) -> QtuneError | None:
+        """The error for a run that cannot fit --gpu, naming the largest term and what to change; None otherwise."""
+        if not self.gpu_bytes:
+            return None
+        per_gpu = self.total if self.gpus == 1 else min(self.total, self.sharded(self.gpus))
+        if per_gpu <= self.gpu_bytes:
+            return None
+        top = self.dominant()
+        return QtuneError(
+            f"{self.name} needs ~{_gib(per_gpu)} GiB per GPU, more than --gpu {_gib(self.gpu_bytes)} GiB; the largest "
+            f"term is {top} ({_gib(self.terms[top])} GiB)",
+            self.advice(),
+        )
+
+    def dominant(self) -> str:
+        return max(self.terms, key=self.terms.get)
+
+    def advice(self) -> str:
+        top = self.dominant()
+        if top in ("activations (layers)", "logits + loss"):
+            parts = [f"lower training.micro_batch_size (now {self.batch}; raise grad_accum to keep the batch)",
+                     f"or data.max_length (now {self.length})"]  # fmt: skip
+            if not self.checkpointing:
+                parts.append(
+                    f"or turn on training.gradient_checkpointing (activations then {_gib(self.acts_other_mode)} GiB)"
+                )
+            return ", ".join(parts)
+        if top == "optimizer state":
+            return "use an 8-bit optimizer (training.optimizer: paged_adamw_8bit) or a smaller lora.r"
+        if self.bits != 4:
+            return "quantize to 4 bits (quantization.bits: 4), or shard over several GPUs (FSDP)"
+        return "a smaller model, or shard the weights over several GPUs (FSDP-QLoRA)"
+
+    def render(self) -> str:
+        s = self.shape
+        quant = {4: "4-bit NF4" + (" + double quant" if self.double_quant else ""), 8: "8-bit (LLM.int8)"}.get(
+            self.bits, "bf16/fp16 (no quantization)"
+        )
+        lines = [
+            f"qtune estimate: {self.name} ({s.model_type}), {quant}",
+            f"  parameters      {s.total_params:,} ({s.quantizable:,} in {len(s.linears)} quantizable linears, "
+            f"{s.other_params:,} other: embeddings, norms, lm_head, biases)",
+            f"  run             micro-batch {self.batch} x max_length {self.length}, gradient checkpointing "
+            f"{'on' if self.checkpointing else 'off'}, LoRA r {self.lora_r} on {self._targets()}, "
+            f"{self.optimizer}",
+            "",
+            f"  {'term':<24}{'GiB':>9}  how",
+        ]
+        hows = {
+            "quantized weights": self._quant_how(),
+            "non-quantized parts": f"{s.other_params:,} x " + (
+                f"4 B (fp32 after prepare_model_for_kbit_training; {_gib(self.other_loaded)} GiB as loaded)"
+                if self.bits
+                else f"{self.load_bytes} B"
+            ),
+            "LoRA weights": f"{self.lora:,} params x 4 B (fp32)",
+            "LoRA gradients": f"{self.lora:,} x 4 B",
+            "optimizer state": f"{self.lora:,} x {self.opt_per_param} B ({self.opt_what})",
+            "activations (layers)": (
+                f"{s.layers} layer inputs x 4·b·s·h; one layer recomputed ({_gib(self.per_layer)} GiB) "
+                "overlaps the logits, the larger counts"
+                if self.checkpointing
+                else f"{s.layers} layers x {_gib(self.per_layer)} GiB"
+            )
+            + f"; checkpointing {'off' if self.checkpointing else 'on'}: {_gib(self.acts_other_mode)} GiB incl. logits",
+            "logits + loss": f"b·s·vocab·(p+4+4), vocab {s.vocab:,}",
+        }  # fmt: skip
+        for key, value in self.terms.items():
+            lines.append(f"  {key:<24}{_gib(value):>9}  {hows[key]}")
+        lines += [
+            f"  {'allocated (torch)':<24}{_gib(self.allocated):>9}  compare with torch.cuda.max_memory_allocated",
+            f"  {'CUDA context':<24}{_gib(CUDA_CONTEXT):>9}  ~0.5 GiB per process, outside torch's allocator",
+            f"  {'total per GPU':<24}{_gib(self.total):>9}  plus allocator slack (reserved > allocated)",
+            "",
+            f"  weights as loaded    {_gib(self.weights_loaded)} GiB ({self.weights_loaded / 1e9:.2f} GB): quantized "
+            f"+ non-quantized in the load dtype",
+            f"  simple rule          {_gib(self.simple_rule)} GiB: {s.total_params / 1e9:.2f}B params x "
+            f"{self.bits or 16} bits / 8 x 1.2 (weights only, the seed's rule of thumb)",
+        ]
+        if self.gpus > 1:
+            lines += [
+                f"  {self.gpus} GPUs, per GPU:  DDP {_gib(self.total)} GiB (a full replica each)   "
+                f"FSDP / ZeRO-3 {_gib(self.sharded(self.gpus))} GiB (states sharded, 2 layers gathered; "
+                "qtune trains DDP today)",
+            ]
+        if self.gpu_bytes:
+            per_gpu = self.total if self.gpus == 1 else min(self.total, self.sharded(self.gpus))
+            lines.append("")
+            if self.total <= self.gpu_bytes:
+                lines.append(
+                    f"  verdict: fits in {_gib(self.gpu_bytes)} GiB ({_gib(self.gpu_bytes - self.total)} GiB to spare)"
+                )
+            elif per_gpu <= self.gpu_bytes:
+                lines.append(
+                    f"  verdict: one replica ({_gib(self.total)} GiB) does not fit {_gib(self.gpu_bytes)} GiB; "
+                    f"sharded over {self.gpus} GPUs (FSDP / ZeRO-3) it would ({_gib(per_gpu)} GiB per GPU)"
+                )
+            else:
+                lines.append(
+                    f"  verdict: does NOT fit in {_gib(self.gpu_bytes)} GiB (needs {_gib(per_gpu)} GiB per GPU)"
+                )
+        return "\n".join(lines)
+
+    def _targets(self) -> str:
+        return "all linear layers" if self.lora_targets == "all-linear" else ", ".join(self.lora_targets)
+
+    def _quant_how(self) -> str:
+        n = self.shape.quantizable
+        if self.bits == 4:
+            consts = "uint8 absmax per 64 + fp32 per 256 absmax" if self.double_quant else "fp32 absmax per 64"
+            return f"{n:,} x 0.5 B + {consts}"
+        if self.bits == 8:
+            return f"{n:,} x 1 B + fp32 scale per output row"
+        return f"{n:,} x {self.load_bytes} B"
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def parse_size(text: str) -> int:
+    """'24GB', '24GiB', '80G', '24' → bytes; GB counts as GiB, as GPU makers' figures mean."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(g|gb|gib|m|mb|mib)?\s*", text.lower())
+    if not m:
+        raise QtuneError(f"--gpu {text!r} is not a memory size", "e.g. --gpu 24GB or --gpu 80GiB")
+    scale = GiB if (m.group(2) or "g").startswith("g") else 1024**2
+    return int(float(m.group(1)) * scale)
+
+
+def estimate(
+    name: str,
+    bits: int | None = 4,
+    double_quant: bool = True,
+    dtype: str = "bfloat16",
+    lora_r: int = 16,
+    lora_targets="all-linear",
+    lora_dropout: bool = True,
+    optimizer: str = "adamw_torch",
+    batch: int = 4,
+    length: int = 2048,
+    checkpointing: bool = True,
+    gpu: str | None = None,
+    gpus: int = 1,
+    trust_remote_code: bool = False,
+) -> Estimate:
+    """The estimate for a model name / folder / config.json and the run's settings (GPU training figures)."""
+    if batch < 1 or length < 1 or lora_r < 1 or gpus < 1:
+        raise QtuneError("--micro-batch, --max-length, --lora-r and --gpus must be positive")
+    load_bytes = 4 if dtype in ("float32", "fp32") else 2
+    shape = model_shape(model_config(name, trust_remote_code), trust_remote_code)
+    if lora_targets != "all-linear":
+        leaves = {n.rsplit(".", 1)[-1] for n, _, _ in shape.linears}
+        missing = [t for t in lora_targets if t not in leaves]
+        if missing:
+            raise QtuneError(
+                f"lora.target_modules: {', '.join(missing)} is not a linear layer of {name}",
+                f"linear layers: {', '.join(sorted(leaves))}",
+            )
+    return Estimate(
+        name=name,
+        shape=shape,
+        bits=bits,
+        double_quant=double_quant,
+        load_bytes=load_bytes,
+        compute_bytes=load_bytes,
+        lora_r=lora_r,
+        lora_targets=lora_targets,
+        lora_dropout=lora_dropout,
+        optimizer=optimizer,
+        batch=batch,
+        length=length,
+        checkpointing=checkpointing,
+        gpu_bytes=parse_size(gpu) if gpu else None,
+        gpus=gpus,
+    )
+
+
+def from_recipe(recipe, **overrides) -> Estimate:
+    """The estimate for a recipe's model and settings; keyword overrides (from the command line) win."""
+    dtype = recipe.model.dtype if recipe.model.dtype != "auto" else "bfloat16"  # the GPU figure
+    settings = dict(
+        bits=recipe.quantization.bits,
+        double_quant=recipe.quantization.double_quant,
+        dtype=dtype,
+        lora_r=recipe.lora.r,
+        lora_targets=recipe.lora.target_modules,
+        lora_dropout=recipe.lora.dropout > 0,
+        optimizer=recipe.training.optimizer,
+        batch=recipe.training.micro_batch_size,
+        length=recipe.data.max_length,
+        checkpointing=recipe.training.gradient_checkpointing,
+        trust_remote_code=recipe.model.trust_remote_code,
+    )
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return estimate(recipe.model.name, **settings)
+
+
+def probe(recipe_path: str, overrides: list[str] = ()) -> dict:
+    """Run one real optimizer step of the recipe (qtune's own loading, data and TRL trainer) into a temporary
+    output dir and return the measured peak memory: torch's peak allocated/reserved on a GPU, the peak
+    resident set of the process on the CPU."""
+    import resource
+    import sys
+    import tempfile
+
+    from qtune import data, model, train
+    from qtune.config import load_recipe
+
+    with tempfile.TemporaryDirectory(prefix="qtune-probe-") as tmp:
+        step = [
+            "training.max_steps=1",
+            f"output_dir={tmp}/run",
+            "tracking.backend=none",
+            "training.save_steps=null",
+            "training.eval_steps=null",
+            "data.eval_split=null",
+        ]
+        recipe = load_recipe(recipe_path, [*overrides, *step])
+        launch = model.detect_launch()
+        fmt, rows = data.load_rows(recipe)
+        tokenizer = model.load_tokenizer(recipe)
+        args = train.sft_config(recipe, launch, data.loss_settings(recipe, tokenizer, fmt))
+        import torch
+        from transformers import PrinterCallback, ProgressCallback
+        from trl import SFTTrainer
+
+        gpu = torch.cuda.is_available()
+        scale = 1 if sys.platform == "darwin" else 1024
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        peft_model, tokenizer = model.load(recipe, launch, verbose=False)
+        dataset = data.build(recipe, tokenizer, fmt, rows)
+        trainer = SFTTrainer(model=peft_model, args=args, train_dataset=dataset["train"], processing_class=tokenizer)
+        train._keep_adapter_fp32(trainer.model)  # as train.run does
+        trainer.remove_callback(PrinterCallback)  # the step's log dict is not what the user asked for
+        trainer.remove_callback(ProgressCallback)
+        trainer.train()
+        if gpu:
+            return {
+                "device": torch.cuda.get_device_name(),
+                "peak_allocated": torch.cuda.max_memory_allocated(),
+                "peak_reserved": torch.cuda.max_memory_reserved(),
+            }
+        return {
+            "device": "cpu",
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+            "rss_before_load": rss_before,
+        }
+
+
+def render_probe(measured: dict, est: Estimate) -> str:
+    if "peak_allocated" in measured:
+        alloc = measured["peak_allocated"]
+        return (
+            f"  probe ({measured['device']}, 1 training step): peak allocated {_gib(alloc)} GiB, reserved "
+            f"{_gib(measured['peak_reserved'])} GiB; estimate {_gib(est.allocated)} GiB allocated "
+            f"({100 * (est.allocated - alloc) / alloc:+.0f}%)"
+        )
+    return (
+        f"  probe (CPU, 1 training step): peak RSS {_gib(measured['peak_rss'])} GiB for the whole process (Python, "
+        f"torch and libraries: {_gib(measured['rss_before_load'])} GiB before the model loaded); CPU resident "
+        "memory is not GPU memory: the estimate above is for a GPU run (bf16 unless model.dtype says otherwise)"
+    )
