@@ -177,6 +177,13 @@ class TrainingSection(Section):
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     micro_batch_size: int = Field(4, gt=0, description="Examples per device per forward pass.")
     grad_accum: int = Field(4, gt=0, description="Micro-batches per optimizer step.")
+    global_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Examples per optimizer step over all processes, the same whatever the launch: replaces grad_accum "
+        "with global_batch_size / (micro_batch_size x processes), which must divide evenly. null: grad_accum "
+        "as given (the step then grows with the number of processes).",
+    )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate (2e-4 or 2.0e-4).")
     scheduler: str = Field("cosine", description="transformers SchedulerType: linear, cosine, constant …")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of the steps spent warming up.")
@@ -225,7 +232,11 @@ class TrackingSection(Section):
 class HubSection(Section):
     """Publishing to the Hugging Face Hub (the token comes from HF_TOKEN or `hf auth login`, never a recipe)."""
 
-    push: bool = Field(False, description="Upload the adapter after training (not implemented yet).")
+    push: bool = Field(
+        False,
+        description="Upload the adapter and a model card when training ends, as `qtune push` does; repo id "
+        "and token are checked before the model loads, and a failed upload keeps the adapter and prints the retry.",
+    )
     repo_id: str | None = Field(None, description="Hub repo, ORG/NAME.")
     private: bool = Field(True, description="Create the repo private.")
 

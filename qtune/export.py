@@ -504,16 +504,16 @@ def quantize(
 # --------------------------------------------------------------------------- push
 
 
-def check_repo_id(repo_id: str | None) -> str:
+def check_repo_id(repo_id: str | None, key: str = "--repo-id") -> str:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     if not repo_id or not REPO_ID.match(repo_id):
-        raise QtuneError(f"--repo-id: '{repo_id}' is not ORG/NAME", "e.g. my-user/llama2-7b-qlora-alpaca")
+        raise QtuneError(f"{key}: '{repo_id}' is not ORG/NAME", "e.g. my-user/llama2-7b-qlora-alpaca")
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
-        raise QtuneError(f"--repo-id: '{repo_id}' is not a valid Hub repo id: {str(exc).splitlines()[0]}") from None
+        raise QtuneError(f"{key}: '{repo_id}' is not a valid Hub repo id: {str(exc).splitlines()[0]}") from None
     return repo_id
 
 
@@ -525,6 +525,52 @@ def hub_token() -> str:
     if not token:
         raise QtuneError("no Hugging Face token: set HF_TOKEN or run `hf auth login`", "a token with write access")
     return token
+
+
+def check_push_after_training(repo_id: str | None, run_dir: str = "RUN_DIR") -> None:
+    """`hub.push: true`, before any model loads: the repo id parses, the Hub is not switched off, a token is set."""
+    import shlex
+
+    from huggingface_hub import get_token, is_offline_mode
+
+    check_repo_id(repo_id, key="hub.repo_id")
+    later = f"set hub.push: false and run `qtune push {shlex.quote(str(run_dir))} --repo-id {repo_id}` after training"
+    if is_offline_mode():
+        raise QtuneError(
+            "hub.push: HF_HUB_OFFLINE=1 is set, so the adapter could not be uploaded after training",
+            f"unset HF_HUB_OFFLINE, or {later}",
+        )
+    if not get_token():
+        raise QtuneError(
+            "hub.push: no Hugging Face token to upload with after training",
+            f"set HF_TOKEN or run `hf auth login` (a token with write access), or {later}",
+        )
+
+
+def push_after_training(run_dir: Path, repo_id: str, private: bool, log=print) -> str:
+    """The end of `train` with hub.push: upload the saved adapter; a failed upload leaves it saved and says
+    the exact `qtune push` command that retries it."""
+    import shlex
+
+    try:
+        return push(run_dir, repo_id, private=private, log=log)
+    except QtuneError as exc:
+        retry = f"qtune push {shlex.quote(str(run_dir))} --repo-id {repo_id}" + ("" if private else " --public")
+        raise QtuneError(
+            f"training finished and the adapter is saved in {Path(run_dir) / 'adapter'}, but {exc.message}",
+            (f"{exc.hint}; " if exc.hint else "") + f"then retry the upload with: {retry}",
+        ) from None
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub's HTTP client raises when the Hub cannot be reached (connection refused, timeout)."""
+    import contextlib
+
+    errors: list[type[BaseException]] = []
+    for name in ("httpx2", "httpx"):  # huggingface_hub 2.x uses httpx2, 1.x httpx
+        with contextlib.suppress(ImportError):
+            errors.append(__import__(name).HTTPError)
+    return tuple(errors)
 
 
 def _hub_id(name: str) -> str | None:
@@ -638,8 +684,8 @@ def upload(folder: Path, repo_id: str, private: bool, token: str, message: str) 
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=message)
-    except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as exc:
-        text = str(exc).replace(token, "<token>").strip().splitlines()[0][:300]
+    except (HfHubHTTPError, OfflineModeIsEnabled, OSError, *_network_errors()) as exc:
+        text = (str(exc).replace(token, "<token>").strip() or type(exc).__name__).splitlines()[0][:300]
         raise QtuneError(
             f"push to {repo_id} failed: {text}", "check the token's write access and the network"
         ) from None

@@ -20,10 +20,17 @@ class Launch:
     rank: int
     local_rank: int
     distributed_type: str  # accelerate's name when launched through it: MULTI_GPU, MULTI_CPU, FSDP, DEEPSPEED, NO
+    zero_stage: int | None = None  # DeepSpeed ZeRO stage from the accelerate config (None: not given / not DeepSpeed)
+    fsdp_version: int | None = None  # FSDP 1 or 2 from the accelerate config (None: not FSDP)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """The base weights are split over the ranks (FSDP, ZeRO-3): no rank holds, or places, the whole model."""
+        return self.distributed_type == "FSDP" or (self.distributed_type == "DEEPSPEED" and self.zero_stage == 3)
 
     @property
     def distributed(self) -> bool:
@@ -41,7 +48,16 @@ def detect_launch() -> Launch:
         kind = "DEEPSPEED"
     elif world > 1:
         kind = "MULTI_CPU" if env.get("ACCELERATE_USE_CPU", "").lower() == "true" else "MULTI_GPU"
-    return Launch(world, int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), kind)
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") if kind == "DEEPSPEED" else ""
+    version = env.get("FSDP_VERSION", "1") if kind == "FSDP" else ""
+    return Launch(
+        world,
+        int(env.get("RANK", "0")),
+        int(env.get("LOCAL_RANK", "0")),
+        kind,
+        zero_stage=int(stage) if stage.isdigit() else None,
+        fsdp_version=int(version) if version.isdigit() else None,
+    )
 
 
 def _cuda_available() -> bool:
@@ -54,6 +70,8 @@ def device_map_for(recipe: Recipe, launch: Launch):
     """Placement follows the launch: a replica per rank, `auto` over one process's GPUs, one GPU, or the CPU."""
     if recipe.model.device_map == "auto":
         return "auto"
+    if launch.sharded:
+        return None  # FSDP / ZeRO-3 place the shards themselves (rank 0 loads with cpu_ram_efficient_loading)
     if not _cuda_available():
         return None  # CPU: from_pretrained keeps everything on the CPU
     return {"": launch.local_rank}
@@ -142,10 +160,40 @@ def load_tokenizer(recipe: Recipe):
         m.tokenizer or m.name, revision=m.revision, trust_remote_code=m.trust_remote_code
     )
     if tokenizer.pad_token is None:
-        # pad == eos would teach nothing wrong under TRL's collator (it masks padding by position), but a
-        # distinct token keeps generation and attention masks unambiguous; unk is a safe, existing one.
-        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+        # A distinct pad keeps generation and attention masks unambiguous: unk, else a special token the
+        # vocabulary reserves and nothing writes (Llama-3's <|finetune_right_pad_id|>, Qwen's <|endoftext|>).
+        pad = tokenizer.unk_token or unused_special_token(tokenizer)
+        if pad is None and tokenizer.eos_token is not None:
+            pad = tokenizer.eos_token
+            if detect_launch().is_main:
+                import sys
+
+                print(
+                    f"qtune: note: {m.tokenizer or m.name} has no pad, unk or unused reserved token: padding with eos "
+                    f"{pad!r} (TRL masks padding by position; the data check fails if {pad!r} is never trained)",
+                    file=sys.stderr,
+                )
+        tokenizer.pad_token = pad
     return tokenizer
+
+
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|finetune_right_pad|>", "<pad>", "[PAD]", "<|pad|>", "<|padding|>")
+
+
+def unused_special_token(tokenizer) -> str | None:
+    """A special token of the vocabulary that is free to pad with: a named pad token, else the first
+    `<|reserved_special_token_N|>`, else `<|endoftext|>`; never eos, bos, or a token the chat template writes."""
+    import re
+
+    taken = {tokenizer.eos_token, tokenizer.bos_token}
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    special = [t.content for _, t in sorted(tokenizer.added_tokens_decoder.items()) if t.special]
+    free = [t for t in special if t not in taken and t not in template]
+    reserved = [t for t in free if re.fullmatch(r"<\|reserved_special_token_\d+\|>", t)]
+    for token in [*[t for t in PAD_CANDIDATES if t in free], *reserved, "<|endoftext|>"]:
+        if token in free:
+            return token
+    return None
 
 
 def _keep_cpu_4bit_trainable(model) -> None:
@@ -171,7 +219,7 @@ def load(recipe: Recipe, launch: Launch, verbose: bool = True):
 
     m = recipe.model
     tokenizer = load_tokenizer(recipe)
-    quant = bnb_config(recipe)
+    quant = bnb_config(recipe, launch)
     kwargs = {}
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
@@ -192,10 +240,14 @@ def load(recipe: Recipe, launch: Launch, verbose: bool = True):
     ckpt_kwargs = {"use_reentrant": False}
     if quant is not None:
         _keep_cpu_4bit_trainable(model)
+    if quant is not None and not launch.sharded:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
         )
     elif checkpointing:
+        # Also the sharded (FSDP / ZeRO-3) QLoRA path: prepare_model_for_kbit_training would upcast norms and
+        # embeddings to fp32 beside 4-bit weights stored in the param dtype, and FSDP flattens each wrapped
+        # layer into one tensor of a single dtype (peft's FSDP-QLoRA guide keeps every weight in that dtype).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
         model.enable_input_require_grads()
 

@@ -14,8 +14,19 @@ def resolve_dtype(name: str):
     return getattr(torch, name)
 
 
-def bnb_config(recipe: Recipe):
-    """The `BitsAndBytesConfig` for the recipe, or None for plain (unquantized) LoRA."""
+def quant_storage(recipe: Recipe, launch=None):
+    """The dtype packed 4-bit weights are stored in. FSDP and ZeRO-3 shard only float tensors of one dtype, so
+    under them it is the param dtype (model.dtype) unless the recipe names one; elsewhere bitsandbytes' uint8."""
+    q = recipe.quantization
+    if q.quant_storage:
+        return resolve_dtype(q.quant_storage)
+    if launch is not None and launch.sharded:
+        return resolve_dtype(recipe.model.dtype)
+    return None
+
+
+def bnb_config(recipe: Recipe, launch=None):
+    """The `BitsAndBytesConfig` for the recipe (for the launch: `qtune.model.Launch`), or None for plain LoRA."""
     from transformers import BitsAndBytesConfig
 
     q = recipe.quantization
@@ -24,7 +35,7 @@ def bnb_config(recipe: Recipe):
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     compute = resolve_dtype(q.compute_dtype)
-    storage = resolve_dtype(q.quant_storage) if q.quant_storage else None
+    storage = quant_storage(recipe, launch)
     kwargs = {"bnb_4bit_quant_storage": storage} if storage is not None else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,

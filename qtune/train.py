@@ -51,15 +51,127 @@ NAMED_BY_SCHEMA = {
 }
 
 
+def _accelerate_config(launch: Launch) -> str:
+    """How the launch reads in accelerate config terms, for errors that must name both sides."""
+    n = launch.world_size
+    text = f"accelerate config: distributed_type {launch.distributed_type}, {n} process{'es' if n != 1 else ''}"
+    if launch.distributed_type == "DEEPSPEED":
+        text += f", zero_stage {launch.zero_stage if launch.zero_stage is not None else '?'}"
+    if launch.distributed_type == "FSDP":
+        text += f", fsdp_version {launch.fsdp_version or 1}"
+    return text
+
+
+def grad_accum_for(recipe: Recipe, launch: Launch) -> int:
+    """Micro-batches per optimizer step: training.grad_accum, or derived from training.global_batch_size so the
+    examples per optimizer step stay the same on any number of processes."""
+    t = recipe.training
+    if t.global_batch_size is None:
+        return t.grad_accum
+    per_pass = t.micro_batch_size * launch.world_size
+    if t.global_batch_size % per_pass:
+        lower = max(per_pass, t.global_batch_size // per_pass * per_pass)
+        raise QtuneError(
+            f"training.global_batch_size: {t.global_batch_size} examples per optimizer step do not split over "
+            f"{launch.world_size} process(es) x training.micro_batch_size {t.micro_batch_size} = {per_pass} per "
+            f"micro-step ({_accelerate_config(launch)})",
+            f"make it a multiple of {per_pass} (e.g. {lower} or {lower + per_pass}), change "
+            "training.micro_batch_size, or num_processes / num_machines in the accelerate config",
+        )
+    return t.global_batch_size // per_pass
+
+
+def _check_sharded(recipe: Recipe, launch: Launch) -> None:
+    """FSDP and DeepSpeed: what QLoRA needs there, refused before the model loads when it cannot work."""
+    import os
+
+    from qtune.quant import quant_storage, resolve_dtype
+
+    q, engine = recipe.quantization, launch.distributed_type
+    config = _accelerate_config(launch)
+    if engine == "FSDP" and q.bits == 8:
+        raise QtuneError(
+            f"quantization.bits: 8 (LLM.int8) cannot be sharded by FSDP ({config}): bitsandbytes keeps int8 "
+            "weights with separate row scales FSDP cannot flatten, and has no float storage for them",
+            "use quantization.bits: 4 (FSDP-QLoRA, recipes/accelerate/fsdp.yaml), or keep 8-bit with DDP "
+            "(recipes/accelerate/ddp.yaml)",
+        )
+    if launch.sharded and engine == "DEEPSPEED" and q.bits == 8:
+        raise QtuneError(
+            f"quantization.bits: 8 (LLM.int8) cannot be partitioned by DeepSpeed ZeRO-3 ({config})",
+            "use quantization.bits: 4 under ZeRO-3 (recipes/accelerate/deepspeed-zero3.yaml), or keep 8-bit with "
+            "ZeRO-2 (recipes/accelerate/deepspeed-zero2.yaml)",
+        )
+    if launch.sharded and q.bits == 4:
+        param = resolve_dtype(recipe.model.dtype)
+        storage = quant_storage(recipe, launch)
+        if storage != param:
+            name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+            raise QtuneError(
+                f"quantization.quant_storage: {q.quant_storage} ({name(storage)}) differs from model.dtype "
+                f"{recipe.model.dtype} ({name(param)}); {engine} shards each layer as one tensor of one dtype, so "
+                f"the packed 4-bit weights must be stored in the param dtype ({config})",
+                "remove quantization.quant_storage (qtune sets it to model.dtype under FSDP / ZeRO-3), or set it "
+                "equal to model.dtype",
+            )
+    save_16bit = os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "").lower()
+    if launch.sharded and engine == "DEEPSPEED" and save_16bit == "false":
+        raise QtuneError(
+            f"DeepSpeed ZeRO-3 with zero3_save_16bit_model: false ({config}): the adapter could not be gathered "
+            "from the partitions into a normal peft adapter at the end",
+            "set zero3_save_16bit_model: true in the accelerate config (deepspeed_config), as "
+            "recipes/accelerate/deepspeed-zero3.yaml does",
+        )
+    fixed = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "")
+    if engine == "DEEPSPEED" and fixed.isdigit() and int(fixed) != grad_accum_for(recipe, launch):
+        raise QtuneError(
+            f"training.grad_accum: {grad_accum_for(recipe, launch)} but the accelerate config fixes "
+            f"deepspeed_config.gradient_accumulation_steps: {fixed} ({config})",
+            "set gradient_accumulation_steps: auto in the accelerate config (the recipe decides), or the same value",
+        )
+    if engine == "FSDP" and q.bits is not None and "8bit" in recipe.training.optimizer and recipe.training.save_steps:
+        raise QtuneError(
+            f"training.optimizer: {recipe.training.optimizer} fails when FSDP-QLoRA saves a checkpoint ({config}; "
+            "peft's FSDP guide lists it as a known error)",
+            "use paged_adamw_32bit or adamw_torch under FSDP, or set training.save_steps: null",
+        )
+    if engine == "FSDP" and not _accelerator_available():
+        raise QtuneError(
+            f"FSDP launch on a machine without a GPU ({config}): accelerate runs FSDP only on GPUs (on the CPU it "
+            "trains plain DDP, sharding nothing), and fsdp_sync_module_states / fsdp_cpu_ram_efficient_loading "
+            "need a GPU to broadcast from",
+            "on the CPU launch DDP: accelerate launch --config_file recipes/accelerate/ddp.yaml --num_processes 2",
+        )
+    if engine == "DEEPSPEED":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise QtuneError(
+                f"DeepSpeed launch ({config}) but deepspeed is not installed",
+                "pip install 'qtune[deepspeed]' (needs CUDA), or launch with recipes/accelerate/ddp.yaml or fsdp.yaml",
+            )
+
+
+def _accelerator_available() -> bool:
+    """A device accelerate can run FSDP on (its FSDP plugin needs one of these; the CPU is not among them)."""
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
 def check_launch(recipe: Recipe, launch: Launch) -> None:
     """Launch topology × placement × quantization × checkpointing, before any model loads."""
     extra = recipe.training.extra
-    if launch.distributed and recipe.model.device_map == "auto":
+    if (launch.distributed or launch.distributed_type in ("FSDP", "DEEPSPEED")) and recipe.model.device_map == "auto":
         raise QtuneError(
-            f"model.device_map: auto spreads one process's model over its GPUs, but this launch has "
-            f"{launch.world_size} processes ({launch.distributed_type})",
-            "drop model.device_map for DDP/FSDP (one replica or shard per rank), or launch a single process",
+            "model.device_map: auto spreads one process's model over its GPUs, but this launch is "
+            f"{_accelerate_config(launch).removeprefix('accelerate config: ')} (the accelerate config's)",
+            "drop model.device_map and model.max_memory under DDP / FSDP / DeepSpeed (one replica or shard per "
+            "rank), or launch one process (recipes/accelerate/single-gpu.yaml, or plain `qtune train`)",
         )
+    grad_accum_for(recipe, launch)
+    if launch.distributed_type in ("FSDP", "DEEPSPEED"):
+        _check_sharded(recipe, launch)
     if launch.distributed and recipe.training.gradient_checkpointing:
         reentrant = extra.get("gradient_checkpointing_kwargs") or extra.get("activation_checkpointing_kwargs") or {}
         if reentrant.get("use_reentrant"):
@@ -74,13 +186,10 @@ def check_launch(recipe: Recipe, launch: Launch) -> None:
                 "parameters ready twice and fails in backward",
                 "remove it (qtune sets it to false), or set training.gradient_checkpointing: false",
             )
-    if launch.distributed_type in ("FSDP", "DEEPSPEED"):
-        raise QtuneError(
-            f"{launch.distributed_type} launch: FSDP-QLoRA and DeepSpeed are not supported by qtune yet",
-            "launch DDP (accelerate launch --multi_gpu) or a single process",
-        )
-    if recipe.hub.push:
-        raise QtuneError("hub.push: publishing from `train` is not implemented yet", "set hub.push: false")
+    if recipe.hub.push:  # the upload comes after training: its repo id, token and network switch are checked now
+        from qtune.export import check_push_after_training
+
+        check_push_after_training(recipe.hub.repo_id, recipe.output_dir)
 
 
 def _precision(recipe: Recipe) -> dict:
@@ -174,7 +283,7 @@ def sft_config(recipe: Recipe, launch: Launch, loss_settings: dict | None = None
         max_steps=t.max_steps or -1,
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.grad_accum,
+        gradient_accumulation_steps=grad_accum_for(recipe, launch),
         learning_rate=t.lr,
         lr_scheduler_type=t.scheduler,
         warmup_steps=t.warmup_ratio,
@@ -339,6 +448,50 @@ def _adapter_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
+def _adapter_fingerprint_of(state_dict: dict) -> str:
+    """The same fingerprint, over the LoRA entries of a gathered (FSDP / DeepSpeed) state dict."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(k for k in state_dict if "lora_" in k):
+        digest.update(name.encode())
+        digest.update(state_dict[name].detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_gathered_adapter(peft_model, state_dict: dict, folder: Path, adapter: str = "default") -> None:
+    """Write a gathered (FSDP / ZeRO-3) state dict's adapter as a normal peft adapter folder. peft 0.21's own
+    save_pretrained(state_dict=…) finds the adapter's keys by walking the module tree, whose names carry
+    `_fsdp_wrapped_module.` inside every auto-wrapped layer, so it matched none of the gathered (clean) keys and
+    wrote an empty adapter (seen on a 2-rank CPU FSDP run); the keys are selected here by peft's naming instead."""
+    from safetensors.torch import save_file
+
+    marker = f".{adapter}."
+    weights = {
+        key.replace(marker, "."): tensor.detach().to("cpu").contiguous()
+        for key, tensor in state_dict.items()
+        if "lora_" in key and marker in key
+    }
+    if not weights:
+        raise QtuneError("the gathered state dict holds no LoRA weights; the adapter was not saved")
+    folder.mkdir(parents=True, exist_ok=True)
+    peft_model.peft_config[adapter].save_pretrained(str(folder))
+    save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def _gathered_state_dict(trainer, launch: Launch) -> dict | None:
+    """The full model state dict gathered from FSDP shards or DeepSpeed partitions (None when every rank holds
+    a whole replica). Called on every rank; FSDP1 gives it on rank 0 only (rank0_only, offloaded to the CPU),
+    whatever fsdp_state_dict_type the accelerate config sets for checkpoints."""
+    if launch.distributed_type == "FSDP":
+        return trainer.accelerator.get_state_dict(trainer.model)
+    if launch.distributed_type == "DEEPSPEED" and launch.sharded:
+        engine = trainer.model_wrapped
+        # what Trainer.save_model does for peft under ZeRO-3: gather the trainable weights only
+        return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+    return None
+
+
 def _tracking_env(recipe: Recipe, run_dir: Path | None = None) -> None:
     """transformers' tracker integrations read their settings from the environment; the recipe sets them."""
     import os
@@ -485,6 +638,12 @@ def run(recipe: Recipe, model, tokenizer, dataset, args, launch: Launch, quiet: 
     watcher = monitor.RunMonitor(
         recipe, run_dir, launch.world_size, _start_lines(recipe, dataset, args, launch, checkpoint)
     )
+    if launch.distributed_type == "DEEPSPEED":
+        # The data check (qtune.data.check) already built a trainer, and with it accelerate's state; accelerate
+        # refuses a DeepSpeed plugin on a second Accelerator, so start its state afresh (the process group stays).
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -513,8 +672,14 @@ def run(recipe: Recipe, model, tokenizer, dataset, args, launch: Launch, quiet: 
             raise _stopped_early(guard, trainer, run_dir)
 
         final_eval = trainer.evaluate() if dataset.get("eval") is not None else {}  # all ranks take part
-        fingerprints = [_adapter_fingerprint(trainer.model)]
-        if launch.distributed:
+        # FSDP / DeepSpeed: the adapter is gathered from the shards into one full state dict (a collective: every
+        # rank takes part), then saved on the main process as a normal peft adapter loadable on one device.
+        full_state = _gathered_state_dict(trainer, launch)
+        if full_state is not None:
+            fingerprints = [_adapter_fingerprint_of(full_state) if launch.is_main else None]
+        else:
+            fingerprints = [_adapter_fingerprint(trainer.model)]
+        if full_state is None and launch.distributed:
             import torch.distributed as dist
 
             gathered: list = [None] * launch.world_size
@@ -526,7 +691,11 @@ def run(recipe: Recipe, model, tokenizer, dataset, args, launch: Launch, quiet: 
             staging = run_dir / "adapter.tmp"
             if staging.exists():
                 shutil.rmtree(staging)
-            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(staging, safe_serialization=True)
+            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+            if full_state is not None:
+                save_gathered_adapter(unwrapped, full_state, staging)
+            else:
+                unwrapped.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
             if adapter_dir.exists():
                 shutil.rmtree(adapter_dir)
@@ -551,7 +720,8 @@ def run(recipe: Recipe, model, tokenizer, dataset, args, launch: Launch, quiet: 
                 "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
                 "backend": trainer.accelerator.state.backend,
                 "adapter_fingerprint_per_rank": fingerprints,
-                "replicas_identical": len(set(fingerprints)) == 1,
+                # sharded engines hold no replicas: one fingerprint, of the gathered adapter
+                "replicas_identical": len(set(fingerprints)) == 1 if full_state is None else None,
             }
             staged = run_dir / "summary.json.tmp"
             staged.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -565,7 +735,7 @@ def run(recipe: Recipe, model, tokenizer, dataset, args, launch: Launch, quiet: 
                     artifact = wandb.Artifact(f"{tracker.name or tracker.id}-adapter", type="model")
                     artifact.add_dir(str(adapter_dir))
                     tracker.log_artifact(artifact, aliases=["final"])
-            if not summary["replicas_identical"]:
+            if summary["replicas_identical"] is False:
                 print(f"qtune: warning: DDP replicas diverged: adapter fingerprints {fingerprints}", flush=True)
             _print_done(summary, run_dir, adapter_dir, plotted, tracker, recipe)
     except BaseException:
@@ -575,6 +745,10 @@ def run(recipe: Recipe, model, tokenizer, dataset, args, launch: Launch, quiet: 
     if tracker is not None:
         tracker.finish()
     state.wait_for_everyone()
+    if recipe.hub.push and launch.is_main:  # after every rank is done: a failed upload leaves the adapter saved
+        from qtune.export import push_after_training
+
+        push_after_training(run_dir, recipe.hub.repo_id, private=recipe.hub.private)
     return run_dir
 
 

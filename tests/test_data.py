@@ -21,6 +21,17 @@ DATA = Path(__file__).parent / "data"
 SINGLE = Launch(1, 0, 0, "NO")
 
 
+@pytest.fixture(autouse=True)
+def own_datasets_cache(tmp_path, monkeypatch) -> Path:
+    """An empty datasets cache per test (in process and for `qtune data` subprocesses): a cache hit is earned."""
+    import datasets
+
+    cache = tmp_path / "hf-datasets"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    return cache
+
+
 @pytest.fixture
 def recipe_for(tmp_path, tiny_llama):
     def make(sources, **data_keys):
@@ -410,14 +421,126 @@ def test_too_many_untrained_examples_fail_loudly(recipe_for, tiny_llama, tmp_pat
         data.check(recipe, tokenizer, fmt, rows, args)
 
 
-def test_template_that_refuses_a_row_names_it(recipe_for, tiny_llama):
+def test_mistral_builtin_on_a_template_less_tokenizer_trains_every_end_of_turn(recipe_for, tiny_llama):
     recipe = recipe_for([DATA / "messages.jsonl"], chat_template="mistral")
     tokenizer = _tokenizer(tiny_llama)
     tokenizer.chat_template = None
     fmt, rows = data.load_rows(recipe)
     args = train.sft_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
-    prepared = data.check(recipe, tokenizer, fmt, rows, args)  # the mistral template takes these rows
+    prepared = data.check(recipe, tokenizer, fmt, rows, args)  # a system prompt folds into the first [INST]
     assert prepared.stats["end_of_turn_trained"] == 2
+
+
+# Like mistral's / llama-2's own templates, which raise for roles they cannot render.
+NO_SYSTEM = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize(
+    "template, rows, bad_row, reason",
+    [
+        ("no-system", "messages.jsonl", 1, "System role not supported"),
+        ("mistral", "tool.jsonl", 2, "Conversation roles must alternate"),
+    ],
+)
+def test_template_that_refuses_a_row_names_file_and_row(
+    recipe_for, tiny_llama, tmp_path, template, rows, bad_row, reason
+):
+    from qtune.tiny import CHATML_TEMPLATE
+
+    if rows == "tool.jsonl":  # valid for qtune (a tool result between two answers), refused by mistral's alternation
+        chat = [{"role": "user", "content": "spell 1"}, {"role": "assistant", "content": "one"}]
+        tool = [*chat[:1], {"role": "assistant", "content": "call"}, {"role": "tool", "content": "1"}, chat[1]]
+        path = write_jsonl(tmp_path / "tool.jsonl", [{"messages": chat}, {"messages": tool}])
+    else:
+        path = DATA / rows
+    chosen = NO_SYSTEM + CHATML_TEMPLATE if template == "no-system" else template
+    tokenizer = _tokenizer(tiny_llama)
+    if template == "mistral":
+        tokenizer.chat_template = None  # a base model: any built-in may be chosen
+    for on_bad_row in ("error", "skip"):
+        recipe = recipe_for([path], chat_template=chosen, on_bad_row=on_bad_row)
+        fmt, rows_ = data.load_rows(recipe)
+        args = train.sft_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+        if on_bad_row == "error":
+            with pytest.raises(QtuneError) as err:
+                data.check(recipe, tokenizer, fmt, rows_, args)
+            message = err.value.message
+            assert f"{path.name}: row {bad_row}: the chat template fails to render it: {reason}" in message, message
+            continue
+        prepared = data.check(recipe, tokenizer, fmt, rows_, args)
+        assert len(rows_) == 1 and prepared.stats["examples"] == 1  # dropped, not silently rendered wrong
+        assert (
+            f"skipped 1 row(s) the chat template refused; first: data.datasets: {path}: row {bad_row}"
+            in (rows_.notes[-1])
+        )
+
+
+# --------------------------------------------------------------------------- pad token
+
+
+def _padless_tokenizer(path: Path, reserved: list[str]) -> Path:
+    """qtune.tiny's tokenizer without pad and unk tokens (like Llama-3's), plus `reserved` special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from qtune.tiny import BASE_WORDS, CHATML_TEMPLATE, DIGITS, PUNCT
+
+    specials = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", *reserved]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + DIGITS + PUNCT + BASE_WORDS))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(True)]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>", "</s>", *reserved],
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(path)
+    return path
+
+
+def test_pad_token_is_an_unused_reserved_token_else_eos_with_end_of_turn_still_trained(
+    recipe_for, tiny_llama, tmp_path, capsys
+):
+    from qtune.model import load_tokenizer
+
+    recipe = recipe_for([DATA / "messages.jsonl"])
+    reserved = ["<|reserved_special_token_0|>", "<|reserved_special_token_1|>"]
+
+    def with_tokenizer(folder: Path):
+        return recipe.model_copy(update={"model": recipe.model.model_copy(update={"tokenizer": str(folder)})})
+
+    tokenizer = load_tokenizer(with_tokenizer(_padless_tokenizer(tmp_path / "reserved", reserved)))
+    assert tokenizer.unk_token is None and tokenizer.pad_token == "<|reserved_special_token_0|>"
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id and "padding with eos" not in capsys.readouterr().err
+
+    recipe = with_tokenizer(_padless_tokenizer(tmp_path / "none", []))
+    tokenizer = load_tokenizer(recipe)  # nothing free ('</s>' is no pad and <|im_end|> is the template's)
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
+    assert "padding with eos '<|im_end|>'" in capsys.readouterr().err
+    fmt, rows = data.load_rows(recipe)
+    args = train.sft_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+    prepared = data.check(recipe, tokenizer, fmt, rows, args)  # the loud check passes: eos is trained
+    batch = prepared.collator(
+        [{"input_ids": i, "labels": lab} for i, lab in zip(prepared.input_ids, prepared.labels, strict=True)]
+    )
+    eos = tokenizer.eos_token_id
+    trained_eos, padded = [], 0
+    for ids, labels, mask in zip(
+        batch["input_ids"].tolist(), batch["labels"].tolist(), batch["attention_mask"].tolist(), strict=True
+    ):
+        padding = [(t, lab) for t, lab, m in zip(ids, labels, mask, strict=True) if not m]
+        assert all(t == eos and lab == -100 for t, lab in padding)  # padding is eos, and carries no loss
+        padded += len(padding)
+        trained_eos.append(sum(1 for t, lab, m in zip(ids, labels, mask, strict=True) if m and t == eos and lab == eos))
+    assert padded and sorted(trained_eos) == [1, 2]  # yet every answer's own eos is trained (2 answers + 1)
 
 
 # --------------------------------------------------------------------------- packing
@@ -446,6 +569,50 @@ def test_packing_changes_the_batches_not_the_per_token_loss(recipe_for, tiny_lla
         results[packing] = (batches, trainer.evaluate()["eval_loss"])
     assert results[True][0] < results[False][0]  # fewer, fuller rows
     assert results[True][1] == pytest.approx(results[False][1], rel=1e-4)  # packed examples do not see each other
+
+
+# --------------------------------------------------------------------------- the datasets cache
+
+
+def test_second_run_is_served_from_the_datasets_cache_and_changes_make_new_entries(
+    recipe_for, tiny_llama, tmp_path, own_datasets_cache
+):
+    cache = own_datasets_cache
+    recipe_for([DATA / "messages.jsonl"])
+
+    def arrow_files() -> dict[Path, int]:
+        return {f: f.stat().st_mtime_ns for f in (cache / "qtune").rglob("*.arrow")}
+
+    # Two real runs, two processes: the second re-tokenizes nothing (no new or rewritten cache file).
+    first = run_qtune("data", tmp_path / "recipe.yaml", "-n", "0")
+    assert first.returncode == 0, first.stderr
+    entries = list((cache / "qtune").iterdir())
+    files = arrow_files()
+    assert len(entries) == 1 and len(files) >= 3  # the saved rows + TRL's tokenization and label maps
+    assert f"cache: {entries[0]}" in first.stdout
+    second = run_qtune("data", tmp_path / "recipe.yaml", "-n", "0")
+    assert second.returncode == 0, second.stderr
+    assert arrow_files() == files and second.stdout == first.stdout
+
+    # In process: the preparation reads exactly those files; another template or other rows make new ones.
+    def prepare(recipe, tokenizer):
+        fmt, rows = data.load_rows(recipe)
+        args = train.sft_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+        return data.check(recipe, tokenizer, fmt, rows, args, sample=None, loud=False)
+
+    again = prepare(recipe_for([DATA / "messages.jsonl"]), _tokenizer(tiny_llama))
+    assert again.cache_files and {Path(f) for f in again.cache_files} <= set(files) and arrow_files() == files
+
+    base = _tokenizer(tiny_llama)
+    base.chat_template = None  # another template (same rows): the same saved rows, new tokenization files
+    other = prepare(recipe_for([DATA / "messages.jsonl"], chat_template="zephyr"), base)
+    assert list((cache / "qtune").iterdir()) == entries
+    assert not {Path(f) for f in other.cache_files} & set(files) and set(files) < set(arrow_files())
+    assert other.input_ids != again.input_ids
+
+    edited = write_jsonl(tmp_path / "edited.jsonl", [json.loads(line) for line in (DATA / "messages.jsonl").open()][:1])
+    prepare(recipe_for([edited]), _tokenizer(tiny_llama))  # other data: a new entry
+    assert len(list((cache / "qtune").iterdir())) == 2
 
 
 # --------------------------------------------------------------------------- the command
