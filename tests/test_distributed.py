@@ -337,5 +337,6 @@ def test_fsdp_accelerate_launch_on_the_cpu_is_refused_clearly(make_recipe, tmp_p
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2  # one per rank, before any model loads
+    # Each rank refuses before any model loads; the launcher may stop the second rank before it prints.
+    assert 1 <= len(errors) <= 2 and len(set(errors)) == 1, result.stderr[-3000:]
     assert "distributed_type FSDP, 2 processes, fsdp_version 1" in errors[0]
