@@ -207,10 +207,10 @@ def _keep_cpu_4bit_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load(recipe: Recipe, launch: Launch, verbose: bool = True):
+def load(recipe: Recipe, launch: Launch, verbose: bool = True, tokenizer=None):
     """Load the base (quantized per the recipe), prepare it for k-bit training and attach LoRA.
 
-    Returns (PeftModel, tokenizer).
+    Returns (PeftModel, tokenizer); pass the tokenizer the checks already loaded to reuse it.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
@@ -218,7 +218,7 @@ def load(recipe: Recipe, launch: Launch, verbose: bool = True):
     from qtune.quant import bnb_config, resolve_dtype
 
     m = recipe.model
-    tokenizer = load_tokenizer(recipe)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe)
     quant = bnb_config(recipe, launch)
     kwargs = {}
     if m.attn_implementation:
