@@ -6,6 +6,7 @@ destination and renamed into place only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -97,14 +98,17 @@ def check_output_dir(out: Path, overwrite: bool = False) -> None:
         raise QtuneError(f"{out}: cannot write to {probe}", "choose a writable --out")
 
 
-def staging_dir(out: Path) -> Path:
-    """A fresh temporary folder beside `out` (same filesystem, so the final rename is atomic)."""
+@contextlib.contextmanager
+def staged_output(out: Path):
+    """A fresh temporary folder beside `out` (same filesystem): when the block succeeds it replaces `out` in
+    one rename; when it fails it is removed. `out` is never half-written."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def publish_dir(staging: Path, out: Path) -> None:
-    """Move a complete staging folder into place (replacing an empty or overwritten `out`)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
@@ -322,28 +326,21 @@ def merge(
     }
 
     # 4. Save: safetensors shards + tokenizer + generation config, staged then renamed.
-    staging = staging_dir(dest)
-    try:
-        merged.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(staging)
-        del merged, peft_model, model
-        if quantize_bits:
-            requantized = staging_dir(dest)
-            try:
+    with staged_output(dest) as staging:
+        if quantize_bits:  # save the merge beside it, then quantize that into the staging folder
+            with tempfile.TemporaryDirectory(prefix=f".{dest.name}.merged-", dir=dest.parent) as plain:
+                merged.save_pretrained(plain, safe_serialization=True, max_shard_size=max_shard_size)
+                tokenizer.save_pretrained(plain)
+                del merged, peft_model, model
                 report["quantize"] = quantize(
-                    str(staging), quantize_bits, out=None, staging=requantized, log=log, tokenizer_from=staging
+                    plain, quantize_bits, out=None, staging=staging, log=log, tokenizer_from=Path(plain)
                 )
-            except BaseException:
-                shutil.rmtree(requantized, ignore_errors=True)
-                raise
-            shutil.rmtree(staging)
-            staging = requantized
+        else:
+            merged.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
+            tokenizer.save_pretrained(staging)
+            del merged, peft_model, model
         (staging / "qtune_merge.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         _check_saved(staging)
-        publish_dir(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log(
         f"qtune: merged model saved to {dest} ({report['weights_gib'] * 1024:.1f} MiB of weights in {DTYPES[dtype]}); "
         f"peak memory {peak:.2f} GiB ({'GPU allocator' if _device_map() else 'process RSS, incl. ~'}"
@@ -481,23 +478,21 @@ def quantize(
         "footprint_after_bytes": after,
         "quant_constants_bytes": constants,
     }
-    own_staging = staging is None
-    folder = staging if staging is not None else staging_dir(dest)
-    try:
+
+    def save(folder: Path) -> None:
         quantized.save_pretrained(folder, safe_serialization=True)
         try:
             AutoTokenizer.from_pretrained(str(tokenizer_from or model)).save_pretrained(folder)
         except (OSError, ValueError):
             log(f"qtune: note: no tokenizer found with {model}; saved the weights only")
         _check_saved(folder)
-        if own_staging:
-            publish_dir(folder, dest)
-    except BaseException:
-        if own_staging:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
-    if own_staging:
-        log(f"qtune: saved {dest} (safetensors only): {', '.join(sorted(p.name for p in dest.iterdir()))}")
+
+    if staging is not None:
+        save(staging)
+        return report
+    with staged_output(dest) as folder:
+        save(folder)
+    log(f"qtune: saved {dest} (safetensors only): {', '.join(sorted(p.name for p in dest.iterdir()))}")
     return report
 
 
@@ -706,13 +701,8 @@ def push(
     if dry_run is not None:
         dest = Path(dry_run)
         check_output_dir(dest)
-        folder = staging_dir(dest)
-        try:
+        with staged_output(dest) as folder:
             stage_push(run_dir, repo_id, merged, folder, license)
-            publish_dir(folder, dest)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
         log(
             f"qtune: dry run: files for {repo_id} staged in {dest}: {', '.join(sorted(p.name for p in dest.iterdir()))}"
         )
