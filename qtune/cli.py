@@ -112,7 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
-    peft_model, tokenizer = model.load(recipe, launch, verbose=False, tokenizer=tokenizer)  # train.run prints the summary
+    # verbose=False: train.run prints the run summary
+    peft_model, tokenizer = model.load(recipe, launch, verbose=False, tokenizer=tokenizer)
     dataset = data.build(recipe, tokenizer, fmt, rows, args_for_trl)  # main process first; others reuse its cache
     train.run(recipe, peft_model, tokenizer, dataset, args_for_trl, launch, quiet=args.quiet)
     return 0
