@@ -614,6 +614,81 @@ def _stopped_early(guard, trainer, run_dir: Path) -> QtuneError:
     )
 
 
+def _final_adapter_state(trainer, launch: Launch) -> tuple[dict | None, list]:
+    """(gathered full state dict or None, adapter fingerprint per rank).
+
+    FSDP / DeepSpeed: the adapter is gathered from the shards into one full state dict (every rank takes part)
+    and fingerprinted once; sharded engines hold no replicas. DDP: each rank fingerprints its own replica and
+    the fingerprints are gathered, so the summary shows whether the replicas stayed identical."""
+    full_state = _gathered_state_dict(trainer, launch)
+    if full_state is not None:
+        return full_state, [_adapter_fingerprint_of(full_state) if launch.is_main else None]
+    fingerprints = [_adapter_fingerprint(trainer.model)]
+    if launch.distributed:
+        import torch.distributed as dist
+
+        gathered: list = [None] * launch.world_size
+        dist.all_gather_object(gathered, fingerprints[0])
+        fingerprints = gathered
+    return None, fingerprints
+
+
+def _save_adapter(trainer, tokenizer, run_dir: Path, full_state: dict | None) -> Path:
+    """Write adapter/ (safetensors + adapter_config.json + tokenizer, no pickles) via a staging folder."""
+    adapter_dir = run_dir / "adapter"
+    staging = run_dir / "adapter.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    if full_state is not None:
+        save_gathered_adapter(unwrapped, full_state, staging)
+    else:
+        unwrapped.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    staging.rename(adapter_dir)
+    return adapter_dir
+
+
+def _summary(trainer, result, watcher, final_eval: dict, wall: float, launch: Launch, checkpoint, fingerprints) -> dict:
+    """The figures of summary.json."""
+    from qtune import monitor
+
+    tokens = trainer.state.num_input_tokens_seen
+    session_tokens = tokens - watcher.tokens_at_start
+    return {
+        "steps": trainer.state.global_step,
+        "max_steps": trainer.state.max_steps,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "resumed_from": Path(checkpoint).name if checkpoint else None,
+        "tokens": tokens,
+        "train_loss": result.training_loss,
+        "final_loss": watcher.final.get("loss"),
+        "eval_loss": final_eval.get("eval_loss"),
+        "wall_time_s": round(wall, 2),
+        "tokens_per_s": round(session_tokens / wall, 2) if wall else None,
+        "tokens_per_s_per_device": round(session_tokens / wall / launch.world_size, 2) if wall else None,
+        "samples_per_s": result.metrics.get("train_samples_per_second"),
+        **monitor.peak_memory(),
+        "world_size": launch.world_size,
+        "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
+        "backend": trainer.accelerator.state.backend,
+        "adapter_fingerprint_per_rank": fingerprints,
+    }
+
+
+def _report_final(tracker, summary: dict, recipe: Recipe, adapter_dir: Path) -> None:
+    """Final figures into the W&B run summary; the adapter folder as a model artifact when asked."""
+    tracker.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    if recipe.tracking.log_model:
+        import wandb
+
+        artifact = wandb.Artifact(f"{tracker.name or tracker.id}-adapter", type="model")
+        artifact.add_dir(str(adapter_dir))
+        tracker.log_artifact(artifact, aliases=["final"])
+
+
 def run(recipe: Recipe, model, tokenizer, dataset, args, launch: Launch, quiet: bool = False) -> Path:
     """Train with TRL's SFTTrainer and save the adapter (safetensors, no pickles) into output_dir/adapter;
     metrics.jsonl, summary.json and loss.png beside it. `quiet`: log lines instead of a progress bar."""
@@ -672,69 +747,17 @@ def run(recipe: Recipe, model, tokenizer, dataset, args, launch: Launch, quiet: 
             raise _stopped_early(guard, trainer, run_dir)
 
         final_eval = trainer.evaluate() if dataset.get("eval") is not None else {}  # all ranks take part
-        # FSDP / DeepSpeed: the adapter is gathered from the shards into one full state dict (a collective: every
-        # rank takes part), then saved on the main process as a normal peft adapter loadable on one device.
-        full_state = _gathered_state_dict(trainer, launch)
-        if full_state is not None:
-            fingerprints = [_adapter_fingerprint_of(full_state) if launch.is_main else None]
-        else:
-            fingerprints = [_adapter_fingerprint(trainer.model)]
-        if full_state is None and launch.distributed:
-            import torch.distributed as dist
-
-            gathered: list = [None] * launch.world_size
-            dist.all_gather_object(gathered, fingerprints[0])
-            fingerprints = gathered
-
+        full_state, fingerprints = _final_adapter_state(trainer, launch)  # collectives: every rank
         if launch.is_main:
-            adapter_dir = run_dir / "adapter"
-            staging = run_dir / "adapter.tmp"
-            if staging.exists():
-                shutil.rmtree(staging)
-            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-            if full_state is not None:
-                save_gathered_adapter(unwrapped, full_state, staging)
-            else:
-                unwrapped.save_pretrained(staging, safe_serialization=True)
-            tokenizer.save_pretrained(staging)
-            if adapter_dir.exists():
-                shutil.rmtree(adapter_dir)
-            staging.rename(adapter_dir)
-            tokens = trainer.state.num_input_tokens_seen
-            session_tokens = tokens - watcher.tokens_at_start
-            summary = {
-                "steps": trainer.state.global_step,
-                "max_steps": trainer.state.max_steps,
-                "epochs": round(trainer.state.epoch or 0.0, 4),
-                "resumed_from": Path(checkpoint).name if checkpoint else None,
-                "tokens": tokens,
-                "train_loss": result.training_loss,
-                "final_loss": watcher.final.get("loss"),
-                "eval_loss": final_eval.get("eval_loss"),
-                "wall_time_s": round(wall, 2),
-                "tokens_per_s": round(session_tokens / wall, 2) if wall else None,
-                "tokens_per_s_per_device": round(session_tokens / wall / launch.world_size, 2) if wall else None,
-                "samples_per_s": result.metrics.get("train_samples_per_second"),
-                **monitor.peak_memory(),
-                "world_size": launch.world_size,
-                "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
-                "backend": trainer.accelerator.state.backend,
-                "adapter_fingerprint_per_rank": fingerprints,
-                # sharded engines hold no replicas: one fingerprint, of the gathered adapter
-                "replicas_identical": len(set(fingerprints)) == 1 if full_state is None else None,
-            }
+            adapter_dir = _save_adapter(trainer, tokenizer, run_dir, full_state)
+            summary = _summary(trainer, result, watcher, final_eval, wall, launch, checkpoint, fingerprints)
+            summary["replicas_identical"] = len(set(fingerprints)) == 1 if full_state is None else None
             staged = run_dir / "summary.json.tmp"
             staged.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
             staged.replace(run_dir / "summary.json")
             plotted = monitor.plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
             if tracker is not None:
-                tracker.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-                if recipe.tracking.log_model:
-                    import wandb
-
-                    artifact = wandb.Artifact(f"{tracker.name or tracker.id}-adapter", type="model")
-                    artifact.add_dir(str(adapter_dir))
-                    tracker.log_artifact(artifact, aliases=["final"])
+                _report_final(tracker, summary, recipe, adapter_dir)
             if summary["replicas_identical"] is False:
                 print(f"qtune: warning: DDP replicas diverged: adapter fingerprints {fingerprints}", flush=True)
             _print_done(summary, run_dir, adapter_dir, plotted, tracker, recipe)
