@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     data_cmd.add_argument("--color", action="store_true", help="dim masked tokens instead of [bracketing] them")
     data_cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _export_parsers(sub)
+    _gguf_parser(sub)
     _estimate_parser(sub)
     return parser
 
@@ -298,6 +299,30 @@ def _export_parsers(sub) -> None:
     p.add_argument("--debug", **debug)
 
 
+def _gguf_parser(sub) -> None:
+    p = sub.add_parser(
+        "export-gguf",
+        help="write a run (merged first) or a merged model as one GGUF file (Llama, Mistral, Qwen2), verified",
+        description="Write RUN_DIR (its adapter merged onto the dequantized base first) or MERGED_DIR as one GGUF "
+        "file with the gguf package's writer, load it back with transformers' GGUF support and compare its logits "
+        "with the merged model; the file appears only when that check passes. Byte-level BPE tokenizers only.",
+    )
+    p.add_argument("source", metavar="RUN_DIR|MERGED_DIR")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--type", dest="qtype", choices=["f16", "q8_0"], default="f16", help="tensor type (default f16)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--prompt", action="append", default=[], help="a verification prompt (repeatable)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from qtune import gguf_export
+
+    _quiet_libraries()
+    gguf_export.export_gguf(args.source, args.out, args.qtype, overwrite=args.overwrite, prompts=tuple(args.prompt))
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from qtune import export
 
@@ -363,6 +388,7 @@ COMMANDS = {
     "train": cmd_train,
     "recipe-reference": cmd_recipe_reference,
     "merge": cmd_merge,
+    "export-gguf": cmd_export_gguf,
     "push": cmd_push,
     "chat": cmd_chat,
     "quantize": cmd_quantize,
