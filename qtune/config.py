@@ -56,9 +56,19 @@ class ModelSection(Section):
         return self
 
 
-class QuantizationSection(Section):
-    """How the frozen base weights are stored (bitsandbytes)."""
+# Bit widths each quantization backend offers for LoRA training here (see quant.check_backend for the rest).
+BACKEND_BITS = {"bnb": (4, 8), "hqq": (4, 8), "quanto": (4, 8), "torchao": (8,), "gptq": (4, 8), "awq": (4,)}
 
+
+class QuantizationSection(Section):
+    """How the frozen base weights are stored (bitsandbytes by default, or another backend)."""
+
+    backend: Literal["bnb", "hqq", "quanto", "torchao", "gptq", "awq"] = Field(
+        "bnb",
+        description="Quantization library: bnb (bitsandbytes, default); quanto (optimum-quanto int8/int4 "
+        "weights, extra qtune[quanto]); torchao (int8 weight-only, extra qtune[torchao]); hqq, gptq, awq: "
+        "accepted names, refused at start with the reason (see the README's backend table).",
+    )
     bits: Literal[4, 8] | None = Field(4, description="4 (QLoRA), 8 (LLM.int8) or null (plain LoRA, no quantization).")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 is the QLoRA paper's.")
     double_quant: bool = Field(True, description="Quantize the 4-bit absmax constants too (~0.37 bit/param saved).")
@@ -66,6 +76,31 @@ class QuantizationSection(Section):
     quant_storage: Dtype | None = Field(
         None, description="Storage dtype of packed 4-bit weights; FSDP needs it equal to the param dtype."
     )
+
+    @model_validator(mode="after")
+    def _backend_offers_bits(self) -> QuantizationSection:
+        if self.backend == "bnb":
+            return self
+        offered = BACKEND_BITS[self.backend]
+        if self.bits is None:
+            raise ValueError(
+                f"quantization.backend {self.backend} needs quantization.bits ({' or '.join(map(str, offered))}); "
+                "bits: null means no quantization (leave backend at bnb)"
+            )
+        if self.bits not in offered:
+            raise ValueError(
+                f"quantization.backend {self.backend} does not offer quantization.bits {self.bits} for LoRA training "
+                "here; "
+                f"it offers: {', '.join(map(str, offered))}"
+            )
+        # Values other than the defaults (a resolved recipe.yaml writes the defaults back, so they must pass).
+        bnb_only = [k for k, default in (("quant_type", "nf4"), ("quant_storage", None)) if getattr(self, k) != default]
+        if bnb_only:
+            raise ValueError(
+                f"quantization.{', quantization.'.join(bnb_only)} only apply to backend bnb (bitsandbytes), "
+                f"not quantization.backend {self.backend}"
+            )
+        return self
 
 
 class LoraSection(Section):

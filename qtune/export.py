@@ -148,14 +148,14 @@ def load_4bit_base(recipe: Recipe, base: str | None = None):
     from transformers import AutoModelForCausalLM
 
     from qtune.model import _keep_cpu_4bit_trainable
-    from qtune.quant import bnb_config, resolve_dtype
+    from qtune.quant import quantization_config, resolve_dtype
 
     m = recipe.model
     model = AutoModelForCausalLM.from_pretrained(
         base or m.name,
         revision=None if base else m.revision,
         trust_remote_code=m.trust_remote_code,
-        quantization_config=bnb_config(recipe),
+        quantization_config=quantization_config(recipe),
         dtype=resolve_dtype(m.dtype),
         device_map=_device_map(),
         use_safetensors=True,
@@ -176,6 +176,33 @@ def attach_adapter(model, adapter: Path, base_name: str):
             f"{adapter}: the adapter does not fit the base model {base_name}: {first}",
             "use the base the adapter was trained on (recipe.yaml model.name, or --base)",
         ) from None
+
+
+def dequantize_layers(model, dtype):
+    """Replace every linear whose weight is a quantized tensor subclass (optimum-quanto QLinear, torchao
+    Int8Tensor) by a plain nn.Linear holding the dequantized weight: the weights weight-only quantized
+    layers multiply with, so the adapter merges onto exactly what it was trained against."""
+    import torch
+
+    for name, module in list(model.named_modules()):
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, torch.nn.Linear) or weight is None:
+            continue
+        data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
+        if type(data) is torch.Tensor:
+            continue
+        dense = torch.nn.Linear(
+            module.in_features, module.out_features, bias=module.bias is not None, device="meta", dtype=dtype
+        )
+        dense.weight = torch.nn.Parameter(data.dequantize().to(dtype).clone(), requires_grad=False)
+        if module.bias is not None:
+            dense.bias = torch.nn.Parameter(module.bias.detach().to(dtype).clone(), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    return model.to(dtype)
 
 
 # --------------------------------------------------------------------------- merge
@@ -248,7 +275,11 @@ def merge(
     base_name = base or recipe.model.name
     check_no_pickle(base_name, allow_pickle=False)
     quantized_in_training = recipe.quantization.bits is not None
-    if onto == "dequantized" and recipe.quantization.bits == 8:
+    if quantized_in_training:
+        from qtune.quant import check_backend
+
+        check_backend(recipe)  # the run's backend is installed here (else: the extra to install)
+    if onto == "dequantized" and recipe.quantization.bits == 8 and recipe.quantization.backend == "bnb":
         raise QtuneError(
             "merge --onto dequantized: the run trained on an 8-bit base; only 4-bit bases are dequantized exactly",
             "use --onto original",
@@ -274,7 +305,10 @@ def merge(
     if onto == "dequantized" and quantized_in_training:
         model = trained.unload()  # the 4-bit base again, LoRA layers removed; reuse it (no second load)
         del trained
-        model = model.dequantize(dtype=torch_dtype).to(torch_dtype)  # transformers: bnb.dequantize_4bit per layer
+        if recipe.quantization.backend == "bnb":
+            model = model.dequantize(dtype=torch_dtype).to(torch_dtype)  # transformers: bnb.dequantize_4bit per layer
+        else:
+            model = dequantize_layers(model, torch_dtype)  # quanto / torchao: transformers has no dequantize
     else:
         del trained
         model = AutoModelForCausalLM.from_pretrained(
@@ -595,8 +629,10 @@ def model_card(recipe: Recipe, repo_id: str, merged: bool, summary: dict | None,
     )
     q = recipe.quantization
     quant = "no quantization" if q.bits is None else ("8-bit" if q.bits == 8 else f"4-bit {q.quant_type}")
-    if q.bits == 4 and q.double_quant:
+    if q.bits == 4 and q.double_quant and q.backend == "bnb":
         quant += " + double quant"
+    if q.bits is not None and q.backend != "bnb":
+        quant = f"{q.bits}-bit {q.backend}"
     figures = []
     for key, label in [
         ("steps", "steps"),

@@ -124,6 +124,9 @@ def linear_modules(model) -> list[str]:
 
 def check_architecture(recipe: Recipe) -> None:
     """Before any weight loads: the model is a causal LM, quantizable as asked, and the LoRA targets exist."""
+    from qtune.quant import check_backend
+
+    check_backend(recipe)  # the backend is installed and works here (names quantization.backend / the extra)
     config, meta = _meta_model(recipe)
     existing = getattr(config, "quantization_config", None)
     if existing and recipe.quantization.bits is not None:
@@ -215,11 +218,11 @@ def load(recipe: Recipe, launch: Launch, verbose: bool = True, tokenizer=None):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    from qtune.quant import bnb_config, resolve_dtype
+    from qtune.quant import quantization_config, resolve_dtype
 
     m = recipe.model
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe)
-    quant = bnb_config(recipe, launch)
+    quant = quantization_config(recipe, launch)
     kwargs = {}
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
@@ -275,12 +278,9 @@ def load(recipe: Recipe, launch: Launch, verbose: bool = True, tokenizer=None):
 
 
 def _describe_quant(recipe: Recipe) -> str:
-    q = recipe.quantization
-    if q.bits is None:
-        return "no quantization"
-    if q.bits == 8:
-        return "8-bit (LLM.int8)"
-    return f"4-bit {q.quant_type.upper()}" + (" + double quant" if q.double_quant else "")
+    from qtune.quant import describe
+
+    return describe(recipe)
 
 
 def _describe_device(model) -> str:

@@ -64,6 +64,7 @@ def test_cli_run_writes_adapter_and_resolved_recipe(make_recipe, tiny_llama, tin
     resolved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     assert resolved["training"]["lr"] == 3e-3 and resolved["lora"]["r"] == 4
     assert resolved["quantization"] == {
+        "backend": "bnb",
         "bits": 4,
         "quant_type": "nf4",
         "double_quant": True,
