@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from qtune.errors import QtuneError
+from qtune.quant import describe as describe_quantization
 
 
 def load(target: str, merged: bool = False, allow_pickle: bool = False):
@@ -40,7 +41,7 @@ def load(target: str, merged: bool = False, allow_pickle: bool = False):
                 )
             model = export.attach_adapter(base, run.adapter, recipe.model.name)
             tokenizer = AutoTokenizer.from_pretrained(str(run.adapter))
-            return model, tokenizer, f"adapter {run.adapter} on {recipe.model.name} ({_describe(recipe)})"
+            return model, tokenizer, f"adapter {run.adapter} on {recipe.model.name} ({describe_quantization(recipe)})"
     elif merged:
         raise QtuneError(f"--merged: {target} is not a run directory", "give RUN_DIR, or the model folder itself")
     export.check_no_pickle(str(path), allow_pickle)
@@ -55,11 +56,6 @@ def load(target: str, merged: bool = False, allow_pickle: bool = False):
             "give a run directory, a local model folder with safetensors weights, or a cached hub id",
         ) from None
     return model.eval(), tokenizer, str(path)
-
-
-def _describe(recipe) -> str:
-    q = recipe.quantization
-    return "unquantized" if q.bits is None else f"{q.bits}-bit" + (f" {q.quant_type}" if q.bits == 4 else "")
 
 
 def generate(

@@ -92,7 +92,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     launch = model.detect_launch()
 
     # Everything that can be wrong is checked before the model loads: seconds, not a GPU hour.
-    _quiet_libraries()
     train.check_launch(recipe, launch)
     train.prepare_run_dir(recipe, launch)
     fmt, rows = data.load_rows(recipe)
@@ -126,7 +125,6 @@ def cmd_data(args: argparse.Namespace) -> int:
     from qtune.config import load_recipe
 
     recipe = load_recipe(args.recipe, list(args.overrides))
-    _quiet_libraries()
     launch = model.detect_launch()
     fmt, rows = data.load_rows(recipe)
     tokenizer = model.load_tokenizer(recipe)
@@ -193,7 +191,6 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     options = {k: v for k, v in options.items() if v is not None}
     if args.bits == 16:
         options["bits"] = None  # no quantization
-    _quiet_libraries()
     if args.recipe:
         from qtune.config import load_recipe
 
@@ -318,7 +315,6 @@ def _gguf_parser(sub) -> None:
 def cmd_export_gguf(args: argparse.Namespace) -> int:
     from qtune import gguf_export
 
-    _quiet_libraries()
     gguf_export.export_gguf(args.source, args.out, args.qtype, overwrite=args.overwrite, prompts=tuple(args.prompt))
     return 0
 
@@ -326,7 +322,6 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from qtune import export
 
-    _quiet_libraries()
     export.merge(
         args.run_dir,
         out=args.out,
@@ -343,7 +338,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from qtune import export
 
-    _quiet_libraries()
     export.push(
         args.run_dir, args.repo_id, merged=args.merged, private=args.private, dry_run=args.dry_run, license=args.license
     )
@@ -353,7 +347,6 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from qtune import chat
 
-    _quiet_libraries()
     return chat.run(
         args.target,
         prompt=args.prompt,
@@ -372,7 +365,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     from qtune import export
 
-    _quiet_libraries()
     if args.push:  # before the work: a bad repo id or a missing token costs seconds
         export.check_repo_id(args.push)
         token = export.hub_token()
@@ -408,6 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command is None:
         parser.print_help()
         sys.exit(2)
+    _quiet_libraries()  # before any command imports the libraries it quiets
     try:
         code = COMMANDS[args.command](args)
     except QtuneError as exc:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from qtune.config import Recipe
 from qtune.errors import QtuneError
+from qtune.quant import describe as describe_quantization
 
 
 @dataclass(frozen=True)
@@ -271,16 +272,10 @@ def load(recipe: Recipe, launch: Launch, verbose: bool = True, tokenizer=None):
         trainable, total = model.get_nb_trainable_parameters()
         print(
             f"qtune: {m.name}: {trainable:,} trainable / {total:,} parameters "
-            f"({100 * trainable / total:.3f}%), {_describe_quant(recipe)}, on {_describe_device(model)}",
+            f"({100 * trainable / total:.3f}%), {describe_quantization(recipe)}, on {_describe_device(model)}",
             flush=True,
         )
     return model, tokenizer
-
-
-def _describe_quant(recipe: Recipe) -> str:
-    from qtune.quant import describe
-
-    return describe(recipe)
 
 
 def _describe_device(model) -> str:

@@ -566,7 +566,7 @@ def check_free_space(run_dir: Path, trainable_params: int, recipe: Recipe) -> No
 
 def _start_lines(recipe: Recipe, dataset, args, launch: Launch, checkpoint: str | None) -> list[tuple[str, str]]:
     """The run summary printed when training starts (qtune.monitor adds trainable params and steps)."""
-    from qtune.model import _describe_quant
+    from qtune.quant import describe as describe_quantization
 
     lo, d = recipe.lora, recipe.data
     targets = lo.target_modules if isinstance(lo.target_modules, str) else ", ".join(lo.target_modules)
@@ -581,7 +581,7 @@ def _start_lines(recipe: Recipe, dataset, args, launch: Launch, checkpoint: str 
 
         device += f" ({torch.cuda.get_device_name(args.device)})"
     lines = [
-        ("model", f"{recipe.model.name}, {_describe_quant(recipe)}"),
+        ("model", f"{recipe.model.name}, {describe_quantization(recipe)}"),
         ("adapter", f"LoRA r {lo.r}, alpha {lo.alpha:g}, dropout {lo.dropout:g} on {targets}"),
         ("data", f"{sizes}, max_length {d.max_length}, packing {'on' if d.packing else 'off'}"),
         (
