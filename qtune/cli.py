@@ -301,8 +301,9 @@ def _gguf_parser(sub) -> None:
         "export-gguf",
         help="write a run (merged first) or a merged model as one GGUF file (Llama, Mistral, Qwen2), verified",
         description="Write RUN_DIR (its adapter merged onto the dequantized base first) or MERGED_DIR as one GGUF "
-        "file with the gguf package's writer, load it back with transformers' GGUF support and compare its logits "
-        "with the merged model; the file appears only when that check passes. Byte-level BPE tokenizers only.",
+        "file with the gguf package's writer, load it back with transformers' GGUF support (and llama.cpp itself when "
+        "llama-cpp-python is installed) and compare token ids and logits with the merged model; the file appears "
+        "only when that check passes. Byte-level BPE and sentencepiece-style (byte-fallback) tokenizers.",
     )
     p.add_argument("source", metavar="RUN_DIR|MERGED_DIR")
     p.add_argument("--out", required=True, help="the .gguf file to write")

@@ -4,6 +4,13 @@ Written with the `gguf` package's own writer and tensor-name map; verified by lo
 transformers' GGUF support and comparing logits with the merged model. The file is written beside `--out`
 under a temporary name and renamed into place only after the check passes: a failed export leaves nothing.
 
+Two tokenizer kinds are written, as llama.cpp names them in tokenizer.ggml.model: "gpt2", byte-level BPE
+(Qwen2, Llama 3: tokens, merges, the split regex's name) and "llama", sentencepiece-style BPE with byte
+fallback (Llama 2, Mistral v0.1: tokens, scores, token types with BYTE for <0x00>..<0xFF>, no merges). A
+"llama" file carries scores, not merges: llama.cpp, and transformers' reader when it rebuilds the merges,
+join the adjacent pair whose joined piece scores highest, so the scores are derived from the tokenizer.json's
+merge order. Other tokenizers (WordPiece, Unigram, WordLevel, …) are refused.
+
 Named `gguf_export`, not `gguf`, so that `import gguf` still finds the library.
 """
 
@@ -11,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -24,8 +32,10 @@ ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 TYPES = ("f16", "q8_0")
 # max |Δlogit| ≤ rel × max(1, max|logit|) and top-1 agreement ≥ min_top1, GGUF model vs the merged model.
 TOLERANCE = {"f16": (1e-2, 1.0), "q8_0": (5e-2, 0.9)}
+# RoPE scalings that only rescale frequencies, written as llama.cpp's rope_freqs tensor (Llama 3.1's "llama3").
+ROPE_FREQS_TYPES = ("linear", "llama3")
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 def _supported_text() -> str:
@@ -46,14 +56,54 @@ def check_architecture(config: dict, source: str) -> str:
             "is not exported to GGUF by qtune",
             "only Mistral models whose window covers the whole context (or none) are supported",
         )
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rope_type not in (None, "default"):
+    rope_type = _rope_type(config)
+    if rope_type in (None, "default"):
+        return model_type
+    if rope_type not in ROPE_FREQS_TYPES or ARCHES[model_type] != "llama":
         raise QtuneError(
-            f"{source}: RoPE scaling '{rope_type}' is not exported to GGUF by qtune",
-            "only models with plain RoPE (rope_type default) are supported",
+            f"{source}: RoPE scaling '{rope_type}' is not exported to GGUF by qtune ({model_type})",
+            f"supported: plain RoPE, and {' / '.join(ROPE_FREQS_TYPES)} scaling on the Llama / Mistral families",
+        )
+    if not llama_cpp_available():
+        raise QtuneError(
+            f"{source}: RoPE scaling '{rope_type}' is written as llama.cpp's rope_freqs, which transformers' GGUF "
+            "reader ignores, so only llama.cpp itself can verify it, and llama-cpp-python is not installed",
+            "pip install 'qtune[llamacpp]' (builds llama.cpp, a few minutes), then export again",
         )
     return model_type
+
+
+def _rope_type(config: dict) -> str | None:
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def rope_freq_factors(cfg):
+    """llama.cpp's rope_freqs for a RoPE-scaled model, None for plain RoPE: per rotary frequency, the default
+    inverse frequency over the model's, both from transformers' own RoPE functions (llama.cpp divides each
+    position's angle by it). Only for scalings that change frequencies alone (attention factor 1)."""
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope_type = _rope_type(cfg.to_dict())
+    if rope_type in (None, "default"):
+        return None
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu")
+    assert attention_factor == 1.0, rope_type  # check_architecture admits only such types
+    dim = 2 * inv_freq.shape[0]
+    default = 1.0 / _rope_theta(cfg) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    return (default / inv_freq.float()).numpy()
+
+
+def _rope_theta(cfg) -> float:
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    return float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
 
 
 def _read_config(folder: Path) -> dict:
@@ -124,29 +174,47 @@ def _tensors(model, model_type: str, qtype: str, gguf):
             out.append((name, gguf.quants.quantize(data, q), q))
         else:
             out.append((name, data.astype(np.float16), None))
+    factors = rope_freq_factors(cfg)
+    if factors is not None:
+        out.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.astype(np.float32), None))
     return out
 
 
 # --------------------------------------------------------------------------- tokenizer
 
 
-def _tokenizer_metadata(tokenizer, n_vocab: int, model_type: str) -> dict:
-    """The tokenizer as llama.cpp's tokenizer.ggml.* keys: byte-level BPE only (Qwen2, Llama 3 and others)."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+def _parts(part) -> list[dict]:
+    """A tokenizer.json normalizer / pre-tokenizer / decoder and, for a Sequence, its members (flattened)."""
+    if not part:
+        return []
+    members = part.get("normalizers", part.get("pretokenizers", part.get("decoders", [])))
+    return [part] + [p for member in members for p in _parts(member)]
+
+
+def tokenizer_kind(spec: dict) -> str:
+    """tokenizer.ggml.model for a tokenizer.json: "gpt2" (byte-level BPE: Qwen2, Llama 3) or "llama"
+    (sentencepiece-style BPE with byte fallback and "▁" for spaces: Llama 2, Mistral v0.1); else refused."""
     model = spec.get("model") or {}
+    parts = _parts(spec.get("pre_tokenizer")) + _parts(spec.get("decoder")) + _parts(spec.get("normalizer"))
+    types = {p.get("type") for p in parts}
+    spaces = "Metaspace" in types or any(p.get("type") == "Replace" and p.get("content") == "▁" for p in parts)
+    if model.get("type") == "BPE" and "ByteLevel" in types:
+        return "gpt2"
+    if model.get("type") == "BPE" and model.get("byte_fallback") and spaces:
+        return "llama"
+    kind = model.get("type") if model.get("type") != "BPE" else "BPE that is neither byte-level nor sentencepiece-style"
+    raise QtuneError(
+        f"GGUF export: the tokenizer is {kind}; qtune writes byte-level BPE (Qwen2, Llama 3) and sentencepiece-style "
+        "BPE with byte fallback (Llama 2, Mistral v0.1) tokenizers only",
+        "other tokenizers (WordPiece, Unigram, WordLevel, …) are not exported (nothing was written)",
+    )
 
-    def kinds(part) -> list[str]:
-        if not part:
-            return []
-        return [part.get("type")] + [k for p in part.get("pretokenizers", part.get("decoders", [])) for k in kinds(p)]
 
-    byte_level = "ByteLevel" in kinds(spec.get("pre_tokenizer")) or "ByteLevel" in kinds(spec.get("decoder"))
-    if model.get("type") != "BPE" or not byte_level:
-        kind = model.get("type") if model.get("type") != "BPE" else "BPE without byte-level pre-tokenization"
-        raise QtuneError(
-            f"GGUF export: the tokenizer is {kind}; qtune writes byte-level BPE tokenizers only",
-            "byte-level BPE is what Qwen2 and Llama 3 use; other tokenizers are not exported (nothing was written)",
-        )
+def _tokenizer_metadata(tokenizer, n_vocab: int) -> dict:
+    """The tokenizer as llama.cpp's tokenizer.ggml.* keys (see tokenizer_kind for the two kinds written)."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    kind = tokenizer_kind(spec)
+    model = spec["model"]
     vocab = dict(model["vocab"])
     added = {t["content"]: t for t in spec.get("added_tokens", [])}
     for content, t in added.items():
@@ -160,61 +228,92 @@ def _tokenizer_metadata(tokenizer, n_vocab: int, model_type: str) -> dict:
     types = [UNUSED] * n_vocab
     for token, i in vocab.items():
         tokens[i] = token
-        types[i] = (CONTROL if added[token].get("special") else USER_DEFINED) if token in added else NORMAL
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    # The split regex, named as llama.cpp names it, when it is one transformers' loader knows; else "default".
-    pre = "default"
-    split = _split_regex(spec.get("pre_tokenizer"))
-    if split is not None:
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
-        pre = next((k for k, v in GGUF_PRE_TOKENIZER_SPLITS.items() if v == split), "default")
+        if kind == "llama" and token == tokenizer.unk_token:
+            types[i] = UNKNOWN  # as sentencepiece marks it
+        elif token in added:
+            types[i] = CONTROL if added[token].get("special") else USER_DEFINED
+        elif kind == "llama" and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            types[i] = BYTE  # byte fallback: llama.cpp finds a byte's token by this type and spelling
+        else:
+            types[i] = NORMAL
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
     probe = tokenizer("hello")["input_ids"]
-    special = {
-        "bos": tokenizer.bos_token_id,
-        "eos": tokenizer.eos_token_id,
-        "unk": tokenizer.unk_token_id,
-        "pad": tokenizer.pad_token_id,
-    }
-    return {
+    meta = {
+        "model": kind,
         "tokens": tokens,
         "types": types,
-        "merges": merges,
-        "pre": pre,
-        "special": special,
+        "special": {
+            "bos": tokenizer.bos_token_id,
+            "eos": tokenizer.eos_token_id,
+            "unk": tokenizer.unk_token_id,
+            "pad": tokenizer.pad_token_id,
+        },
         "add_bos": bool(probe) and probe[0] == tokenizer.bos_token_id,
+        "add_eos": bool(probe) and probe[-1] == tokenizer.eos_token_id,
         "chat_template": getattr(tokenizer, "chat_template", None),
+        "notes": [],
     }
+    if kind == "gpt2":
+        meta["merges"] = [" ".join(m) for m in merges]
+        # The split regex, named as llama.cpp names it: a Split regex transformers' loader knows by name, or
+        # GPT-2's own (a ByteLevel pre-tokenizer that splits by itself); else "default".
+        meta["pre"] = "default"
+        pre = _parts(spec.get("pre_tokenizer"))
+        split = next((p["pattern"].get("Regex") for p in pre if p["type"] == "Split"), None)
+        if split is not None:
+            from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
-
-def _split_regex(part) -> str | None:
-    if not part:
-        return None
-    if part.get("type") == "Split":
-        pattern = part.get("pattern") or {}
-        return pattern.get("Regex")
-    for p in part.get("pretokenizers", []):
-        found = _split_regex(p)
-        if found is not None:
-            return found
-    return None
+            meta["pre"] = next((k for k, v in GGUF_PRE_TOKENIZER_SPLITS.items() if v == split), "default")
+        elif any(p["type"] == "ByteLevel" and p.get("use_regex", True) for p in pre):
+            meta["pre"] = "gpt-2"
+        return meta
+    # "llama": scores instead of merges (see the module docstring). A piece scores -(1 + the rank of the
+    # first merge that makes it), so the merges come back in their order; pieces no merge makes
+    # (characters, bytes, specials) score 0, as sentencepiece scores them.
+    first: dict[str, int] = {}
+    for rank, (left, right) in enumerate(merges):
+        first.setdefault(left + right, rank)
+    meta["scores"] = [-1.0 - first[t] if t in first else 0.0 for t in tokens]
+    metaspace = [p for p in _parts(spec.get("pre_tokenizer")) if p["type"] == "Metaspace"]
+    meta["add_space_prefix"] = metaspace[0].get("prepend_scheme") != "never" if metaspace else True
+    # From scores, any two pieces that join into a piece merge. A tokenizer converted from a sentencepiece
+    # model has all those merges; one trained as plain BPE usually lacks some, and then tokenizes differently.
+    pieces, known = model["vocab"], set(merges)
+    missing = [
+        (t[:k], t[k:])
+        for t, i in pieces.items()
+        if types[i] == NORMAL
+        for k in range(1, len(t))
+        if t[:k] in pieces and t[k:] in pieces and (t[:k], t[k:]) not in known
+    ]
+    if not any(p["type"] == "Prepend" for p in _parts(spec.get("normalizer"))):
+        meta["notes"].append(
+            "llama.cpp puts a '▁' at the start of a text and after each special token even where a space already is "
+            "(as Llama 2's original tokenizer.json does, with a Prepend normalizer); this tokenizer's Metaspace does "
+            "not, so llama.cpp gives other ids to a text that starts with a space or has a special token inside"
+        )
+    if missing:
+        meta["notes"].append(
+            f"{len(missing)} pair(s) of pieces, e.g. {missing[0]}, join into a piece but are not among the tokenizer's "
+            "merges; from the GGUF file's scores they do merge, so some words may tokenize differently there"
+        )
+    return meta
 
 
 # --------------------------------------------------------------------------- writing
 
 
-def write_gguf(model, tokenizer, path: Path, qtype: str, name: str) -> None:
-    """One GGUF file at `path`: architecture metadata, tokenizer, tensors (f16 or q8_0)."""
+def write_gguf(model, tokenizer, path: Path, qtype: str, name: str) -> list[str]:
+    """One GGUF file at `path`: architecture metadata, tokenizer, tensors (f16 or q8_0). Returns notes on
+    the tokenizer for the user (empty when there is nothing to say)."""
     gguf = _import_gguf()
     cfg = model.config
     model_type = cfg.model_type
     arch = ARCHES[model_type]
     n_vocab = model.get_input_embeddings().weight.shape[0]
-    tok = _tokenizer_metadata(tokenizer, n_vocab, model_type)
+    tok = _tokenizer_metadata(tokenizer, n_vocab)
     tensors = _tensors(model, model_type, qtype, gguf)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    rope_theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
 
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(name if name.lower() != "mistral" else f"{name}-model")  # see ARCHES
@@ -226,18 +325,23 @@ def write_gguf(model, tokenizer, path: Path, qtype: str, name: str) -> None:
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(rope_theta))
+    writer.add_rope_freq_base(_rope_theta(cfg))
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_vocab_size(n_vocab)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(tok["pre"])
+    writer.add_tokenizer_model(tok["model"])
     writer.add_token_list(tok["tokens"])
     writer.add_token_types(tok["types"])
-    writer.add_token_merges(tok["merges"])
+    if tok["model"] == "gpt2":
+        writer.add_tokenizer_pre(tok["pre"])
+        writer.add_token_merges(tok["merges"])
+    else:
+        writer.add_token_scores(tok["scores"])
+        writer.add_add_space_prefix(tok["add_space_prefix"])
     for key, token_id in tok["special"].items():
         if token_id is not None:
             getattr(writer, f"add_{key}_token_id")(token_id)
     writer.add_add_bos_token(tok["add_bos"])
+    writer.add_add_eos_token(tok["add_eos"])
     if tok["chat_template"]:
         writer.add_chat_template(tok["chat_template"])
     for tensor_name, data, raw in tensors:
@@ -246,6 +350,7 @@ def write_gguf(model, tokenizer, path: Path, qtype: str, name: str) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return tok["notes"]
 
 
 # --------------------------------------------------------------------------- verification
@@ -259,7 +364,10 @@ def verify(path: Path, merged, tokenizer, qtype: str, prompts) -> dict:
     from qtune.export import compare
 
     folder, file = str(path.parent), path.name
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32).eval()
+    # transformers' reader ignores rope_freqs: a RoPE-scaled file is read with the merged model's config (its
+    # weights and tokenizer checked here), and the scaling by llama.cpp itself (verify_llama_cpp).
+    config = {"config": merged.config} if rope_freq_factors(merged.config) is not None else {}
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32, **config).eval()
     gguf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     mismatched = [p for p in prompts if gguf_tokenizer(p)["input_ids"] != tokenizer(p)["input_ids"]]
     if mismatched:
@@ -283,6 +391,46 @@ def verify(path: Path, merged, tokenizer, qtype: str, prompts) -> dict:
             "--debug shows details",
         )
     return {"type": qtype, "comparison": result.__dict__, "tolerance": tolerance, "text": result.text()}
+
+
+def verify_llama_cpp(path: Path, merged, tokenizer, qtype: str, prompts) -> dict | None:
+    """Read `path` with llama.cpp itself (llama-cpp-python), when installed: it must encode the prompts to the
+    same ids and its logits must meet the same tolerance. None when llama-cpp-python is not installed."""
+    if not llama_cpp_available():
+        return None
+    import llama_cpp
+    import torch
+
+    from qtune.export import compare
+
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    llm = llama_cpp.Llama(str(path), n_ctx=max(map(len, encoded)) + 8, logits_all=True, verbose=False)
+    try:
+        ours, theirs = [], []
+        for prompt, ids in zip(prompts, encoded, strict=True):
+            bos = bool(ids) and ids[0] == tokenizer.bos_token_id
+            got = llm.tokenize(prompt.encode("utf-8"), add_bos=bos, special=True)
+            if got != ids:
+                raise QtuneError(
+                    f"GGUF verification failed: llama.cpp encodes {prompt!r} differently ({got} vs {ids}); "
+                    "nothing was written",
+                    "the tokenizer's pre-tokenization is not one llama.cpp describes",
+                )
+            llm.reset()
+            llm.eval(ids)
+            theirs.append(torch.tensor(llm.scores[: len(ids)]))
+            with torch.no_grad():
+                ours.append(merged(input_ids=torch.tensor([ids])).logits[0].float())
+    finally:
+        llm.close()
+    result = compare(theirs, ours)
+    rel, min_top1 = TOLERANCE[qtype]
+    if not result.within(rel, min_top1):
+        raise QtuneError(
+            f"GGUF verification failed ({qtype}): llama.cpp's logits are off, {result.text()}; nothing was written",
+            "--debug shows details",
+        )
+    return {"version": llama_cpp.__version__, "comparison": result.__dict__, "text": result.text()}
 
 
 # --------------------------------------------------------------------------- the command
@@ -348,8 +496,10 @@ def _export_folder(folder: Path, dest: Path, qtype: str, prompts, name: str, log
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write_gguf(merged, tokenizer, tmp, qtype, name)
+        for note in write_gguf(merged, tokenizer, tmp, qtype, name):
+            log(f"qtune: note: {note}")
         report = verify(tmp, merged, tokenizer, qtype, prompts)
+        report["llama_cpp"] = verify_llama_cpp(tmp, merged, tokenizer, qtype, prompts)
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -357,6 +507,11 @@ def _export_folder(folder: Path, dest: Path, qtype: str, prompts, name: str, log
     size = dest.stat().st_size
     report.update({"out": str(dest), "bytes": size})
     log(f"qtune: GGUF ({qtype}) loaded back with transformers vs the merged model: {report['text']}")
+    if report["llama_cpp"]:
+        log(f"qtune: GGUF ({qtype}) read by llama.cpp (llama-cpp-python {report['llama_cpp']['version']}), same token "
+            f"ids: {report['llama_cpp']['text']}")  # fmt: skip
+    else:
+        log("qtune: llama.cpp itself did not check the file (pip install 'qtune[llamacpp]' to check with it too)")
     log(f"qtune: verified within tolerance ({report['tolerance']})")
     log(f"qtune: wrote {dest} ({size / 2**20:.2f} MiB)")
     return report

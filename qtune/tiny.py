@@ -110,3 +110,59 @@ def build_tiny_model(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+# A small made-up corpus for the sentencepiece-style tokenizer: ASCII only, and no newline, so that a newline,
+# an emoji or a CJK character falls back to byte tokens (<0x0A>, …) as it does in Llama 2.
+SENTENCEPIECE_CORPUS = (
+    "The meaning of life is to spell numbers: one two three four five six seven eight nine ten.",
+    "Question: what is two plus two? Answer: four. What is the last digit of 1234567890? Zero.",
+    "def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+    "Hello world! Please count the letters in each word, then reverse the words and say the sum.",
+    "The user asks a question and the assistant gives an answer, please be brief and true.",
+)
+
+
+def build_sentencepiece_tokenizer(vocab_size: int = 384, legacy: bool = False):
+    """A tiny tokenizer shaped like Llama 2's and Mistral v0.1's: BPE with byte fallback over "▁"-marked
+    words, `<unk>` `<s>` `</s>` at ids 0-2, the byte tokens `<0x00>`..`<0xFF>` at 3-258, BOS added.
+
+    Trained with `tokenizers`' BPE trainer on SENTENCEPIECE_CORPUS, then given every merge its vocabulary
+    implies (each pair of pieces that joins into a piece, ranked by when that piece was learned), as the
+    tokenizer.json converted from a sentencepiece model has them. `legacy=False` gives transformers'
+    LlamaTokenizer (a Metaspace pre-tokenizer, "▁" prepended to the first word only); `legacy=True` a
+    PreTrainedTokenizerFast with the original Llama 2 tokenizer.json pipeline (Prepend + Replace normalizer,
+    "▁" also prepended after each special token, a leading space kept as an extra "▁").
+    """
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Metaspace()
+    specials = ["<unk>", "<s>", "</s>"]
+    n_pieces = vocab_size - len(specials) - 256
+    learner.train_from_iterator(
+        SENTENCEPIECE_CORPUS * 10, trainers.BpeTrainer(vocab_size=n_pieces, show_progress=False)
+    )
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)] + list(learned["vocab"]))}
+    first = {}  # piece → rank of the merge that first made it
+    for rank, (left, right) in enumerate(learned["merges"]):
+        first.setdefault(left + right, rank)
+    merges = sorted(
+        ((p[:k], p[k:]) for p in first for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab),
+        key=lambda pair: first["".join(pair)],
+    )
+    if not legacy:
+        return LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")

@@ -14,6 +14,10 @@ pytest.importorskip("gguf")
 
 from qtune import gguf_export  # noqa: E402
 
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
 TEXTS = [
     "The meaning of life is to spell numbers: one two three four.",
     "Question: what is two plus two?\nAnswer: four",
@@ -21,9 +25,32 @@ TEXTS = [
 ]
 
 
-def build_bpe_model(out: Path, arch: str, seed: int = 0) -> Path:
-    """A tiny random `arch` model with a small byte-level BPE tokenizer (the kind Qwen2 and Llama 3 use, and
-    one a GGUF file describes; qtune.tiny's word-level tokenizer has no GGUF form)."""
+def build_model(out: Path, arch: str, tokenizer, seed: int = 0, rope: dict | None = None) -> Path:
+    """A tiny random `arch` model saved with `tokenizer` (qtune.tiny's word-level tokenizer has no GGUF form)."""
+    import transformers
+
+    config_cls = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "mistral": "MistralConfig"}[arch]
+    config = getattr(transformers, config_cls)(
+        vocab_size=-(-len(tokenizer) // 16) * 16,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        initializer_range=0.1,  # a wider logit range than the default 0.02: fewer near-ties in top-1
+        **({"rope_parameters": rope} if rope else {}),
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def bpe_tokenizer():
+    """A small byte-level BPE tokenizer (the kind Qwen2 and Llama 3 use)."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -36,32 +63,25 @@ def build_bpe_model(out: Path, arch: str, seed: int = 0) -> Path:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(TEXTS * 10, trainer)
-    fast = transformers.PreTrainedTokenizerFast(
+    return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
-    config_cls = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "mistral": "MistralConfig"}[arch]
-    config = getattr(transformers, config_cls)(
-        vocab_size=-(-len(fast) // 16) * 16,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        initializer_range=0.1,  # a wider logit range than the default 0.02: fewer near-ties in top-1
-    )
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(out)
-    fast.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
+    """Byte-level BPE: llama, qwen2, mistral. Sentencepiece-style (qtune.tiny, like Llama 2's): sp-llama,
+    sp-mistral (another seed, with a chat template), and sp-legacy (Llama 2's original tokenizer.json pipeline)."""
+    from qtune.tiny import build_sentencepiece_tokenizer
+
     root = tmp_path_factory.mktemp("gguf-models")
-    return {arch: build_bpe_model(root / arch, arch) for arch in ("llama", "qwen2", "mistral")}
+    built = {arch: build_model(root / arch, arch, bpe_tokenizer()) for arch in ("llama", "qwen2", "mistral")}
+    chat = build_sentencepiece_tokenizer()
+    chat.chat_template = MISTRAL_TEMPLATE
+    built["sp-llama"] = build_model(root / "sp-llama", "llama", build_sentencepiece_tokenizer())
+    built["sp-mistral"] = build_model(root / "sp-mistral", "mistral", chat, seed=1)
+    built["sp-legacy"] = build_model(root / "sp-legacy", "llama", build_sentencepiece_tokenizer(legacy=True))
+    return built
 
 
 def qtune_main(capsys, *args) -> tuple[int, str, str]:
@@ -91,7 +111,19 @@ def test_permute_rotary_is_undone_by_the_transformers_loader():
 
 
 @pytest.mark.parametrize(
-    "arch,qtype", [("llama", "f16"), ("llama", "q8_0"), ("qwen2", "f16"), ("qwen2", "q8_0"), ("mistral", "f16")]
+    "arch,qtype",
+    [
+        ("llama", "f16"),
+        ("llama", "q8_0"),
+        ("qwen2", "f16"),
+        ("qwen2", "q8_0"),
+        ("mistral", "f16"),
+        ("sp-llama", "f16"),
+        ("sp-llama", "q8_0"),
+        ("sp-mistral", "f16"),
+        ("sp-mistral", "q8_0"),
+        ("sp-legacy", "f16"),
+    ],
 )
 def test_export_gguf_round_trip_matches_the_merged_model(models, tmp_path, capsys, arch, qtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -110,7 +142,7 @@ def test_export_gguf_round_trip_matches_the_merged_model(models, tmp_path, capsy
     gguf_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
     text = TEXTS[1]
     assert gguf_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
-    assert gguf_tokenizer.decode(gguf_tokenizer(text)["input_ids"]) == text
+    assert gguf_tokenizer.decode(gguf_tokenizer(text)["input_ids"], skip_special_tokens=True) == text
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
     a, b = _logits(loaded, ids), _logits(merged, ids)
     diff = (a - b).abs().max().item()
@@ -118,6 +150,118 @@ def test_export_gguf_round_trip_matches_the_merged_model(models, tmp_path, capsy
     assert diff <= limit, (diff, limit)
     if qtype == "f16":
         assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+# Spaces at either end and doubled, newlines, tabs, digits, emoji and CJK (byte fallback), accents, specials inside.
+SP_TEXTS = [
+    "Hello world",
+    "two plus two is four",
+    " leading space",
+    "  two leading spaces",
+    "trailing space ",
+    "double  space,   triple",
+    " ",
+    "",
+    "new\nline\n\nand a tab\t",
+    "digits 0123456789, 3.14 and 1,000,000",
+    "emoji 🙂👍🏽!",
+    "中文 and 日本語のテキスト",
+    "café naïve",
+    "text with </s> inside",
+    "<s>starts with bos",
+    "an <unk> here",
+]
+
+
+@pytest.mark.parametrize("arch", ["sp-llama", "sp-legacy"])
+def test_sentencepiece_tokenizer_survives_the_gguf_round_trip(models, tmp_path, capsys, arch):
+    """The file holds llama.cpp's sentencepiece keys; transformers rebuilds from them the same merges, in
+    order, and a tokenizer that gives the original's ids on varied texts and decodes them back."""
+    import json
+
+    from transformers import AutoTokenizer
+    from transformers.integrations.gguf import get_gguf_tokenizer
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import get_merges
+
+    out = tmp_path / "sp.gguf"
+    code, stdout, stderr = qtune_main(capsys, "export-gguf", models[arch], "--out", out)
+    assert code == 0, stderr
+    assert "not among the tokenizer's merges" not in stdout  # every merge the scores imply is one of its own
+    assert ("llama.cpp gives other ids" in stdout) == (arch == "sp-llama")  # Metaspace, not Llama 2's Prepend
+    tokenizer = AutoTokenizer.from_pretrained(models[arch])
+    gguf_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+
+    _, file_tokenizer, _ = get_gguf_tokenizer(str(out))
+    tokens, types = file_tokenizer["tokens"], file_tokenizer["token_type"]
+    assert file_tokenizer["tokenizer_type"] == "llama" and "merges" not in file_tokenizer
+    assert [types[tokens.index(t)] for t in ("<unk>", "<s>", "</s>", "<0x0A>", "▁two")] == [2, 3, 3, 6, 1]
+    merges = [tuple(m) for m in json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]]
+    rebuilt = get_merges(file_tokenizer)  # from the scores; pairs making the same piece may swap places
+    assert sorted(rebuilt) == sorted(merges) and [a + b for a, b in rebuilt] == [a + b for a, b in merges]
+
+    assert "<0xF0>" in tokenizer.convert_ids_to_tokens(tokenizer("🙂")["input_ids"])  # byte fallback, as Llama 2
+    texts = SP_TEXTS
+    if arch == "sp-legacy":
+        # Llama 2's original pipeline prepends "▁" to a text that already starts with a space and after each
+        # special token; transformers' GGUF reader (a Metaspace, "first") does neither, so those differ.
+        texts = [t for t in texts if not t.startswith(" ") and "<" not in t]
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        assert gguf_tokenizer(text)["input_ids"] == ids, text
+        assert gguf_tokenizer.decode(ids) == tokenizer.decode(ids)
+        if not text.startswith(" ") and "<" not in text:
+            assert gguf_tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_sentencepiece_chat_template_and_special_ids_are_kept(models, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "mistral.gguf"
+    code, _, stderr = qtune_main(capsys, "export-gguf", models["sp-mistral"], "--out", out)
+    assert code == 0, stderr
+    tokenizer = AutoTokenizer.from_pretrained(models["sp-mistral"])
+    gguf_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    chat = [{"role": "user", "content": "two plus two?"}, {"role": "assistant", "content": "four"}]
+    assert gguf_tokenizer.apply_chat_template(chat, tokenize=False) == tokenizer.apply_chat_template(
+        chat, tokenize=False
+    )
+    for name in ("bos_token_id", "eos_token_id", "unk_token_id", "pad_token_id"):
+        assert getattr(gguf_tokenizer, name) == getattr(tokenizer, name), name
+
+
+def test_a_bpe_tokenizer_missing_merges_its_pieces_imply_gets_a_note():
+    """Trained as plain BPE, a tokenizer lacks merges that a GGUF's scores imply: the export says so."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from qtune.tiny import SENTENCEPIECE_CORPUS
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(SENTENCEPIECE_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    notes = gguf_export._tokenizer_metadata(fast, 208)["notes"]
+    assert any("are not among the tokenizer's merges" in note for note in notes), notes
+
+
+def test_tokenizer_kinds_gguf_does_not_describe_are_refused():
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from qtune.errors import QtuneError
+
+    unigram = Tokenizer(models.Unigram([("<unk>", 0.0), ("▁a", -1.0)], unk_id=0))
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    wordpiece = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    no_fallback = Tokenizer(models.BPE({"<unk>": 0, "▁": 1, "a": 2}, [], unk_token="<unk>"))
+    no_fallback.pre_tokenizer = pre_tokenizers.Metaspace()
+    for tok, kind in ((unigram, "Unigram"), (wordpiece, "WordPiece"), (no_fallback, "BPE that is neither")):
+        with pytest.raises(QtuneError) as exc:
+            gguf_export.tokenizer_kind(json.loads(tok.to_str()))
+        assert f"the tokenizer is {kind}" in str(exc.value)
+        assert "byte-level BPE (Qwen2, Llama 3) and sentencepiece-style BPE" in str(exc.value)
 
 
 def test_export_gguf_refuses_an_existing_out_unless_overwrite(models, tmp_path, capsys):
@@ -148,13 +292,37 @@ def test_export_gguf_refuses_unsupported_architectures_and_writes_nothing(tmp_pa
         assert not out.parent.exists()
 
 
+@pytest.mark.parametrize(
+    "arch, rope, llama_cpp, expect",
+    [
+        ("llama", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}, True, "'yarn'"),
+        ("qwen2", {"rope_type": "linear", "factor": 2.0}, True, "'linear' is not exported"),
+        ("llama", {"rope_type": "linear", "factor": 2.0}, False, "pip install 'qtune[llamacpp]'"),
+    ],
+)
+def test_export_gguf_refuses_rope_scaling_it_cannot_write_or_verify(tmp_path, capsys, monkeypatch, arch, rope,
+                                                                    llama_cpp, expect):  # fmt: skip
+    import transformers
+
+    monkeypatch.setattr(gguf_export, "llama_cpp_available", lambda: llama_cpp)
+    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch]
+    config_cls(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, rope_parameters=rope).save_pretrained(
+        tmp_path / "src"
+    )  # the config is all that is read
+    out = tmp_path / "out" / "model.gguf"
+    code, _, stderr = qtune_main(capsys, "export-gguf", tmp_path / "src", "--out", out)
+    assert code == 2, stderr
+    assert stderr.startswith("error: ") and expect in stderr and "RoPE scaling" in stderr
+    assert not out.parent.exists()
+
+
 def test_export_gguf_refuses_a_tokenizer_gguf_cannot_describe(tmp_path, capsys):
     from qtune.tiny import build_tiny_model
 
     model = build_tiny_model(tmp_path / "wordlevel", arch="llama")  # WordLevel tokenizer
     out = tmp_path / "model.gguf"
     code, _, stderr = qtune_main(capsys, "export-gguf", model, "--out", out)
-    assert code == 2 and "WordLevel" in stderr and "byte-level BPE" in stderr
+    assert code == 2 and "WordLevel" in stderr and "byte-level BPE" in stderr and "sentencepiece-style" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wordlevel"]
 
 
