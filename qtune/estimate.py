@@ -8,8 +8,18 @@ bitsandbytes quantizes (every nn.Linear but the output layer: `qtune.model.linea
   fp32 without double quant; with double quant one uint8 per block plus one fp32 per 256 of those, a
   256-entry fp32 code and an fp32 offset. Every 4-bit tensor also keeps its 16-entry fp32 code.
 - 8-bit (LLM.int8): n bytes + one fp32 scale per output row. bf16 (no quantization): 2n bytes.
+- quanto (`quantization.backend: quanto`, transformers' QuantoConfig; every nn.Linear but the output layer):
+  int8: n bytes + one scale per output row in the load dtype; int4: n/2 bytes packed + a scale and a shift
+  (load dtype) per group of 128 input values (96, 64 or 32 when 128 does not divide the input; per row when
+  the input is ≤ 128 or none divides). Every QLinear also holds two fp32 scalars (input/output scale).
+- torchao (`Int8WeightOnlyConfig`; same layers): n int8 + per output row an fp32 scale and an int8 zero point.
+- hqq (hqq's `quantize_model`; every linear but `lm_head`): n·bits/8 bytes + a scale and a zero per group of
+  `group_size` values (default 64) in the compute dtype, to which hqq casts every other layer too.
+- gptq / awq (pre-quantized checkpoints): not modelled; the output says so instead of a figure.
 - Non-quantized parts load in the load dtype, then `prepare_model_for_kbit_training` casts them to fp32
-  (when quantized): that fp32 figure is what training holds.
+  (bitsandbytes): that fp32 figure is what training holds. peft skips that cast for torchao, hqq and gptq
+  models, and qtune for quanto (whose weights refuse it), so their non-quantized parts (and so the residual
+  stream) stay in the load dtype.
 - LoRA: r·(in+out) parameters per targeted linear, fp32 (qtune keeps fp32 master weights), + fp32 grads
   + optimizer state (AdamW 32-bit 8 B/param, 8-bit 2 B/param).
 - Activations: see `activation_bytes`. CUDA context: ~0.5 GiB outside torch's allocator (stated apart).
@@ -29,6 +39,9 @@ GiB = 1024**3
 CUDA_CONTEXT = int(0.5 * GiB)
 BLOCK_4BIT = 64  # bitsandbytes' 4-bit blocksize (transformers' default)
 BLOCK_DQ = 256  # blocksize of the second quantization of the absmax constants
+HQQ_GROUP = 64  # hqq's BaseQuantizeConfig default group_size
+MODELLED = ("bnb", "quanto", "torchao", "hqq")  # backends whose weight bytes quantized_bytes knows
+NO_UPCAST = ("quanto", "torchao", "hqq", "gptq")  # other parts stay as loaded (peft's choice; quanto: qtune.model)
 
 # Offline configs of common base models, addressed by hub id. Instruct/chat variants share the shape.
 _LLAMA = {"model_type": "llama", "rms_norm_eps": 1e-5}
@@ -224,12 +237,41 @@ def model_shape(config, trust_remote_code: bool = False) -> Shape:
     )
 
 
-def quantized_bytes(shape: Shape, bits: int | None, double_quant: bool = True, load_bytes: int = 2) -> int:
-    """Bytes of the quantizable linears' weights as bitsandbytes stores them (constants included)."""
+def quanto_group(in_features: int) -> int:
+    """optimum-quanto's int4 group along the input (QModuleMixin): 128, else 96, 64 or 32 when that divides the
+    input; the whole row when the input is ≤ 128 or none divides."""
+    if in_features > 128:
+        for group in (128, 96, 64, 32):
+            if in_features % group == 0:
+                return group
+    return in_features
+
+
+def quantized_bytes(shape: Shape, bits: int | None, double_quant: bool = True, load_bytes: int = 2,
+                    backend: str = "bnb", group_size: int | None = None) -> int | None:  # fmt: skip
+    """Bytes of the quantizable linears' weights as the backend stores them (constants included); None for a
+    backend that is not modelled."""
+    if bits is not None and backend not in MODELLED:
+        return None
     total = 0
     for _, i, o in shape.linears:
         n = i * o
-        if bits == 4:
+        if bits is None:
+            total += n * load_bytes
+        elif backend == "quanto":
+            total += 2 * 4  # the QLinear's fp32 input_scale and output_scale
+            if bits == 8:
+                total += n + o * load_bytes  # int8 values + a scale per output row
+            else:
+                group = quanto_group(i)
+                groups = n // group  # packed two per byte along the groups (an odd count pads one group)
+                total += math.ceil(groups / 2) * group + 2 * groups * load_bytes  # + scale and shift per group
+        elif backend == "torchao":
+            total += n + o * (4 + 1)  # int8 values + fp32 scale and int8 zero point per output row
+        elif backend == "hqq":
+            groups = n // (group_size or HQQ_GROUP)
+            total += n * bits // 8 + 2 * groups * load_bytes  # packed values + scale and zero per group
+        elif bits == 4:
             blocks = math.ceil(n / BLOCK_4BIT)
             total += math.ceil(n / 2) + 16 * 4  # packed values + the 16-entry fp32 NF4/FP4 code
             if double_quant:
@@ -238,10 +280,8 @@ def quantized_bytes(shape: Shape, bits: int | None, double_quant: bool = True, l
                 )  # uint8 absmax, fp32 scales, code, offset
             else:
                 total += blocks * 4
-        elif bits == 8:
-            total += n + o * 4  # int8 values + fp32 row scales (SCB)
         else:
-            total += n * load_bytes
+            total += n + o * 4  # int8 values + fp32 row scales (SCB)
     return total
 
 
@@ -269,7 +309,7 @@ def lora_params(shape: Shape, r: int, targets) -> int:
 
 
 def activation_bytes(shape: Shape, batch: int, length: int, checkpointing: bool, compute_bytes: int, r: int,
-                     dropout: bool) -> dict[str, int]:  # fmt: skip
+                     dropout: bool, residual_bytes: int = 4) -> dict[str, int]:  # fmt: skip
     """Saved activations at the start of backward (the peak), for full-length rows.
 
     Per decoder layer, b·s times: p·(3q + 3kv + 2h + 4i) [q, k, v and their rotary copies, attention output,
@@ -279,10 +319,11 @@ def activation_bytes(shape: Shape, batch: int, length: int, checkpointing: bool,
     Logits: b·s·V·(p + 4 + 4): the lm_head output, its fp32 upcast for the loss and the fp32 log-softmax the
     cross-entropy keeps for backward.
     Without checkpointing every layer keeps its activations and all of it is alive, with the logits, when backward
-    starts: L·layer + logits. With checkpointing each layer keeps only its input (the fp32 residual stream after
-    k-bit preparation, 4·b·s·h) and the peak is the larger of the logits (at the start of backward) and one layer
-    recomputed during backward (the logits are freed by then): L·4·b·s·h + max(logits, layer). The "layers" term
-    below then holds L·4·b·s·h + max(0, layer − logits), so that the two terms add up to that peak.
+    starts: L·layer + logits. With checkpointing each layer keeps only its input (the residual stream, c·b·s·h:
+    c = 4, fp32 after k-bit preparation; c = p where the embeddings stay in the load dtype, `residual_bytes`) and
+    the peak is the larger of the logits (at the start of backward) and one layer recomputed during backward (the
+    logits are freed by then): L·c·b·s·h + max(logits, layer). The "layers" term below then holds
+    L·c·b·s·h + max(0, layer − logits), so that the two terms add up to that peak.
     """
     b, s, p, h = batch, length, compute_bytes, shape.hidden
     per_layer = b * s * (p * (3 * shape.q_dim + 3 * shape.kv_dim + 2 * h + 4 * shape.intermediate) + 16 * h)
@@ -291,7 +332,7 @@ def activation_bytes(shape: Shape, batch: int, length: int, checkpointing: bool,
         per_layer += b * s * p * (5 * h + shape.q_dim + shape.intermediate)
     logits = b * s * shape.vocab * (p + 8)
     if checkpointing:
-        layers = shape.layers * b * s * h * 4 + max(0, per_layer - logits)
+        layers = shape.layers * b * s * h * residual_bytes + max(0, per_layer - logits)
     else:
         layers = shape.layers * per_layer
     return {"layers": layers, "logits": logits, "per_layer": per_layer}
@@ -314,22 +355,25 @@ class Estimate:
     checkpointing: bool
     gpu_bytes: int | None = None
     gpus: int = 1
+    backend: str = "bnb"
+    group_size: int | None = None  # hqq's quantization group (None: hqq's default, 64)
     terms: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         s = self.shape
-        self.quantized = quantized_bytes(s, self.bits, self.double_quant, self.load_bytes)
+        quantized = quantized_bytes(s, self.bits, self.double_quant, self.load_bytes, self.backend, self.group_size)
+        self.modelled = quantized is not None  # False: gptq / awq, whose weights the figures below leave out
+        self.quantized = quantized or 0
         self.other_loaded = s.other_params * self.load_bytes + s.buffer_bytes
-        # prepare_model_for_kbit_training casts the non-quantized parameters to fp32 (quantized models only).
-        self.other_training = (s.other_params * 4 if self.bits else s.other_params * self.load_bytes) + s.buffer_bytes
+        # prepare_model_for_kbit_training casts the non-quantized parameters to fp32 (quantized models only, and
+        # not under torchao / hqq / gptq, which peft leaves in the load dtype).
+        self.upcast = bool(self.bits) and self.backend not in NO_UPCAST
+        self.other_training = s.other_params * (4 if self.upcast else self.load_bytes) + s.buffer_bytes
         self.lora = lora_params(s, self.lora_r, self.lora_targets)
         self.opt_per_param, self.opt_what = optimizer_state(self.optimizer)
-        acts = activation_bytes(
-            s, self.batch, self.length, self.checkpointing, self.compute_bytes, self.lora_r, self.lora_dropout
-        )
-        other_acts = activation_bytes(
-            s, self.batch, self.length, not self.checkpointing, self.compute_bytes, self.lora_r, self.lora_dropout
-        )
+        run = (self.compute_bytes, self.lora_r, self.lora_dropout, 4 if self.upcast else self.compute_bytes)
+        acts = activation_bytes(s, self.batch, self.length, self.checkpointing, *run)
+        other_acts = activation_bytes(s, self.batch, self.length, not self.checkpointing, *run)
         self.acts_other_mode = other_acts["layers"] + other_acts["logits"]
         self.terms = {
             "quantized weights": self.quantized,
@@ -373,11 +417,12 @@ class Estimate:
             return None
         per_gpu = self.total if self.gpus == 1 else min(self.total, self.sharded(self.gpus))
         if per_gpu <= self.gpu_bytes:
-            return None
+            return None  # without a weight figure (gptq / awq) render says the verdict is unknown
         top = self.dominant()
+        needs = "~" if self.modelled else f"at least (without its {self.backend} weights) "
         return QtuneError(
-            f"{self.name} needs ~{_gib(per_gpu)} GiB per GPU, more than --gpu {_gib(self.gpu_bytes)} GiB; the largest "
-            f"term is {top} ({_gib(self.terms[top])} GiB)",
+            f"{self.name} needs {needs}{_gib(per_gpu)} GiB per GPU, more than --gpu {_gib(self.gpu_bytes)} GiB; "
+            f"the largest term is {top} ({_gib(self.terms[top])} GiB)",
             self.advice(),
         )
 
@@ -397,16 +442,14 @@ class Estimate:
         if top == "optimizer state":
             return "use an 8-bit optimizer (training.optimizer: paged_adamw_8bit) or a smaller lora.r"
         if self.bits != 4:
-            return "quantize to 4 bits (quantization.bits: 4), or shard over several GPUs (FSDP)"
+            backend = " with backend bnb or quanto" if self.backend == "torchao" else ""  # torchao offers 8 only
+            return f"quantize to 4 bits (quantization.bits: 4{backend}), or shard over several GPUs (FSDP)"
         return "a smaller model, or shard the weights over several GPUs (FSDP-QLoRA)"
 
     def render(self) -> str:
         s = self.shape
-        quant = {4: "4-bit NF4" + (" + double quant" if self.double_quant else ""), 8: "8-bit (LLM.int8)"}.get(
-            self.bits, "bf16/fp16 (no quantization)"
-        )
         lines = [
-            f"qtune estimate: {self.name} ({s.model_type}), {quant}",
+            f"qtune estimate: {self.name} ({s.model_type}), {self.quant_name()}",
             f"  parameters      {s.total_params:,} ({s.quantizable:,} in {len(s.linears)} quantizable linears, "
             f"{s.other_params:,} other: embeddings, norms, lm_head, biases)",
             f"  run             micro-batch {self.batch} x max_length {self.length}, gradient checkpointing "
@@ -419,15 +462,15 @@ class Estimate:
             "quantized weights": self._quant_how(),
             "non-quantized parts": f"{s.other_params:,} x " + (
                 f"4 B (fp32 after prepare_model_for_kbit_training; {_gib(self.other_loaded)} GiB as loaded)"
-                if self.bits
-                else f"{self.load_bytes} B"
+                if self.upcast
+                else f"{self.load_bytes} B" + (f" (peft does not upcast {self.backend} models)" if self.bits else "")
             ),
             "LoRA weights": f"{self.lora:,} params x 4 B (fp32)",
             "LoRA gradients": f"{self.lora:,} x 4 B",
             "optimizer state": f"{self.lora:,} x {self.opt_per_param} B ({self.opt_what})",
             "activations (layers)": (
-                f"{s.layers} layer inputs x 4·b·s·h; one layer recomputed ({_gib(self.per_layer)} GiB) "
-                "overlaps the logits, the larger counts"
+                f"{s.layers} layer inputs x {4 if self.upcast else self.compute_bytes}·b·s·h; one layer recomputed "
+                f"({_gib(self.per_layer)} GiB) overlaps the logits, the larger counts"
                 if self.checkpointing
                 else f"{s.layers} layers x {_gib(self.per_layer)} GiB"
             )
@@ -435,14 +478,21 @@ class Estimate:
             "logits + loss": f"b·s·vocab·(p+4+4), vocab {s.vocab:,}",
         }  # fmt: skip
         for key, value in self.terms.items():
-            lines.append(f"  {key:<24}{_gib(value):>9}  {hows[key]}")
+            figure = _gib(value) if self.modelled or key != "quantized weights" else "n/a"
+            lines.append(f"  {key:<24}{figure:>9}  {hows[key]}")
+        if not self.modelled:
+            lines.append(f"  (the figures below leave out the {self.backend} weights)")
         lines += [
             f"  {'allocated (torch)':<24}{_gib(self.allocated):>9}  compare with torch.cuda.max_memory_allocated",
             f"  {'CUDA context':<24}{_gib(CUDA_CONTEXT):>9}  ~0.5 GiB per process, outside torch's allocator",
             f"  {'total per GPU':<24}{_gib(self.total):>9}  plus allocator slack (reserved > allocated)",
             "",
-            f"  weights as loaded    {_gib(self.weights_loaded)} GiB ({self.weights_loaded / 1e9:.2f} GB): quantized "
-            f"+ non-quantized in the load dtype",
+            f"  weights as loaded    {_gib(self.weights_loaded)} GiB ({self.weights_loaded / 1e9:.2f} GB): "
+            + (
+                "quantized + non-quantized in the load dtype"
+                if self.modelled
+                else f"the non-quantized parts only, in the load dtype (no {self.backend} weights)"
+            ),
             f"  simple rule          {_gib(self.simple_rule)} GiB: {s.total_params / 1e9:.2f}B params x "
             f"{self.bits or 16} bits / 8 x 1.2 (weights only, the seed's rule of thumb)",
         ]
@@ -455,7 +505,9 @@ class Estimate:
         if self.gpu_bytes:
             per_gpu = self.total if self.gpus == 1 else min(self.total, self.sharded(self.gpus))
             lines.append("")
-            if self.total <= self.gpu_bytes:
+            if not self.modelled and per_gpu <= self.gpu_bytes:
+                lines.append(f"  verdict: unknown: the {self.backend} weights are not modelled")
+            elif self.total <= self.gpu_bytes:
                 lines.append(
                     f"  verdict: fits in {_gib(self.gpu_bytes)} GiB ({_gib(self.gpu_bytes - self.total)} GiB to spare)"
                 )
@@ -473,8 +525,35 @@ class Estimate:
     def _targets(self) -> str:
         return "all linear layers" if self.lora_targets == "all-linear" else ", ".join(self.lora_targets)
 
+    def quant_name(self) -> str:
+        """The quantization sized, naming its backend."""
+        if self.bits is None:
+            return "bf16/fp16 (no quantization)"
+        if self.backend == "bnb":
+            dq = " + double quant" if self.double_quant else ""
+            return (f"4-bit NF4{dq}" if self.bits == 4 else "8-bit LLM.int8") + " (bitsandbytes)"
+        return {
+            "quanto": f"int{self.bits} weights (quanto)",
+            "torchao": "int8 weight-only (torchao)",
+            "hqq": f"{self.bits}-bit (hqq, groups of {self.group_size or HQQ_GROUP})",
+        }.get(self.backend, f"{self.bits}-bit {self.backend} (its weight bytes are not modelled)")
+
     def _quant_how(self) -> str:
         n = self.shape.quantizable
+        if not self.modelled:
+            return f"{n:,} params: qtune does not model {self.backend} checkpoints' storage (no figure)"
+        if self.bits and self.backend == "quanto":
+            if self.bits == 8:
+                return f"{n:,} x 1 B + a {self.load_bytes} B scale per output row + 2 fp32 scalars per layer"
+            return (
+                f"{n:,} x 0.5 B + a {self.load_bytes} B scale and shift per group of 128 inputs (fewer where 128 "
+                "does not divide the input) + 2 fp32 scalars per layer"
+            )
+        if self.bits and self.backend == "torchao":
+            return f"{n:,} x 1 B + fp32 scale and int8 zero point per output row"
+        if self.bits and self.backend == "hqq":
+            group = self.group_size or HQQ_GROUP
+            return f"{n:,} x {self.bits / 8:g} B + a {self.load_bytes} B scale and zero per group of {group}"
         if self.bits == 4:
             consts = "uint8 absmax per 64 + fp32 per 256 absmax" if self.double_quant else "fp32 absmax per 64"
             return f"{n:,} x 0.5 B + {consts}"
@@ -511,10 +590,19 @@ def estimate(
     gpu: str | None = None,
     gpus: int = 1,
     trust_remote_code: bool = False,
+    backend: str = "bnb",
+    group_size: int | None = None,
 ) -> Estimate:
     """The estimate for a model name / folder / config.json and the run's settings (GPU training figures)."""
+    from qtune.config import BACKEND_BITS
+
     if batch < 1 or length < 1 or lora_r < 1 or gpus < 1:
         raise QtuneError("--micro-batch, --max-length, --lora-r and --gpus must be positive")
+    if bits is not None and bits not in BACKEND_BITS[backend]:
+        raise QtuneError(
+            f"quantization.backend {backend} does not offer {bits}-bit weights",
+            f"it offers: {', '.join(map(str, BACKEND_BITS[backend]))}",
+        )
     load_bytes = 4 if dtype in ("float32", "fp32") else 2
     shape = model_shape(model_config(name, trust_remote_code), trust_remote_code)
     if lora_targets != "all-linear":
@@ -541,15 +629,20 @@ def estimate(
         checkpointing=checkpointing,
         gpu_bytes=parse_size(gpu) if gpu else None,
         gpus=gpus,
+        backend=backend,
+        group_size=group_size,
     )
 
 
 def from_recipe(recipe, **overrides) -> Estimate:
     """The estimate for a recipe's model and settings; keyword overrides (from the command line) win."""
+    q = recipe.quantization
     dtype = recipe.model.dtype if recipe.model.dtype != "auto" else "bfloat16"  # the GPU figure
+    if q.backend == "hqq" and q.compute_dtype != "auto":
+        dtype = q.compute_dtype  # hqq casts the whole model (its scales and zeros too) to the compute dtype
     settings = dict(
-        bits=recipe.quantization.bits,
-        double_quant=recipe.quantization.double_quant,
+        bits=q.bits,
+        double_quant=q.double_quant,
         dtype=dtype,
         lora_r=recipe.lora.r,
         lora_targets=recipe.lora.target_modules,
@@ -559,8 +652,10 @@ def from_recipe(recipe, **overrides) -> Estimate:
         length=recipe.data.max_length,
         checkpointing=recipe.training.gradient_checkpointing,
         trust_remote_code=recipe.model.trust_remote_code,
+        backend=q.backend,
+        group_size=getattr(q, "group_size", None),  # hqq's, where the recipe has the key (else hqq's 64)
     )
-    settings.update({k: v for k, v in overrides.items() if v is not None})
+    settings.update({k: v for k, v in overrides.items() if v is not None or k == "bits"})  # bits None: --bits 16
     return estimate(recipe.model.name, **settings)
 
 

@@ -86,6 +86,25 @@ def check_no_pickle(model: str, allow_pickle: bool) -> None:
         )
 
 
+def check_unquantized_checkpoint(model: str, key: str, command: str, fix: str, revision=None, trust_remote_code=False):
+    """Before loading: MODEL's config.json carries no quantization_config (GPTQ, AWQ, bitsandbytes, …)."""
+    from transformers import AutoConfig
+
+    from qtune.model import prequantized_method
+
+    try:
+        config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return  # no readable config: loading the model reports it
+    method = prequantized_method(config)
+    if method:
+        raise QtuneError(
+            f"{key}: '{model}' is already quantized ({method}); {command} needs unquantized weights "
+            "(bf16 / fp16 / fp32)",
+            f"{fix} the unquantized checkpoint it was made from",
+        )
+
+
 def check_output_dir(out: Path, overwrite: bool = False) -> None:
     """The destination is new (or an empty folder, or --overwrite) and its parent is writable."""
     if out.exists() and not out.is_dir():
@@ -141,14 +160,14 @@ def _memory_gib() -> float:
 
 
 def load_4bit_base(recipe: Recipe, base: str | None = None):
-    """The base exactly as training loaded it (same BitsAndBytesConfig and dtype), without k-bit preparation.
+    """The base exactly as training loaded it (same quantization config and dtype), without k-bit preparation.
 
     bitsandbytes' CPU repack is disabled on every 4-bit layer, so a no-grad forward cannot change the
     stored weights or their constants (the repack converts absmax to bf16 and drops double quant)."""
     from transformers import AutoModelForCausalLM
 
     from qtune.model import _keep_cpu_4bit_trainable
-    from qtune.quant import quantization_config, resolve_dtype
+    from qtune.quant import quantization_config, quantize_after_load, resolve_dtype
 
     m = recipe.model
     model = AutoModelForCausalLM.from_pretrained(
@@ -160,6 +179,7 @@ def load_4bit_base(recipe: Recipe, base: str | None = None):
         device_map=_device_map(),
         use_safetensors=True,
     )
+    model = quantize_after_load(recipe, model)  # hqq on transformers 5.x, as in training
     _keep_cpu_4bit_trainable(model)
     return model.eval()
 
@@ -178,23 +198,33 @@ def attach_adapter(model, adapter: Path, base_name: str):
         ) from None
 
 
+def _dequantized_weight(module):
+    """The weight a weight-only quantized layer multiplies with (its own `dequantize()`), None for other modules."""
+    import torch
+
+    if hasattr(module, "W_q") and hasattr(module, "dequantize"):  # hqq's HQQLinear (not an nn.Linear)
+        return module.dequantize()
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, torch.nn.Linear) or weight is None:
+        return None
+    data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
+    return None if type(data) is torch.Tensor else data.dequantize()
+
+
 def dequantize_layers(model, dtype):
-    """Replace every linear whose weight is a quantized tensor subclass (optimum-quanto QLinear, torchao
-    Int8Tensor) by a plain nn.Linear holding the dequantized weight: the weights weight-only quantized
-    layers multiply with, so the adapter merges onto exactly what it was trained against."""
+    """Replace every weight-only quantized linear (optimum-quanto QLinear, torchao Int8Tensor weights, hqq's
+    HQQLinear) by a plain nn.Linear holding the dequantized weight: the weights those layers multiply with,
+    so the adapter merges onto exactly what it was trained against."""
     import torch
 
     for name, module in list(model.named_modules()):
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, torch.nn.Linear) or weight is None:
-            continue
-        data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
-        if type(data) is torch.Tensor:
+        weight = _dequantized_weight(module)
+        if weight is None:
             continue
         dense = torch.nn.Linear(
             module.in_features, module.out_features, bias=module.bias is not None, device="meta", dtype=dtype
         )
-        dense.weight = torch.nn.Parameter(data.dequantize().to(dtype).clone(), requires_grad=False)
+        dense.weight = torch.nn.Parameter(weight.to(dtype).clone(), requires_grad=False)
         if module.bias is not None:
             dense.bias = torch.nn.Parameter(module.bias.detach().to(dtype).clone(), requires_grad=False)
         parent_name, _, child = name.rpartition(".")
@@ -274,6 +304,14 @@ def merge(
     check_output_dir(dest, overwrite)
     base_name = base or recipe.model.name
     check_no_pickle(base_name, allow_pickle=False)
+    check_unquantized_checkpoint(
+        base_name,
+        "--base" if base else f"model.name (in {run.path / 'recipe.yaml'})",
+        "merge" + (f" --quantize {quantize_bits}" if quantize_bits else ""),
+        "pass --base",
+        revision=None if base else recipe.model.revision,
+        trust_remote_code=recipe.model.trust_remote_code,
+    )
     quantized_in_training = recipe.quantization.bits is not None
     if quantized_in_training:
         from qtune.quant import check_backend
@@ -308,7 +346,7 @@ def merge(
         if recipe.quantization.backend == "bnb":
             model = model.dequantize(dtype=torch_dtype).to(torch_dtype)  # transformers: bnb.dequantize_4bit per layer
         else:
-            model = dequantize_layers(model, torch_dtype)  # quanto / torchao: transformers has no dequantize
+            model = dequantize_layers(model, torch_dtype)  # quanto / torchao / hqq: transformers has no dequantize
     else:
         del trained
         model = AutoModelForCausalLM.from_pretrained(
@@ -489,6 +527,7 @@ def quantize(
     if dest is not None:
         check_output_dir(dest, overwrite)
     check_no_pickle(model, allow_pickle)
+    check_unquantized_checkpoint(model, "MODEL", f"quantize --bits {bits} (bitsandbytes)", "give as MODEL")
     before, before_dtype = _footprint_of_original(model, torch_dtype, trust_remote_code=False)
     quantized = load_quantized(model, bits, quant_type, double_quant, torch_dtype, allow_pickle)
     after = quantized.get_memory_footprint()

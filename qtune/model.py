@@ -125,23 +125,25 @@ def linear_modules(model) -> list[str]:
 
 def check_architecture(recipe: Recipe) -> None:
     """Before any weight loads: the model is a causal LM, quantizable as asked, and the LoRA targets exist."""
+    import torch
+
     from qtune.quant import check_backend
 
     check_backend(recipe)  # the backend is installed and works here (names quantization.backend / the extra)
     config, meta = _meta_model(recipe)
-    existing = getattr(config, "quantization_config", None)
-    if existing and recipe.quantization.bits is not None:
-        method = existing.get("quant_method", "?") if isinstance(existing, dict) else "?"
-        raise QtuneError(
-            f"quantization.bits: '{recipe.model.name}' is already quantized ({method}); bitsandbytes cannot re-quantize it",
-            "set quantization.bits: null to train LoRA on the checkpoint as it is",
-        )
+    check_not_prequantized(config, recipe)
+    q = recipe.quantization
     linears = linear_modules(meta)
     leaf_names = sorted({name.rsplit(".", 1)[-1] for name in linears})
-    if recipe.quantization.bits is not None and not linears:
+    if q.bits is not None and not linears:
         raise QtuneError(
             f"quantization.bits: model_type '{config.model_type}' has no nn.Linear layers for bitsandbytes to quantize",
             "set quantization.bits: null to train plain LoRA on it",
+        )
+    if q.backend == "hqq" and any(type(meta.get_submodule(name)) is not torch.nn.Linear for name in linears):
+        raise QtuneError(
+            f"quantization.backend: hqq quantizes nn.Linear layers only; model_type '{config.model_type}' has Conv1D",
+            "use quantization.backend bnb (default)",
         )
     targets = recipe.lora.target_modules
     if targets != "all-linear":
@@ -153,6 +155,29 @@ def check_architecture(recipe: Recipe) -> None:
                 f"{recipe.model.name} ({config.model_type})",
                 f"linear modules in this model: {', '.join(leaf_names)} (or use all-linear)",
             )
+
+
+def prequantized_method(config) -> str | None:
+    """quant_method of a checkpoint's own quantization_config (its config.json), None for plain weights."""
+    existing = getattr(config, "quantization_config", None)
+    if not existing:
+        return None
+    return existing.get("quant_method", "?") if isinstance(existing, dict) else "?"
+
+
+def check_not_prequantized(config, recipe: Recipe) -> None:
+    """A checkpoint saved quantized (GPTQ, AWQ, bitsandbytes, …) is refused whatever quantization.bits says: it
+    cannot be quantized again, and with bits: null transformers 5.24 drops its quantization_config, so the packed
+    weights would not load (GPTQ / AWQ would train on uninitialised layers; bnb ends in a size mismatch)."""
+    method = prequantized_method(config)
+    if method:
+        key = "model.name" if recipe.quantization.bits is None else "quantization.bits"
+        raise QtuneError(
+            f"{key}: '{recipe.model.name}' is already quantized ({method}); qtune trains LoRA on an unquantized "
+            "checkpoint that it quantizes itself (quantization.backend / bits)",
+            "use the unquantized checkpoint it was made from (quantization.bits: null does not load saved "
+            f"{method} weights either)",
+        )
 
 
 def load_tokenizer(recipe: Recipe):
@@ -219,7 +244,7 @@ def load(recipe: Recipe, launch: Launch, verbose: bool = True, tokenizer=None):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    from qtune.quant import quantization_config, resolve_dtype
+    from qtune.quant import lora_targets, quantization_config, quantize_after_load, resolve_dtype
 
     m = recipe.model
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe)
@@ -237,19 +262,24 @@ def load(recipe: Recipe, launch: Launch, verbose: bool = True, tokenizer=None):
         max_memory=_max_memory(recipe),
         **kwargs,
     )
+    model = quantize_after_load(recipe, model)  # hqq on transformers 5.x: quantized here, not while loading
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
     checkpointing = recipe.training.gradient_checkpointing
     ckpt_kwargs = {"use_reentrant": False}
-    if quant is not None:
+    quantized = recipe.quantization.bits is not None
+    if quantized:
         _keep_cpu_4bit_trainable(model)
-    if quant is not None and not launch.sharded:
+    # peft's fp32 upcast of the non-quantized parts cannot skip quanto's weights (they report the load dtype and
+    # refuse a cast: "The dtype of a weights Tensor cannot be changed"), so a quanto base keeps the load dtype,
+    # as peft itself does for torchao and hqq bases.
+    if quantized and not launch.sharded and recipe.quantization.backend != "quanto":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
         )
     elif checkpointing:
-        # Also the sharded (FSDP / ZeRO-3) QLoRA path: prepare_model_for_kbit_training would upcast norms and
+        # Also quanto, and the sharded (FSDP / ZeRO-3) QLoRA path: prepare_model_for_kbit_training would upcast norms and
         # embeddings to fp32 beside 4-bit weights stored in the param dtype, and FSDP flattens each wrapped
         # layer into one tensor of a single dtype (peft's FSDP-QLoRA guide keeps every weight in that dtype).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
@@ -260,7 +290,7 @@ def load(recipe: Recipe, launch: Launch, verbose: bool = True, tokenizer=None):
         r=lo.r,
         lora_alpha=lo.alpha,
         lora_dropout=lo.dropout,
-        target_modules=lo.target_modules,
+        target_modules=lora_targets(recipe, model),
         bias=lo.bias,
         modules_to_save=lo.modules_to_save,
         use_rslora=lo.use_rslora,

@@ -1,4 +1,6 @@
-"""Recipe → `BitsAndBytesConfig`. Builds the config only; `model.py` loads with it."""
+"""Recipe → the quantization backend's config (bitsandbytes by default), and hqq's quantization after loading.
+
+Backend knowledge lives here; `model.py` and `export.py` load with it."""
 
 from __future__ import annotations
 
@@ -50,6 +52,15 @@ def bnb_config(recipe: Recipe, launch=None):
 
 # backend → (module that must import, pip extra). Imported only inside functions: qtune --help stays fast.
 BACKEND_EXTRAS = {"hqq": ("hqq", "hqq"), "quanto": ("optimum.quanto", "quanto"), "torchao": ("torchao", "torchao")}
+HQQ_GROUP_SIZE = 64  # hqq's and transformers' HqqConfig default
+
+
+def hqq_quantizes_on_load() -> bool:
+    """transformers can load with `HqqConfig` (4.x could; 5.24's HqqHfQuantizer raises 'QuantizationMethod.HQQ
+    is not available yet'). When it cannot, `quantize_after_load` quantizes with hqq's own helper instead."""
+    from transformers.quantizers.quantizer_hqq import HqqHfQuantizer
+
+    return "get_quantize_ops" in vars(HqqHfQuantizer)
 
 
 def check_backend(recipe: Recipe) -> None:
@@ -65,7 +76,7 @@ def check_backend(recipe: Recipe) -> None:
         raise QtuneError(
             f"quantization.backend: {q.backend} needs a CUDA GPU and a pre-quantized {q.backend.upper()} "
             "checkpoint; qtune has not verified LoRA training on it (unverified, refused)",
-            "use quantization.backend bnb (default), quanto or torchao",
+            "use quantization.backend bnb (default), quanto, torchao or hqq",
         )
     module, extra = BACKEND_EXTRAS[q.backend]
     try:
@@ -77,17 +88,6 @@ def check_backend(recipe: Recipe) -> None:
             f"quantization.backend: {q.backend} is not installed (module {module} not found)",
             f"pip install 'qtune[{extra}]'",
         )
-    if q.backend == "hqq":
-        from transformers.quantizers.quantizer_hqq import HqqHfQuantizer
-
-        if "get_quantize_ops" not in vars(HqqHfQuantizer):  # transformers 5.x: loading raises NotImplementedError
-            import transformers
-
-            raise QtuneError(
-                f"quantization.backend: hqq cannot quantize on load with transformers {transformers.__version__} "
-                "(it raises 'QuantizationMethod.HQQ is not available yet and will be supported soon.')",
-                "use backend quanto or torchao (or bnb); hqq needs a transformers release with HQQ loading",
-            )
 
 
 def quantization_config(recipe: Recipe, launch=None):
@@ -106,8 +106,41 @@ def quantization_config(recipe: Recipe, launch=None):
         # int8 weight-only: the layout peft's TorchaoLoraLinear supports (its int4 path is refused by peft, and
         # torchao 0.18's Int4WeightOnlyConfig needs the mslk package on this CPU).
         return TorchAoConfig(Int8WeightOnlyConfig())
-    check_backend(recipe)  # hqq / gptq / awq: refused there with the reason
+    if q.backend == "hqq":
+        if not hqq_quantizes_on_load():
+            return None  # loaded unquantized: quantize_after_load quantizes it
+        from transformers import HqqConfig
+
+        return HqqConfig(nbits=q.bits, group_size=HQQ_GROUP_SIZE)
+    check_backend(recipe)  # gptq / awq: refused there with the reason
     raise AssertionError(q.backend)
+
+
+def quantize_after_load(recipe: Recipe, model):
+    """hqq where transformers cannot quantize on load: the way hqq documents it, quantize the model loaded
+    unquantized with hqq's Hugging Face helper (every linear but lm_head becomes an HQQLinear; the other layers
+    are cast to the compute dtype). Other backends quantized while loading: the model is returned as it is."""
+    q = recipe.quantization
+    if q.backend != "hqq" or q.bits is None or hqq_quantizes_on_load():
+        return model
+    from hqq.core.quantize import BaseQuantizeConfig
+    from hqq.models.hf.base import AutoHQQHFModel
+
+    config = BaseQuantizeConfig(nbits=q.bits, group_size=HQQ_GROUP_SIZE)
+    compute = resolve_dtype(q.compute_dtype)
+    AutoHQQHFModel.quantize_model(model, quant_config=config, compute_dtype=compute, device=str(model.device))
+    return model
+
+
+def lora_targets(recipe: Recipe, model):
+    """LoRA target_modules for the loaded model. peft resolves all-linear to nn.Linear / Conv1D layers, and
+    hqq's HQQLinear is neither: with hqq, all-linear becomes the names of its HQQLinear layers."""
+    targets = recipe.lora.target_modules
+    if recipe.quantization.backend != "hqq" or targets != "all-linear":
+        return targets
+    from hqq.core.quantize import HQQLinear
+
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, HQQLinear)})
 
 
 def describe(recipe: Recipe) -> str:

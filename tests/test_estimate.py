@@ -1,4 +1,5 @@
-"""`qtune estimate`: exact weight bytes against real bitsandbytes models, the offline table, the verdict."""
+"""`qtune estimate`: exact weight bytes against real bitsandbytes, quanto, torchao and hqq models, the offline
+table, the verdict."""
 
 from __future__ import annotations
 
@@ -9,21 +10,30 @@ from qtune import estimate as E
 
 
 def real_weight_bytes(model) -> int:
-    """Bytes a loaded model really holds for its weights: every parameter and buffer plus the bitsandbytes
-    constants outside them (4-bit absmax, code, double-quant absmax/code/offset; 8-bit row scales),
-    each storage counted once."""
+    """Bytes a loaded model really holds for its weights: every parameter and buffer, tensor subclasses
+    (quanto's QTensors, torchao's Int8Tensor) by their inner tensors, plus the constants held outside them
+    (bitsandbytes 4-bit absmax, code, double-quant absmax/code/offset, 8-bit row scales; hqq's scale and zero
+    in HQQLinear.meta and its bias, a plain tensor), each storage counted once."""
     import bitsandbytes as bnb
+    from hqq.core.quantize import HQQLinear
 
     seen: dict[int, int] = {}
 
     def add(t):
-        if t is not None:
+        if hasattr(t, "__tensor_flatten__"):  # a wrapper subclass holds no storage itself: count what it wraps
+            for name in t.__tensor_flatten__()[0]:
+                add(getattr(t, name))
+        elif t is not None:
             seen[t.data_ptr()] = t.numel() * t.element_size()
 
     for t in [*model.parameters(), *model.buffers()]:
         add(t)
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
+        if isinstance(module, HQQLinear):
+            add(module.meta["scale"])
+            add(module.meta["zero"])
+            add(module.bias)
+        elif isinstance(module, bnb.nn.Linear4bit):
             qs = module.weight.quant_state
             add(qs.absmax)
             add(qs.code)
@@ -74,6 +84,137 @@ def test_weight_figure_matches_real_quantized_footprint(which, request):
     )
     if which == "tiny_256":
         assert real[(4, True)] < real[(4, False)]
+
+
+# Measured on the CPU (transformers 5.24, optimum-quanto 0.2.7, torchao 0.18.0), estimate - real in bytes:
+#   model       dtype  quanto int8  quanto int4  torchao int8
+#   tiny_llama  fp32   0 (128,432)  0 (95,664)   0 (129,344)
+#   tiny_llama  bf16   0 (101,168)  0 (66,352)   0 (104,128)
+#   tiny_qwen   fp32   0 (129,456)  0 (96,688)   0 (130,368)
+#   tiny_qwen   bf16   0 (101,680)  0 (66,864)   0 (104,640)
+#   tiny_256    fp32   0 (1,331,440) 0 (828,656) 0 (1,335,168)
+#   tiny_256    bf16   0 (1,222,896) 0 (692,976) 0 (1,234,304)
+# The 64-wide models' int4 layers are quantized per row (input ≤ 128), tiny_256's in groups of 128; in bf16
+# these are quanto's TinyGemm layout (the CPU and CUDA kernel's), which holds the same bytes as the generic one.
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen", "tiny_256"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quanto_and_torchao_weight_figures_are_byte_exact(which, dtype, request):
+    import torch
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForCausalLM, QuantoConfig, TorchAoConfig
+
+    path = request.getfixturevalue(which)
+    configs = {  # as qtune.quant.quantization_config builds them
+        ("quanto", 8): QuantoConfig(weights="int8"),
+        ("quanto", 4): QuantoConfig(weights="int4"),
+        ("torchao", 8): TorchAoConfig(Int8WeightOnlyConfig()),
+    }
+    for (backend, bits), quant in configs.items():
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=getattr(torch, dtype))
+        # The output layer stays a plain nn.Linear (transformers' default skip list) and the embeddings are not
+        # quantized: exactly the linears the estimate counts are quantized.
+        assert type(model.lm_head) is torch.nn.Linear and type(model.lm_head.weight) is torch.nn.Parameter
+        assert type(model.model.embed_tokens.weight) is torch.nn.Parameter
+        real = real_weight_bytes(model)
+        est = E.estimate(str(path), bits=bits, dtype=dtype, backend=backend).weights_loaded
+        assert est == real, (which, dtype, backend, bits, est, real)
+        del model
+
+
+# hqq 0.2.8's own quantize_model (what qtune's hqq path is to use; transformers 5.24 cannot load with HqqConfig),
+# estimate - real in bytes: 0 in fp32 on all three models (group 64; tiny_256 also group 128); in bf16 the
+# estimate is higher by the rotary tables only (tiny_llama/tiny_qwen +32, tiny_256 +64): quantize_model casts
+# every other module to the compute dtype, fp32 rotary buffers included, which the estimate keeps in fp32 (for
+# a real model at most a few hundred bytes). Its scale and zero are in the compute dtype (= the load dtype here).
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen", "tiny_256"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hqq_weight_figure_matches_quantize_model(which, dtype, request):
+    import torch
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    from hqq.models.hf.base import AutoHQQHFModel
+    from transformers import AutoModelForCausalLM
+
+    path = request.getfixturevalue(which)
+    rotary = {"float32": 0, "bfloat16": 64 if which == "tiny_256" else 32}[dtype]
+    for bits, group in [(8, None), (4, None), (4, 128)]:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        config = BaseQuantizeConfig(nbits=bits, group_size=group or E.HQQ_GROUP)
+        AutoHQQHFModel.quantize_model(model, quant_config=config, compute_dtype=model.dtype, device="cpu")
+        assert type(model.lm_head) is torch.nn.Linear  # hqq skips lm_head, quantizes every other linear
+        assert sum(isinstance(m, HQQLinear) for m in model.modules()) == len(E.estimate(str(path)).shape.linears)
+        real = real_weight_bytes(model)
+        est = E.estimate(str(path), bits=bits, dtype=dtype, backend="hqq", group_size=group).weights_loaded
+        assert est - real == rotary, (which, dtype, bits, group, est, real)
+        del model
+
+
+@pytest.mark.parametrize("backend", ["torchao", "hqq"])
+def test_non_quantized_parts_stay_in_load_dtype_where_peft_does_not_upcast(backend, tiny_qwen):
+    """prepare_model_for_kbit_training (as qtune.model.load calls it) casts the non-quantized parts to fp32 for
+    bitsandbytes, but leaves torchao and hqq models as loaded: the training figure follows it."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    if backend == "torchao":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        quant = TorchAoConfig(Int8WeightOnlyConfig())
+        model = AutoModelForCausalLM.from_pretrained(tiny_qwen, quantization_config=quant, dtype=torch.bfloat16)
+    else:
+        from hqq.core.quantize import BaseQuantizeConfig
+        from hqq.models.hf.base import AutoHQQHFModel
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_qwen, dtype=torch.bfloat16)
+        AutoHQQHFModel.quantize_model(
+            model, quant_config=BaseQuantizeConfig(nbits=4), compute_dtype=torch.bfloat16, device="cpu"
+        )
+    loaded = real_weight_bytes(model)
+    prepare_model_for_kbit_training(model)
+    assert real_weight_bytes(model) == loaded
+    est = E.estimate(str(tiny_qwen), bits=8 if backend == "torchao" else 4, dtype="bfloat16", backend=backend)
+    assert est.other_training == est.other_loaded
+    bnb = E.estimate(str(tiny_qwen), bits=4, dtype="bfloat16")
+    assert bnb.other_training > bnb.other_loaded  # the fp32 cast
+    assert est.terms["activations (layers)"] < bnb.terms["activations (layers)"]  # a bf16 residual stream
+
+
+def test_output_names_the_backend_and_says_what_is_not_modelled(make_recipe):
+    from qtune.config import load_recipe
+
+    named = {
+        ("bnb", 4): "4-bit NF4 + double quant (bitsandbytes)",
+        ("bnb", 8): "8-bit LLM.int8 (bitsandbytes)",
+        ("quanto", 8): "int8 weights (quanto)",
+        ("quanto", 4): "int4 weights (quanto)",
+        ("torchao", 8): "int8 weight-only (torchao)",
+        ("hqq", 4): "4-bit (hqq, groups of 64)",
+    }
+    for (backend, bits), phrase in named.items():
+        est = E.from_recipe(load_recipe(make_recipe(quantization={"backend": backend, "bits": bits})))
+        assert est.modelled and est.backend == backend
+        assert phrase in est.render().splitlines()[0], est.render().splitlines()[0]
+    # On a real model every backend stores bits/8 bytes per weight plus at most 1/8 more in constants (hqq 4-bit:
+    # a bf16 scale and zero per 64 values).
+    n = E.estimate("meta-llama/Llama-3.1-8B").shape.quantizable
+    for backend, bits in named:
+        size = E.estimate("meta-llama/Llama-3.1-8B", bits=bits, backend=backend).quantized
+        assert 1 < size / (n * bits / 8) <= 1.125, (backend, bits, size / (n * bits / 8))
+    plain = E.from_recipe(load_recipe(make_recipe(quantization={"backend": "quanto", "bits": 8})), bits=None)
+    assert "no quantization" in plain.render().splitlines()[0]  # --bits 16 overrides the recipe's bits
+    with pytest.raises(E.QtuneError, match="torchao does not offer 4-bit"):
+        E.estimate("meta-llama/Llama-3.1-8B", bits=4, backend="torchao")
+
+    for backend in ("gptq", "awq"):
+        est = E.from_recipe(load_recipe(make_recipe(quantization={"backend": backend, "bits": 4})), gpu="80GB")
+        out = est.render()
+        assert not est.modelled and f"{backend} (its weight bytes are not modelled)" in out.splitlines()[0]
+        assert "quantized weights" in out and "n/a" in out and "NF4" not in out and "absmax" not in out
+        assert f"verdict: unknown: the {backend} weights are not modelled" in out
+        assert est.verdict() is None
+    cli = run_qtune("estimate", make_recipe(quantization={"backend": "gptq", "bits": 4}), "--gpu", "0.25GB")
+    assert cli.returncode == 2 and "at least (without its gptq weights)" in cli.stderr, cli.stderr
 
 
 def test_offline_table_covers_the_families_and_known_sizes():

@@ -345,9 +345,16 @@ def test_export_gguf_refuses_a_run_without_adapter_and_odd_sources(models, tmp_p
 
 
 @pytest.mark.slow
-def test_export_gguf_of_a_run_merges_onto_the_dequantized_base_first(models, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "quantization",
+    [{"bits": 4}, {"backend": "quanto", "bits": 8}, {"backend": "torchao", "bits": 8}, {"backend": "hqq", "bits": 4}],
+    ids=["bnb-4", "quanto-8", "torchao-8", "hqq-4"],
+)
+def test_export_gguf_of_a_run_merges_onto_the_dequantized_base_first(models, tmp_path, capsys, quantization):
     """A run directory (recipe + a LoRA adapter with non-zero B, as training leaves it) is merged by
-    export.merge onto the dequantized 4-bit base, then written and verified."""
+    export.merge onto the dequantized base of the run's backend, then written and verified."""
+    backend = quantization.get("backend", "bnb")
+    pytest.importorskip({"bnb": "bitsandbytes", "quanto": "optimum.quanto"}.get(backend, backend))
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -355,7 +362,7 @@ def test_export_gguf_of_a_run_merges_onto_the_dequantized_base_first(models, tmp
     base = models["llama"]
     recipe = {
         "model": {"name": str(base)},
-        "quantization": {"bits": 4},
+        "quantization": quantization,
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "data": {"datasets": [{"path": str(write_jsonl(tmp_path / "d.jsonl", spell_rows(4)))}]},
         "output_dir": str(run),
