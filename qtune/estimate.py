@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qtune.errors import QtuneError
+from qtune.quant import HQQ_GROUP_SIZE
 
 GiB = 1024**3
 CUDA_CONTEXT = int(0.5 * GiB)
 BLOCK_4BIT = 64  # bitsandbytes' 4-bit blocksize (transformers' default)
 BLOCK_DQ = 256  # blocksize of the second quantization of the absmax constants
-HQQ_GROUP = 64  # hqq's BaseQuantizeConfig default group_size
 MODELLED = ("bnb", "quanto", "torchao", "hqq")  # backends whose weight bytes quantized_bytes knows
 NO_UPCAST = ("quanto", "torchao", "hqq", "gptq")  # other parts stay as loaded (peft's choice; quanto: qtune.model)
 
@@ -269,7 +269,7 @@ def quantized_bytes(shape: Shape, bits: int | None, double_quant: bool = True, l
         elif backend == "torchao":
             total += n + o * (4 + 1)  # int8 values + fp32 scale and int8 zero point per output row
         elif backend == "hqq":
-            groups = n // (group_size or HQQ_GROUP)
+            groups = n // (group_size or HQQ_GROUP_SIZE)
             total += n * bits // 8 + 2 * groups * load_bytes  # packed values + scale and zero per group
         elif bits == 4:
             blocks = math.ceil(n / BLOCK_4BIT)
@@ -535,7 +535,7 @@ class Estimate:
         return {
             "quanto": f"int{self.bits} weights (quanto)",
             "torchao": "int8 weight-only (torchao)",
-            "hqq": f"{self.bits}-bit (hqq, groups of {self.group_size or HQQ_GROUP})",
+            "hqq": f"{self.bits}-bit (hqq, groups of {self.group_size or HQQ_GROUP_SIZE})",
         }.get(self.backend, f"{self.bits}-bit {self.backend} (its weight bytes are not modelled)")
 
     def _quant_how(self) -> str:
@@ -552,7 +552,7 @@ class Estimate:
         if self.bits and self.backend == "torchao":
             return f"{n:,} x 1 B + fp32 scale and int8 zero point per output row"
         if self.bits and self.backend == "hqq":
-            group = self.group_size or HQQ_GROUP
+            group = self.group_size or HQQ_GROUP_SIZE
             return f"{n:,} x {self.bits / 8:g} B + a {self.load_bytes} B scale and zero per group of {group}"
         if self.bits == 4:
             consts = "uint8 absmax per 64 + fp32 per 256 absmax" if self.double_quant else "fp32 absmax per 64"

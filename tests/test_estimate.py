@@ -138,7 +138,7 @@ def test_hqq_weight_figure_matches_quantize_model(which, dtype, request):
     rotary = {"float32": 0, "bfloat16": 64 if which == "tiny_256" else 32}[dtype]
     for bits, group in [(8, None), (4, None), (4, 128)]:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-        config = BaseQuantizeConfig(nbits=bits, group_size=group or E.HQQ_GROUP)
+        config = BaseQuantizeConfig(nbits=bits, group_size=group or E.HQQ_GROUP_SIZE)
         AutoHQQHFModel.quantize_model(model, quant_config=config, compute_dtype=model.dtype, device="cpu")
         assert type(model.lm_head) is torch.nn.Linear  # hqq skips lm_head, quantizes every other linear
         assert sum(isinstance(m, HQQLinear) for m in model.modules()) == len(E.estimate(str(path)).shape.linears)
