@@ -67,8 +67,8 @@ class QuantizationSection(Section):
         "bnb",
         description="Quantization library: bnb (bitsandbytes, default); quanto (optimum-quanto int8/int4 "
         "weights, extra qtune[quanto]); torchao (int8 weight-only, extra qtune[torchao]); hqq (4/8-bit HQQ, "
-        "groups of 64, extra qtune[hqq]); gptq, awq: accepted names, refused at start with the reason (see the "
-        "README's backend table).",
+        "groups of 64, extra qtune[hqq]); gptq (model.name is a pre-quantized 4/8-bit GPTQ checkpoint, loaded as "
+        "saved, extra qtune[gptq]); awq: refused at start with the reason (see the README's backend table).",
     )
     bits: Literal[4, 8] | None = Field(4, description="4 (QLoRA), 8 (LLM.int8) or null (plain LoRA, no quantization).")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 is the QLoRA paper's.")

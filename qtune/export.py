@@ -105,6 +105,32 @@ def check_unquantized_checkpoint(model: str, key: str, command: str, fix: str, r
         )
 
 
+def check_gptq_checkpoint(model: str, key: str, recipe: Recipe, revision=None) -> None:
+    """Before loading: MODEL is a GPTQ checkpoint with the bits the run (quantization.backend gptq) trained on."""
+    from transformers import AutoConfig
+
+    from qtune.model import prequantized_bits, prequantized_method
+
+    try:
+        config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError):
+        return  # no readable config: loading the model reports it
+    method, bits = prequantized_method(config), prequantized_bits(config)
+    if method == "gptq" and bits == recipe.quantization.bits:
+        return
+    found = (
+        f"a {method} checkpoint" + (f" ({bits}-bit)" if bits else "")
+        if method
+        else "plain weights (no quantization_config)"
+    )
+    raise QtuneError(
+        f"{key}: '{model}' is {found}; the run trained LoRA on a {recipe.quantization.bits}-bit GPTQ checkpoint "
+        "(quantization.backend: gptq), which merge --onto dequantized dequantizes",
+        "pass --base the GPTQ checkpoint the run trained on, or --onto original --base the unquantized checkpoint "
+        "it was made from",
+    )
+
+
 def check_output_dir(out: Path, overwrite: bool = False) -> None:
     """The destination is new (or an empty folder, or --overwrite) and its parent is writable."""
     if out.exists() and not out.is_dir():
@@ -167,18 +193,19 @@ def load_4bit_base(recipe: Recipe, base: str | None = None):
     from transformers import AutoModelForCausalLM
 
     from qtune.model import _keep_cpu_4bit_trainable
-    from qtune.quant import quantization_config, quantize_after_load, resolve_dtype
+    from qtune.quant import checkpoint_config_notice_silenced, quantization_config, quantize_after_load, resolve_dtype
 
     m = recipe.model
-    model = AutoModelForCausalLM.from_pretrained(
-        base or m.name,
-        revision=None if base else m.revision,
-        trust_remote_code=m.trust_remote_code,
-        quantization_config=quantization_config(recipe),
-        dtype=resolve_dtype(m.dtype),
-        device_map=_device_map(),
-        use_safetensors=True,
-    )
+    with checkpoint_config_notice_silenced():  # backend gptq: the checkpoint's own config, training's kernel
+        model = AutoModelForCausalLM.from_pretrained(
+            base or m.name,
+            revision=None if base else m.revision,
+            trust_remote_code=m.trust_remote_code,
+            quantization_config=quantization_config(recipe),
+            dtype=resolve_dtype(m.dtype),
+            device_map=_device_map(),
+            use_safetensors=True,
+        )
     model = quantize_after_load(recipe, model)  # hqq on transformers 5.x, as in training
     _keep_cpu_4bit_trainable(model)
     return model.eval()
@@ -204,6 +231,14 @@ def _dequantized_weight(module):
 
     if hasattr(module, "W_q") and hasattr(module, "dequantize"):  # hqq's HQQLinear (not an nn.Linear)
         return module.dequantize()
+    if hasattr(module, "qweight") and hasattr(module, "dequantize_weight"):  # GPT-QModel's QuantLinear (GPTQ)
+        weight = module.dequantize_weight()  # [in_features, out_features], what forward multiplies x with
+        if weight.shape != (module.in_features, module.out_features):
+            raise QtuneError(
+                f"{type(module).__name__}.dequantize_weight() gave shape {tuple(weight.shape)}, not "
+                f"(in {module.in_features}, out {module.out_features}): this GPT-QModel release is not supported"
+            )
+        return weight.t()
     weight = getattr(module, "weight", None)
     if not isinstance(module, torch.nn.Linear) or weight is None:
         return None
@@ -213,8 +248,8 @@ def _dequantized_weight(module):
 
 def dequantize_layers(model, dtype):
     """Replace every weight-only quantized linear (optimum-quanto QLinear, torchao Int8Tensor weights, hqq's
-    HQQLinear) by a plain nn.Linear holding the dequantized weight: the weights those layers multiply with,
-    so the adapter merges onto exactly what it was trained against."""
+    HQQLinear, GPT-QModel's GPTQ QuantLinear) by a plain nn.Linear holding the dequantized weight: the weights
+    those layers multiply with, so the adapter merges onto exactly what it was trained against."""
     import torch
 
     for name, module in list(model.named_modules()):
@@ -273,6 +308,16 @@ def compare(logits, reference) -> Comparison:
     return Comparison(diff.max().item(), diff.mean().item(), top1, b.abs().max().item())
 
 
+def merge_tolerance(saved_dtype: str, load_dtype: str) -> tuple[float, float]:
+    """TOLERANCE for the coarser of the dtype the merged weights are saved in and the one the run loaded its base in
+    (the reference logits are computed in it): an fp32 merge of a bf16 run differs from it by bf16 rounding."""
+    from qtune.quant import resolve_dtype
+
+    loaded = str(resolve_dtype(load_dtype)).removeprefix("torch.")
+    candidates = [TOLERANCE[saved_dtype], TOLERANCE.get(loaded, TOLERANCE["float32"])]
+    return max(c[0] for c in candidates), min(c[1] for c in candidates)
+
+
 def merge(
     run_dir: str | os.PathLike,
     out: str | os.PathLike | None = None,
@@ -304,14 +349,21 @@ def merge(
     check_output_dir(dest, overwrite)
     base_name = base or recipe.model.name
     check_no_pickle(base_name, allow_pickle=False)
-    check_unquantized_checkpoint(
-        base_name,
-        "--base" if base else f"model.name (in {run.path / 'recipe.yaml'})",
-        "merge" + (f" --quantize {quantize_bits}" if quantize_bits else ""),
-        "pass --base",
-        revision=None if base else recipe.model.revision,
-        trust_remote_code=recipe.model.trust_remote_code,
-    )
+    base_key = "--base" if base else f"model.name (in {run.path / 'recipe.yaml'})"
+    if recipe.quantization.backend == "gptq" and onto == "dequantized":
+        # The run trained on a GPTQ checkpoint as it was saved: the merge dequantizes that checkpoint.
+        check_gptq_checkpoint(base_name, base_key, recipe, revision=None if base else recipe.model.revision)
+    else:
+        check_unquantized_checkpoint(
+            base_name,
+            base_key,
+            "merge"
+            + (f" --quantize {quantize_bits}" if quantize_bits else "")
+            + (" --onto original" if onto == "original" else ""),
+            "pass --base",
+            revision=None if base else recipe.model.revision,
+            trust_remote_code=recipe.model.trust_remote_code,
+        )
     quantized_in_training = recipe.quantization.bits is not None
     if quantized_in_training:
         from qtune.quant import check_backend
@@ -329,7 +381,10 @@ def merge(
     # 1. The reference: the adapter on the base as it was trained (4-bit), on fixed prompts.
     m = recipe.model
     if quantized_in_training:
-        trained = attach_adapter(load_4bit_base(recipe, base), run.adapter, base_name)
+        # gptq --onto original: --base is the unquantized checkpoint; training's base is the recipe's GPTQ one.
+        gptq_original = recipe.quantization.backend == "gptq" and onto == "original"
+        trained_base = None if gptq_original else base
+        trained = attach_adapter(load_4bit_base(recipe, trained_base), run.adapter, trained_base or m.name)
     else:
         from qtune.quant import resolve_dtype
 
@@ -346,7 +401,7 @@ def merge(
         if recipe.quantization.backend == "bnb":
             model = model.dequantize(dtype=torch_dtype).to(torch_dtype)  # transformers: bnb.dequantize_4bit per layer
         else:
-            model = dequantize_layers(model, torch_dtype)  # quanto / torchao / hqq: transformers has no dequantize
+            model = dequantize_layers(model, torch_dtype)  # quanto / torchao / hqq / gptq: no transformers dequantize
     else:
         del trained
         model = AutoModelForCausalLM.from_pretrained(
@@ -365,7 +420,7 @@ def merge(
 
     # 3. Verify. dequantized: merged must equal the adapter on the 4-bit base (what training optimised).
     #    original: merged must equal the adapter on the original weights; the gap to training is reported.
-    rel_tol, min_top1 = TOLERANCE[DTYPES[dtype]]
+    rel_tol, min_top1 = merge_tolerance(DTYPES[dtype], m.dtype)
     vs_trained = compare(merged_logits, reference)
     check = vs_trained if onto == "dequantized" or not quantized_in_training else compare(merged_logits, unmerged)
     log(f"qtune: merged ({onto}, {dtype}) vs adapter on the base as trained: {vs_trained.text()}")

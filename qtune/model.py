@@ -129,10 +129,15 @@ def check_architecture(recipe: Recipe) -> None:
 
     from qtune.quant import check_backend
 
-    check_backend(recipe)  # the backend is installed and works here (names quantization.backend / the extra)
     config, meta = _meta_model(recipe)
-    check_not_prequantized(config, recipe)
+    check_not_prequantized(config, recipe)  # first: installing an extra would not fix the wrong checkpoint
     q = recipe.quantization
+    if q.backend == "gptq" and q.bits is not None and recipe.lora.use_dora:
+        raise QtuneError(
+            "lora.use_dora: peft's LoRA layer for GPTQ weights (GPTQLoraLinear) does not support DoRA",
+            "set lora.use_dora: false, or train DoRA on an unquantized checkpoint with quantization.backend bnb",
+        )
+    check_backend(recipe)  # the backend is installed and works here (names quantization.backend / the extra)
     linears = linear_modules(meta)
     leaf_names = sorted({name.rsplit(".", 1)[-1] for name in linears})
     if q.bits is not None and not linears:
@@ -165,18 +170,59 @@ def prequantized_method(config) -> str | None:
     return existing.get("quant_method", "?") if isinstance(existing, dict) else "?"
 
 
+def prequantized_bits(config) -> int | None:
+    """bits of a checkpoint's own quantization_config (GPTQ / AWQ write it), None when it has none."""
+    existing = getattr(config, "quantization_config", None)
+    bits = existing.get("bits") if isinstance(existing, dict) else getattr(existing, "bits", None)
+    return bits if isinstance(bits, int) else None
+
+
 def check_not_prequantized(config, recipe: Recipe) -> None:
-    """A checkpoint saved quantized (GPTQ, AWQ, bitsandbytes, …) is refused whatever quantization.bits says: it
-    cannot be quantized again, and with bits: null transformers 5.24 drops its quantization_config, so the packed
-    weights would not load (GPTQ / AWQ would train on uninitialised layers; bnb ends in a size mismatch)."""
+    """The checkpoint's own quantization fits the recipe.
+
+    quantization.backend gptq trains on a GPTQ checkpoint as it was saved: the checkpoint must be GPTQ, with the
+    recipe's bits. Any other backend (and bits: null) needs unquantized weights: a checkpoint saved quantized
+    (GPTQ, AWQ, bitsandbytes, …) cannot be quantized again, and with bits: null transformers 5.24 drops its
+    quantization_config, so the packed weights would not load (GPTQ / AWQ would train on uninitialised layers;
+    bnb ends in a size mismatch)."""
     method = prequantized_method(config)
+    q = recipe.quantization
+    name = recipe.model.name
+    if q.backend == "gptq" and q.bits is not None:
+        if method != "gptq":
+            what = f"is quantized with {method}" if method else "has no quantization_config (plain weights)"
+            raise QtuneError(
+                f"quantization.backend: gptq trains on a pre-quantized GPTQ checkpoint; '{name}' {what}",
+                "give a GPTQ checkpoint as model.name (its config.json has quantization_config.quant_method: gptq), "
+                "or quantize this one with quantization.backend bnb, quanto, torchao or hqq",
+            )
+        bits = prequantized_bits(config)
+        if bits != q.bits:
+            raise QtuneError(
+                f"quantization.bits: {q.bits}, but '{name}' is a {bits}-bit GPTQ checkpoint",
+                f"set quantization.bits: {bits} (backend gptq loads the checkpoint as it was saved)"
+                if bits in (4, 8)
+                else "qtune trains on 4- or 8-bit GPTQ checkpoints",
+            )
+        return
     if method:
-        key = "model.name" if recipe.quantization.bits is None else "quantization.bits"
-        raise QtuneError(
-            f"{key}: '{recipe.model.name}' is already quantized ({method}); qtune trains LoRA on an unquantized "
-            "checkpoint that it quantizes itself (quantization.backend / bits)",
+        key = "model.name" if q.bits is None else "quantization.bits"
+        hint = (
             "use the unquantized checkpoint it was made from (quantization.bits: null does not load saved "
-            f"{method} weights either)",
+            f"{method} weights either)"
+        )
+        if method == "gptq":
+            bits = prequantized_bits(config)
+            hint += f", or set quantization.backend: gptq and quantization.bits: {bits} to train LoRA on it as it is"
+        why = (
+            "quantization.bits: null trains plain LoRA on unquantized weights"
+            if q.bits is None
+            else f"quantization.backend {q.backend} quantizes an unquantized checkpoint itself"
+        )
+        raise QtuneError(
+            f"{key}: '{name}' is already quantized ({method}); {why} (only quantization.backend gptq takes a "
+            "checkpoint saved quantized: a GPTQ one, as it is)",
+            hint,
         )
 
 
@@ -244,7 +290,13 @@ def load(recipe: Recipe, launch: Launch, verbose: bool = True, tokenizer=None):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    from qtune.quant import lora_targets, quantization_config, quantize_after_load, resolve_dtype
+    from qtune.quant import (
+        checkpoint_config_notice_silenced,
+        lora_targets,
+        quantization_config,
+        quantize_after_load,
+        resolve_dtype,
+    )
 
     m = recipe.model
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe)
@@ -252,16 +304,17 @@ def load(recipe: Recipe, launch: Launch, verbose: bool = True, tokenizer=None):
     kwargs = {}
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(
-        m.name,
-        revision=m.revision,
-        trust_remote_code=m.trust_remote_code,
-        quantization_config=quant,
-        dtype=resolve_dtype(m.dtype),
-        device_map=device_map_for(recipe, launch),
-        max_memory=_max_memory(recipe),
-        **kwargs,
-    )
+    with checkpoint_config_notice_silenced():  # backend gptq: the checkpoint's own config, our kernel
+        model = AutoModelForCausalLM.from_pretrained(
+            m.name,
+            revision=m.revision,
+            trust_remote_code=m.trust_remote_code,
+            quantization_config=quant,
+            dtype=resolve_dtype(m.dtype),
+            device_map=device_map_for(recipe, launch),
+            max_memory=_max_memory(recipe),
+            **kwargs,
+        )
     model = quantize_after_load(recipe, model)  # hqq on transformers 5.x: quantized here, not while loading
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -1,8 +1,12 @@
 """Recipe → the quantization backend's config (bitsandbytes by default), and hqq's quantization after loading.
+With backend gptq the base is a GPTQ checkpoint, loaded as it was saved (qtune does not quantize it).
 
 Backend knowledge lives here; `model.py` and `export.py` load with it."""
 
 from __future__ import annotations
+
+import contextlib
+import warnings
 
 from qtune.config import Recipe
 
@@ -50,9 +54,18 @@ def bnb_config(recipe: Recipe, launch=None):
 
 # --------------------------------------------------------------------------- other backends (issue 9)
 
-# backend → (module that must import, pip extra). Imported only inside functions: qtune --help stays fast.
-BACKEND_EXTRAS = {"hqq": ("hqq", "hqq"), "quanto": ("optimum.quanto", "quanto"), "torchao": ("torchao", "torchao")}
+# backend → (modules that must import, pip extra). Imported only inside functions: qtune --help stays fast.
+BACKEND_EXTRAS = {
+    "hqq": (("hqq",), "hqq"),
+    "quanto": (("optimum.quanto",), "quanto"),
+    "torchao": (("torchao",), "torchao"),
+    "gptq": (("optimum.gptq", "gptqmodel"), "gptq"),  # transformers loads GPTQ through optimum + GPT-QModel
+}
 HQQ_GROUP_SIZE = 64  # hqq's and transformers' HqqConfig default
+# GPT-QModel's kernel for a GPTQ base: its pure-torch QuantLinear (TorchLinear) trains (SUPPORTS_TRAINING) on the CPU
+# and on CUDA, and naming it skips the kernel auto-selection, which on an AVX512-BF16 CPU JIT-compiles a C++
+# inference kernel (TorchCpuAvx512Linear, no training support) for ~2 minutes on first use.
+GPTQ_KERNEL = "gptq_torch"
 
 
 def hqq_quantizes_on_load() -> bool:
@@ -72,22 +85,26 @@ def check_backend(recipe: Recipe) -> None:
     q = recipe.quantization
     if q.backend == "bnb" or q.bits is None:
         return
-    if q.backend in ("gptq", "awq"):
+    if q.backend == "awq":
+        # Tried on the CPU (gptqmodel 7.7, transformers 5.24): LoRA trains on a GPT-QModel AWQ checkpoint, but its
+        # layers have no dequantize_weight(), the kernels transformers' AwqConfig accepts either compute in fp16
+        # (torch_awq) or repack the weights (torch_fused_awq), so a merge cannot be verified exactly.
         raise QtuneError(
-            f"quantization.backend: {q.backend} needs a CUDA GPU and a pre-quantized {q.backend.upper()} "
-            "checkpoint; qtune has not verified LoRA training on it (unverified, refused)",
-            "use quantization.backend bnb (default), quanto, torchao or hqq",
+            "quantization.backend: awq is not offered: qtune cannot dequantize GPT-QModel's AWQ layers for a "
+            "verified merge (training on an AWQ checkpoint is unverified, refused)",
+            "use a GPTQ checkpoint with quantization.backend gptq, or bnb (default), quanto, torchao or hqq",
         )
-    module, extra = BACKEND_EXTRAS[q.backend]
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        found = False
-    if not found:
-        raise QtuneError(
-            f"quantization.backend: {q.backend} is not installed (module {module} not found)",
-            f"pip install 'qtune[{extra}]'",
-        )
+    modules, extra = BACKEND_EXTRAS[q.backend]
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            raise QtuneError(
+                f"quantization.backend: {q.backend} is not installed (module {module} not found)",
+                f"pip install 'qtune[{extra}]'",
+            )
 
 
 def quantization_config(recipe: Recipe, launch=None):
@@ -112,8 +129,23 @@ def quantization_config(recipe: Recipe, launch=None):
         from transformers import HqqConfig
 
         return HqqConfig(nbits=q.bits, group_size=HQQ_GROUP_SIZE)
-    check_backend(recipe)  # gptq / awq: refused there with the reason
+    if q.backend == "gptq":
+        from transformers import GPTQConfig
+
+        # The checkpoint's own quantization_config describes its weights; transformers takes only the loading
+        # attributes (the kernel) from this one.
+        return GPTQConfig(bits=q.bits, backend=GPTQ_KERNEL)
+    check_backend(recipe)  # awq: refused there with the reason
     raise AssertionError(q.backend)
+
+
+@contextlib.contextmanager
+def checkpoint_config_notice_silenced():
+    """from_pretrained with the kernel-only GPTQConfig warns that the checkpoint's quantization_config is used and
+    only the loading attributes (the kernel) are taken from ours: exactly what backend gptq means, so not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+        yield
 
 
 def quantize_after_load(recipe: Recipe, model):
@@ -134,13 +166,18 @@ def quantize_after_load(recipe: Recipe, model):
 
 def lora_targets(recipe: Recipe, model):
     """LoRA target_modules for the loaded model. peft resolves all-linear to nn.Linear / Conv1D layers, and
-    hqq's HQQLinear is neither: with hqq, all-linear becomes the names of its HQQLinear layers."""
+    hqq's HQQLinear and GPT-QModel's QuantLinear are neither: with hqq or gptq, all-linear becomes the names of
+    the quantized layers."""
     targets = recipe.lora.target_modules
-    if recipe.quantization.backend != "hqq" or targets != "all-linear":
+    backend = recipe.quantization.backend
+    if backend not in ("hqq", "gptq") or recipe.quantization.bits is None or targets != "all-linear":
         return targets
-    from hqq.core.quantize import HQQLinear
+    if backend == "hqq":
+        from hqq.core.quantize import HQQLinear as quantized
+    else:
+        from gptqmodel.nn_modules.qlinear import BaseQuantLinear as quantized
 
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, HQQLinear)})
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, quantized)})
 
 
 def describe(recipe: Recipe) -> str:
@@ -148,6 +185,8 @@ def describe(recipe: Recipe) -> str:
     q = recipe.quantization
     if q.bits is None:
         return "no quantization"
+    if q.backend == "gptq":
+        return f"{q.bits}-bit gptq (pre-quantized checkpoint, kernel {GPTQ_KERNEL})"
     if q.backend != "bnb":
         return f"{q.bits}-bit {q.backend}"
     if q.bits == 8:

@@ -6,4 +6,10 @@ bash scripts/setup.sh
 . .venv/bin/activate
 # llama.cpp itself, for tests/test_gguf_llamacpp.py: built from source once (a few minutes), not needed by the demo
 python -c "import llama_cpp" 2>/dev/null || python -m pip install -q -e '.[dev,llamacpp]'
+# GPT-QModel, for the gptq backend's tests: gptqmodel 7.7 declares torch>=2.14.1 (pip would swap in a multi-GB CUDA
+# torch), so what it imports is installed first and gptqmodel itself without dependencies (extra `gptq` on a GPU).
+python -c "import gptqmodel, optimum.gptq" 2>/dev/null || {
+  python -m pip install -q optimum threadpoolctl device-smi pypcre tokenicer logbar defuser
+  python -m pip install -q --no-deps --no-build-isolation 'gptqmodel==7.7.0'
+}
 python -m pytest -q "$@"
