@@ -86,17 +86,22 @@ def check_no_pickle(model: str, allow_pickle: bool) -> None:
         )
 
 
-def check_unquantized_checkpoint(model: str, key: str, command: str, fix: str, revision=None, trust_remote_code=False):
-    """Before loading: MODEL's config.json carries no quantization_config (GPTQ, AWQ, bitsandbytes, …)."""
+def _checkpoint_config(model: str, revision=None, trust_remote_code=False):
+    """MODEL's config, None when it cannot be read (loading the model then reports why)."""
     from transformers import AutoConfig
 
+    try:
+        return AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+
+
+def check_unquantized_checkpoint(model: str, key: str, command: str, fix: str, revision=None, trust_remote_code=False):
+    """Before loading: MODEL's config.json carries no quantization_config (GPTQ, AWQ, bitsandbytes, …)."""
     from qtune.model import prequantized_method
 
-    try:
-        config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        return  # no readable config: loading the model reports it
-    method = prequantized_method(config)
+    config = _checkpoint_config(model, revision, trust_remote_code)
+    method = prequantized_method(config) if config is not None else None
     if method:
         raise QtuneError(
             f"{key}: '{model}' is already quantized ({method}); {command} needs unquantized weights "
@@ -107,14 +112,11 @@ def check_unquantized_checkpoint(model: str, key: str, command: str, fix: str, r
 
 def check_gptq_checkpoint(model: str, key: str, recipe: Recipe, revision=None) -> None:
     """Before loading: MODEL is a GPTQ checkpoint with the bits the run (quantization.backend gptq) trained on."""
-    from transformers import AutoConfig
-
     from qtune.model import prequantized_bits, prequantized_method
 
-    try:
-        config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=recipe.model.trust_remote_code)
-    except (OSError, ValueError):
-        return  # no readable config: loading the model reports it
+    config = _checkpoint_config(model, revision, recipe.model.trust_remote_code)
+    if config is None:
+        return
     method, bits = prequantized_method(config), prequantized_bits(config)
     if method == "gptq" and bits == recipe.quantization.bits:
         return
