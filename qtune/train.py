@@ -15,7 +15,10 @@ from qtune.errors import QtuneError
 from qtune.model import Launch
 
 # Outputs qtune writes into a run directory; `overwrite` removes exactly these, nothing else.
-RUN_OUTPUTS = ("adapter", "checkpoints", "recipe.yaml", "summary.json", "metrics.jsonl", "loss.png", "tensorboard")
+RUN_OUTPUTS = (
+    "adapter", "checkpoints", "recipe.yaml", "summary.json", "metrics.jsonl", "loss.png", "tensorboard", "wandb_run_id"
+)  # fmt: skip
+WANDB_RUN_ID = "wandb_run_id"  # the W&B run's id, so that a resumed run logs on into the same W&B run
 # W&B offline runs (output_dir/wandb) are not among them: `--overwrite` never deletes a run not yet synced.
 
 # SFTConfig arguments the schema already names: setting them again in training.extra is ambiguous.
@@ -513,9 +516,10 @@ def _tracking_env(recipe: Recipe, run_dir: Path | None = None) -> None:
     os.environ.update({k: v for k, v in settings.items() if v})
 
 
-def _start_wandb(recipe: Recipe, run_dir: Path, launch: Launch):
+def _start_wandb(recipe: Recipe, run_dir: Path, launch: Launch, resuming: bool):
     """The W&B run, opened by qtune on the main process only, with the resolved recipe (secrets redacted)
-    as its config; transformers' WandbCallback then logs into it and adds the trainer arguments."""
+    as its config; transformers' WandbCallback then logs into it and adds the trainer arguments. A resumed
+    run continues the W&B run it started (its id kept in run_dir/wandb_run_id), a new run gets a new id."""
     import os
 
     from qtune.config import recipe_to_dict
@@ -524,8 +528,12 @@ def _start_wandb(recipe: Recipe, run_dir: Path, launch: Launch):
         return None
     import wandb
 
+    id_file = run_dir / WANDB_RUN_ID
+    run_id = id_file.read_text().strip() if resuming and id_file.is_file() else None
     t = recipe.tracking
-    return wandb.init(
+    run = wandb.init(
+        id=run_id,
+        resume="allow" if run_id else None,
         project=t.project,
         entity=t.entity,
         name=t.run_name,
@@ -534,6 +542,8 @@ def _start_wandb(recipe: Recipe, run_dir: Path, launch: Launch):
         config=recipe_to_dict(recipe),
         dir=os.environ.get("WANDB_DIR") or str(run_dir),
     )
+    id_file.write_text(run.id + "\n")
+    return run
 
 
 def _keep_adapter_fp32(model) -> None:
@@ -736,7 +746,7 @@ def run(recipe: Recipe, model, tokenizer, dataset, args, launch: Launch, quiet: 
     trainable, _ = trainer.model.get_nb_trainable_parameters()
     check_free_space(run_dir, trainable, recipe)
 
-    tracker = _start_wandb(recipe, run_dir, launch)
+    tracker = _start_wandb(recipe, run_dir, launch, resuming=checkpoint is not None)
     try:
         started = time.time()
         result = trainer.train(resume_from_checkpoint=checkpoint)

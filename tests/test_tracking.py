@@ -116,6 +116,31 @@ def test_metrics_summary_plot_console_and_wandb_offline_read_back(make_recipe, t
 
 
 @pytest.mark.slow
+def test_resumed_run_logs_into_the_same_wandb_run_and_a_new_run_gets_a_new_one(make_recipe, tmp_path):
+    recipe = make_recipe(
+        training={"max_steps": 4, "logging_steps": 2, "save_steps": 2},
+        tracking={"backend": "wandb", "mode": "offline", "project": "qtune-test"},
+    )
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    run_dir = tmp_path / "run"
+
+    def run_ids() -> list[str]:
+        files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"), key=lambda f: f.stat().st_mtime)
+        return [next(r.run.run_id for r in _wandb_records(f) if r.WhichOneof("record_type") == "run") for f in files]
+
+    assert _run("train", recipe, "--quiet", env=env, cwd=tmp_path).returncode == 0
+    first = (run_dir / "wandb_run_id").read_text().strip()
+    assert run_ids() == [first]
+    result = _run("train", recipe, "--quiet", "--resume", "training.max_steps=6", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == "checkpoint-4"
+    assert run_ids() == [first, first]  # the resumed run continues the same W&B run
+    assert _run("train", recipe, "--quiet", "--overwrite", env=env, cwd=tmp_path).returncode == 0
+    ids = run_ids()
+    assert len(ids) == 3 and ids[2] != first and (run_dir / "wandb_run_id").read_text().strip() == ids[2]
+
+
+@pytest.mark.slow
 def test_tensorboard_event_files_read_back(make_recipe, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
