@@ -383,14 +383,21 @@ def verify(path: Path, merged, tokenizer, qtype: str, prompts) -> dict:
             ours.append(merged(input_ids=ids).logits[0].float())
             theirs.append(loaded(input_ids=ids).logits[0].float())
     result = compare(theirs, ours)
+    tolerance = _check_tolerance(result, qtype, "transformers'")
+    return {"type": qtype, "comparison": result.__dict__, "tolerance": tolerance, "text": result.text()}
+
+
+def _check_tolerance(result, qtype: str, reader: str) -> str:
+    """The tolerance text for `qtype`; a QtuneError naming `reader` when `result` exceeds it."""
     rel, min_top1 = TOLERANCE[qtype]
     tolerance = f"max |Δlogit| ≤ {rel:g} × max(1, max|logit| = {result.scale:.3g}), top-1 ≥ {100 * min_top1:g}%"
     if not result.within(rel, min_top1):
         raise QtuneError(
-            f"GGUF verification failed ({qtype}): {result.text()} exceeds the tolerance ({tolerance}); nothing was written",
+            f"GGUF verification failed ({qtype}): {reader} logits are off, {result.text()} exceeds the tolerance "
+            f"({tolerance}); nothing was written",
             "--debug shows details",
         )
-    return {"type": qtype, "comparison": result.__dict__, "tolerance": tolerance, "text": result.text()}
+    return tolerance
 
 
 def verify_llama_cpp(path: Path, merged, tokenizer, qtype: str, prompts) -> dict | None:
@@ -424,12 +431,7 @@ def verify_llama_cpp(path: Path, merged, tokenizer, qtype: str, prompts) -> dict
     finally:
         llm.close()
     result = compare(theirs, ours)
-    rel, min_top1 = TOLERANCE[qtype]
-    if not result.within(rel, min_top1):
-        raise QtuneError(
-            f"GGUF verification failed ({qtype}): llama.cpp's logits are off, {result.text()}; nothing was written",
-            "--debug shows details",
-        )
+    _check_tolerance(result, qtype, "llama.cpp's")
     return {"version": llama_cpp.__version__, "comparison": result.__dict__, "text": result.text()}
 
 
