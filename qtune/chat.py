@@ -12,42 +12,29 @@ from qtune.errors import QtuneError
 from qtune.quant import describe as describe_quantization
 
 
-def load(target: str, merged: bool = False, allow_pickle: bool = False):
+def load_for_chat(target: str, merged: bool = False, allow_pickle: bool = False):
     """(model, tokenizer, description) for a run directory (adapter on the trained base, or its merged/) or a model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qtune import export
+    from qtune.export import check_no_pickle
+    from qtune.model import load_trained, single_process_device_map
+    from qtune.rundir import RunDir
 
     path = Path(target)
-    if (path / "recipe.yaml").is_file():
-        run = export.open_run(path)
-        if merged:
-            path = run.path / "merged"
-            if not (path / "config.json").is_file():
-                raise QtuneError(f"{path}: no merged model in the run", f"run `qtune merge {run.path}` first")
-        else:
+    if RunDir.is_run(path):
+        run = RunDir.open(path)
+        if not merged:
             recipe = run.recipe
-            if recipe.quantization.bits is not None:
-                base = export.load_4bit_base(recipe)
-            else:
-                from qtune.quant import resolve_dtype
-
-                base = AutoModelForCausalLM.from_pretrained(
-                    recipe.model.name,
-                    revision=recipe.model.revision,
-                    dtype=resolve_dtype(recipe.model.dtype),
-                    trust_remote_code=recipe.model.trust_remote_code,
-                    use_safetensors=True,
-                )
-            model = export.attach_adapter(base, run.adapter, recipe.model.name)
+            model = load_trained(recipe, run.adapter)
             tokenizer = AutoTokenizer.from_pretrained(str(run.adapter))
             return model, tokenizer, f"adapter {run.adapter} on {recipe.model.name} ({describe_quantization(recipe)})"
+        path = run.require_merged()
     elif merged:
         raise QtuneError(f"--merged: {target} is not a run directory", "give RUN_DIR, or the model folder itself")
-    export.check_no_pickle(str(path), allow_pickle)
+    check_no_pickle(str(path), allow_pickle)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), device_map=export._device_map(), use_safetensors=None if allow_pickle else True
+            str(path), device_map=single_process_device_map(), use_safetensors=None if allow_pickle else True
         )
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except OSError as exc:
@@ -98,7 +85,7 @@ def generate(
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def run(
+def chat(
     target: str,
     prompt: str | None = None,
     system: str | None = None,
@@ -112,7 +99,7 @@ def run(
     """One-shot with `prompt` (the answer alone on stdout), else a REPL (/reset clears history, /exit or Ctrl-D quits)."""
     from transformers import set_seed
 
-    model, tokenizer, what = load(target, merged, allow_pickle)
+    model, tokenizer, what = load_for_chat(target, merged, allow_pickle)
     set_seed(seed)
     base = [{"role": "system", "content": system}] if system else []
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}

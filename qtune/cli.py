@@ -79,62 +79,40 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from qtune import data, model, train
+def _recipe_with_flags(args: argparse.Namespace):
     from qtune.config import load_recipe
 
     overrides = list(args.overrides)
-    if args.resume:
+    if getattr(args, "resume", False):
         overrides.append("training.resume=true")
-    if args.overwrite:
+    if getattr(args, "overwrite", False):
         overrides.append("training.overwrite=true")
-    recipe = load_recipe(args.recipe, overrides)
-    launch = model.detect_launch()
+    return load_recipe(args.recipe, overrides)
 
-    # Everything that can be wrong is checked before the model loads: seconds, not a GPU hour.
-    train.check_launch(recipe, launch)
-    train.prepare_run_dir(recipe, launch)
-    fmt, rows = data.load_rows(recipe)
-    model.check_architecture(recipe)
-    tokenizer = model.load_tokenizer(recipe)
-    args_for_trl = train.sft_config(recipe, launch, data.loss_settings(recipe, tokenizer, fmt))
-    data.check(recipe, tokenizer, fmt, rows, args_for_trl)  # the silent data killers, through TRL's preparation
-    if launch.is_main:
-        data.warn_skipped(rows)
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """`qtune train RECIPE`: everything checked before the model loads (seconds, not a GPU hour), then trained."""
+    from qtune import pipeline
+
+    prepared = pipeline.prepare(_recipe_with_flags(args))
     if args.check:
-        if launch.is_main:
-            print(f"qtune: {args.recipe} is ready: {len(rows)} {fmt} rows, output in {recipe.output_dir}")
+        if prepared.launch.is_main:
+            print(
+                f"qtune: {args.recipe} is ready: {len(prepared.rows)} {prepared.fmt} rows, "
+                f"output in {prepared.recipe.output_dir}"
+            )
         return 0
-
-    if args.quiet or not launch.is_main:
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-    # verbose=False: train.run prints the run summary
-    peft_model, tokenizer = model.load(recipe, launch, verbose=False, tokenizer=tokenizer)
-    dataset = data.build(recipe, tokenizer, fmt, rows, args_for_trl)  # main process first; others reuse its cache
-    train.run(recipe, peft_model, tokenizer, dataset, args_for_trl, launch, quiet=args.quiet)
+    pipeline.train(prepared, quiet=args.quiet)
     return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
     """`qtune data RECIPE`: the data exactly as `train` prepares it, summarized, before any GPU hour."""
-    from qtune import data, model, train
-    from qtune.config import load_recipe
+    from qtune import data, pipeline
 
-    recipe = load_recipe(args.recipe, list(args.overrides))
-    launch = model.detect_launch()
-    fmt, rows = data.load_rows(recipe)
-    tokenizer = model.load_tokenizer(recipe)
-    settings = data.loss_settings(recipe, tokenizer, fmt)
-    args_for_trl = train.sft_config(recipe, launch, settings)
-    data.warn_skipped(rows)
-    prepared = data.check(recipe, tokenizer, fmt, rows, args_for_trl, sample=None, loud=False)
-    prepared.stats["eval_examples"] = len(data.build(recipe, tokenizer, fmt, rows).get("eval", []))
-    print(data.summary(recipe, tokenizer, fmt, rows, prepared, settings, max(0, args.samples), dim=args.color))
-    data.verify(recipe, tokenizer, prepared)  # after the summary, so the user sees what is wrong
+    p = pipeline.prepare(_recipe_with_flags(args), training=False)
+    print(data.summary(p.recipe, p.tokenizer, p.fmt, p.rows, p.examples, p.loss, max(0, args.samples), dim=args.color))
+    data.verify(p.recipe, p.tokenizer, p.examples)  # after the summary, so the user sees what is wrong
     return 0
 
 
@@ -192,9 +170,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if args.bits == 16:
         options["bits"] = None  # no quantization
     if args.recipe:
-        from qtune.config import load_recipe
-
-        result = estimate.from_recipe(load_recipe(args.recipe, list(args.overrides)), **options)
+        recipe = _recipe_with_flags(args)
+        result = estimate.from_recipe(recipe, **options)
     else:
         if args.overrides:
             raise QtuneError(f"overrides ({' '.join(args.overrides)}) need a RECIPE", "with --model use the options")
@@ -348,7 +325,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from qtune import chat
 
-    return chat.run(
+    return chat.chat(
         args.target,
         prompt=args.prompt,
         system=args.system,

@@ -1001,10 +1001,13 @@ def check(
     _needs_template(recipe, tokenizer, fmt, rows)
     if isinstance(rows, Rows) and _conversational(fmt, rows):
         _render_rows(rows, tokenizer, recipe.data.on_bad_row)
-    train_rows = build(recipe, tokenizer, fmt, rows, args)["train"]  # the cache entry training reuses
+    built = build(recipe, tokenizer, fmt, rows, args)  # the cache entry training reuses
+    train_rows = built["train"]
     if sample is not None and len(train_rows) > sample:
         train_rows = train_rows.select(range(sample))
-    prepared = prepare(recipe, tokenizer, DatasetDict(train=train_rows), args)
+    prepared = prepare(
+        recipe, tokenizer, DatasetDict(train=train_rows, **{k: v for k, v in built.items() if k == "eval"}), args
+    )
     if loud:
         verify(recipe, tokenizer, prepared)
     return prepared

@@ -660,57 +660,46 @@ def from_recipe(recipe, **overrides) -> Estimate:
 
 
 def probe(recipe_path: str, overrides: list[str] = ()) -> dict:
-    """Run one real optimizer step of the recipe (qtune's own loading, data and TRL trainer) into a temporary
-    output dir and return the measured peak memory: torch's peak allocated/reserved on a GPU, the peak
-    resident set of the process on the CPU."""
-    import resource
-    import sys
+    """Run one real optimizer step of the recipe through qtune's own pipeline (its checks, loading, data and
+    TRL trainer) into a temporary output dir and return the measured peak memory: torch's peak allocated /
+    reserved on a GPU, the peak resident set of the process on the CPU."""
+    import contextlib
+    import io
     import tempfile
 
-    from qtune import data, model, train
+    from qtune import pipeline
     from qtune.config import load_recipe
+    from qtune.monitor import peak_memory_bytes
 
     with tempfile.TemporaryDirectory(prefix="qtune-probe-") as tmp:
-        step = [
+        one_step = [
             "training.max_steps=1",
             f"output_dir={tmp}/run",
+            "training.resume=false",
+            "training.overwrite=false",
             "tracking.backend=none",
+            "hub.push=false",
             "training.save_steps=null",
             "training.eval_steps=null",
             "data.eval_split=null",
         ]
-        recipe = load_recipe(recipe_path, [*overrides, *step])
-        launch = model.detect_launch()
-        fmt, rows = data.load_rows(recipe)
-        tokenizer = model.load_tokenizer(recipe)
-        args = train.sft_config(recipe, launch, data.loss_settings(recipe, tokenizer, fmt))
+        prepared = pipeline.prepare(load_recipe(recipe_path, [*overrides, *one_step]))
         import torch
-        from transformers import PrinterCallback, ProgressCallback
-        from trl import SFTTrainer
 
         gpu = torch.cuda.is_available()
-        scale = 1 if sys.platform == "darwin" else 1024
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        rss_before = peak_memory_bytes().get("rss", 0)
         if gpu:
             torch.cuda.reset_peak_memory_stats()
-        peft_model, tokenizer = model.load(recipe, launch, verbose=False)
-        dataset = data.build(recipe, tokenizer, fmt, rows)
-        trainer = SFTTrainer(model=peft_model, args=args, train_dataset=dataset["train"], processing_class=tokenizer)
-        train._keep_adapter_fp32(trainer.model)  # as train.run does
-        trainer.remove_callback(PrinterCallback)  # the step's log dict is not what the user asked for
-        trainer.remove_callback(ProgressCallback)
-        trainer.train()
+        with contextlib.redirect_stdout(io.StringIO()):  # the step's run summary is not what the user asked for
+            pipeline.train(prepared, quiet=True)
+        peak = peak_memory_bytes()
         if gpu:
             return {
                 "device": torch.cuda.get_device_name(),
-                "peak_allocated": torch.cuda.max_memory_allocated(),
-                "peak_reserved": torch.cuda.max_memory_reserved(),
+                "peak_allocated": peak["allocated"],
+                "peak_reserved": peak["reserved"],
             }
-        return {
-            "device": "cpu",
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
-            "rss_before_load": rss_before,
-        }
+        return {"device": "cpu", "peak_rss": peak["rss"], "rss_before_load": rss_before}
 
 
 def render_probe(measured: dict, est: Estimate) -> str:

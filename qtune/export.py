@@ -15,10 +15,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from qtune.config import Recipe, load_recipe
+from qtune.config import Recipe
 from qtune.errors import QtuneError
+from qtune.rundir import (
+    PICKLE_SUFFIXES,
+    RunDir,
+    check_no_pickle_files,
+    check_output_dir,
+    staged_output,
+)
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Largest logit difference accepted between the merged model and its reference, relative to the largest
 # reference logit (at least 1), and the top-1 agreement demanded, per dtype the merged weights are saved in.
@@ -31,45 +37,7 @@ VERIFY_PROMPTS = (
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-# --------------------------------------------------------------------------- run directories and files
-
-
-@dataclass(frozen=True)
-class Run:
-    """A run directory: the resolved recipe it was trained with and its saved adapter."""
-
-    path: Path
-    recipe: Recipe
-
-    @property
-    def adapter(self) -> Path:
-        return self.path / "adapter"
-
-
-def open_run(run_dir: str | os.PathLike) -> Run:
-    """Read RUN_DIR/recipe.yaml and check RUN_DIR/adapter holds a safetensors adapter."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise QtuneError(f"{path}: no such run directory", "give the output_dir of a finished `qtune train`")
-    if not (path / "recipe.yaml").is_file():
-        raise QtuneError(
-            f"{path}: not a qtune run directory (no recipe.yaml)",
-            "give the output_dir of a finished `qtune train`, or a model folder where a MODEL is accepted",
-        )
-    adapter = path / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise QtuneError(
-            f"{path}: the run has no adapter ({adapter}/adapter_config.json is missing)",
-            "the training did not finish; run `qtune train RECIPE --resume` or train again",
-        )
-    if not (adapter / "adapter_model.safetensors").is_file():
-        pickled = [p.name for p in adapter.iterdir() if p.suffix in PICKLE_SUFFIXES]
-        raise QtuneError(
-            f"{adapter}: no adapter_model.safetensors"
-            + (f" (only pickle weights: {', '.join(pickled)})" if pickled else ""),
-            "qtune loads adapters from safetensors only; convert it with peft (save_pretrained(safe_serialization=True))",
-        )
-    return Run(path, load_recipe(path / "recipe.yaml"))
+# --------------------------------------------------------------------------- checkpoints
 
 
 def check_no_pickle(model: str, allow_pickle: bool) -> None:
@@ -133,98 +101,7 @@ def check_gptq_checkpoint(model: str, key: str, recipe: Recipe, revision=None) -
     )
 
 
-def check_output_dir(out: Path, overwrite: bool = False) -> None:
-    """The destination is new (or an empty folder, or --overwrite) and its parent is writable."""
-    if out.exists() and not out.is_dir():
-        raise QtuneError(f"{out}: exists and is not a directory", "choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise QtuneError(f"{out}: output directory is not empty", "choose another --out, or pass --overwrite")
-    parent = out.parent if out.parent != Path("") else Path(".")
-    probe = next((p for p in [parent, *parent.parents] if p.exists()), Path("."))
-    if not os.access(probe, os.W_OK):
-        raise QtuneError(f"{out}: cannot write to {probe}", "choose a writable --out")
-
-
-@contextlib.contextmanager
-def staged_output(out: Path):
-    """A fresh temporary folder beside `out` (same filesystem): when the block succeeds it replaces `out` in
-    one rename; when it fails it is removed. `out` is never half-written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-
-
-def _check_saved(folder: Path) -> None:
-    pickled = [p.name for p in folder.rglob("*") if p.name.endswith(PICKLE_SUFFIXES)]
-    if pickled:  # a library changed its default: never ship it
-        raise QtuneError(f"refusing to publish pickle files: {', '.join(pickled)}")
-
-
-def _device_map():
-    import torch
-
-    return {"": 0} if torch.cuda.is_available() else None
-
-
-def _memory_gib() -> float:
-    """Peak memory of this process so far: the GPU's allocator peak on CUDA, else the peak resident set."""
-    import resource
-
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
 # --------------------------------------------------------------------------- loading
-
-
-def load_4bit_base(recipe: Recipe, base: str | None = None):
-    """The base exactly as training loaded it (same quantization config and dtype), without k-bit preparation.
-
-    bitsandbytes' CPU repack is disabled on every 4-bit layer, so a no-grad forward cannot change the
-    stored weights or their constants (the repack converts absmax to bf16 and drops double quant)."""
-    from transformers import AutoModelForCausalLM
-
-    from qtune.model import _keep_cpu_4bit_trainable
-    from qtune.quant import checkpoint_config_notice_silenced, quantization_config, quantize_after_load, resolve_dtype
-
-    m = recipe.model
-    with checkpoint_config_notice_silenced():  # backend gptq: the checkpoint's own config, training's kernel
-        model = AutoModelForCausalLM.from_pretrained(
-            base or m.name,
-            revision=None if base else m.revision,
-            trust_remote_code=m.trust_remote_code,
-            quantization_config=quantization_config(recipe),
-            dtype=resolve_dtype(m.dtype),
-            device_map=_device_map(),
-            use_safetensors=True,
-        )
-    model = quantize_after_load(recipe, model)  # hqq on transformers 5.x, as in training
-    _keep_cpu_4bit_trainable(model)
-    return model.eval()
-
-
-def attach_adapter(model, adapter: Path, base_name: str):
-    """PeftModel.from_pretrained, with a clear error when the adapter was trained on another architecture."""
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
-    except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise QtuneError(
-            f"{adapter}: the adapter does not fit the base model {base_name}: {first}",
-            "use the base the adapter was trained on (recipe.yaml model.name, or --base)",
-        ) from None
 
 
 def _dequantized_weight(module):
@@ -273,6 +150,14 @@ def dequantize_layers(model, dtype):
 
 
 # --------------------------------------------------------------------------- merge
+
+
+def _peak_gib() -> float:
+    """This process's peak memory so far (GPU allocator, else resident set), in GiB."""
+    from qtune.monitor import peak_memory_bytes
+
+    peak = peak_memory_bytes()
+    return peak.get("allocated", peak.get("rss", 0)) / 2**30
 
 
 @dataclass(frozen=True)
@@ -340,18 +225,20 @@ def merge(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run = open_run(run_dir)
+    from qtune.model import attach_adapter, load_trained, single_process_device_map
+
+    run = RunDir.open(run_dir)
     recipe = run.recipe
     if onto not in ("dequantized", "original"):
         raise QtuneError(f"--onto: unknown mode '{onto}'", "dequantized (default) or original")
     if dtype not in DTYPES:
         raise QtuneError(f"--dtype: unknown dtype '{dtype}'", "bf16, fp16 or fp32")
     torch_dtype = getattr(torch, DTYPES[dtype])
-    dest = Path(out) if out else run.path / "merged"
+    dest = Path(out) if out else run.merged
     check_output_dir(dest, overwrite)
     base_name = base or recipe.model.name
     check_no_pickle(base_name, allow_pickle=False)
-    base_key = "--base" if base else f"model.name (in {run.path / 'recipe.yaml'})"
+    base_key = "--base" if base else f"model.name (in {run.recipe_file})"
     if recipe.quantization.backend == "gptq" and onto == "dequantized":
         # The run trained on a GPTQ checkpoint as it was saved: the merge dequantizes that checkpoint.
         check_gptq_checkpoint(base_name, base_key, recipe, revision=None if base else recipe.model.revision)
@@ -378,22 +265,13 @@ def merge(
         )
     tokenizer = AutoTokenizer.from_pretrained(str(run.adapter))
     prompts = tuple(prompts) or VERIFY_PROMPTS
-    start_mem = _memory_gib()
+    start_mem = _peak_gib()
 
     # 1. The reference: the adapter on the base as it was trained (4-bit), on fixed prompts.
     m = recipe.model
-    if quantized_in_training:
-        # gptq --onto original: --base is the unquantized checkpoint; training's base is the recipe's GPTQ one.
-        gptq_original = recipe.quantization.backend == "gptq" and onto == "original"
-        trained_base = None if gptq_original else base
-        trained = attach_adapter(load_4bit_base(recipe, trained_base), run.adapter, trained_base or m.name)
-    else:
-        from qtune.quant import resolve_dtype
-
-        plain = AutoModelForCausalLM.from_pretrained(
-            base_name, dtype=resolve_dtype(m.dtype), trust_remote_code=m.trust_remote_code, use_safetensors=True
-        )
-        trained = attach_adapter(plain, run.adapter, base_name)
+    # gptq --onto original: --base is the unquantized checkpoint; training's base is the recipe's GPTQ one.
+    gptq_original = recipe.quantization.backend == "gptq" and onto == "original"
+    trained = load_trained(recipe, run.adapter, base=None if gptq_original else base)
     reference = _logits(trained, tokenizer, prompts)
 
     # 2. The base to merge into, in the requested dtype.
@@ -411,14 +289,14 @@ def merge(
             revision=None if base else m.revision,
             dtype=torch_dtype,
             trust_remote_code=m.trust_remote_code,
-            device_map=_device_map(),
+            device_map=single_process_device_map(),
             use_safetensors=True,
         )
     peft_model = attach_adapter(model, run.adapter, base_name)
     unmerged = _logits(peft_model, tokenizer, prompts) if onto == "original" else None
     merged = peft_model.merge_and_unload()
     merged_logits = _logits(merged, tokenizer, prompts)
-    peak = _memory_gib()
+    peak = _peak_gib()
 
     # 3. Verify. dequantized: merged must equal the adapter on the 4-bit base (what training optimised).
     #    original: merged must equal the adapter on the original weights; the gap to training is reported.
@@ -469,11 +347,11 @@ def merge(
             tokenizer.save_pretrained(staging)
             del merged, peft_model, model
         (staging / "qtune_merge.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        _check_saved(staging)
+        check_no_pickle_files(staging)
     log(
         f"qtune: merged model saved to {dest} ({report['weights_gib'] * 1024:.1f} MiB of weights in {DTYPES[dtype]}); "
-        f"peak memory {peak:.2f} GiB ({'GPU allocator' if _device_map() else 'process RSS, incl. ~'}"
-        + ("" if _device_map() else f"{start_mem:.2f} GiB of libraries before loading")
+        f"peak memory {peak:.2f} GiB ({'GPU allocator' if single_process_device_map() else 'process RSS, incl. ~'}"
+        + ("" if single_process_device_map() else f"{start_mem:.2f} GiB of libraries before loading")
         + ")"
     )
     return report
@@ -541,6 +419,7 @@ def load_quantized(model: str, bits: int, quant_type="nf4", double_quant=False, 
     """`from_pretrained(model, quantization_config=...)` as in the seed, safetensors only unless allowed."""
     from transformers import AutoModelForCausalLM
 
+    from qtune.model import single_process_device_map
     from qtune.quant import resolve_dtype
 
     check_no_pickle(model, allow_pickle)
@@ -550,7 +429,7 @@ def load_quantized(model: str, bits: int, quant_type="nf4", double_quant=False, 
             model,
             quantization_config=config,
             dtype=dtype or "auto",
-            device_map=_device_map(),
+            device_map=single_process_device_map(),
             use_safetensors=None if allow_pickle else True,
         )
     except OSError as exc:
@@ -615,7 +494,7 @@ def quantize(
             AutoTokenizer.from_pretrained(str(tokenizer_from or model)).save_pretrained(folder)
         except (OSError, ValueError):
             log(f"qtune: note: no tokenizer found with {model}; saved the weights only")
-        _check_saved(folder)
+        check_no_pickle_files(folder)
 
     if staging is not None:
         save(staging)
@@ -689,7 +568,6 @@ def push_after_training(run_dir: Path, repo_id: str, private: bool, log=print) -
 
 def _network_errors() -> tuple[type[BaseException], ...]:
     """What huggingface_hub's HTTP client raises when the Hub cannot be reached (connection refused, timeout)."""
-    import contextlib
 
     errors: list[type[BaseException]] = []
     for name in ("httpx2", "httpx"):  # huggingface_hub 2.x uses httpx2, 1.x httpx
@@ -785,20 +663,17 @@ def model_card(recipe: Recipe, repo_id: str, merged: bool, summary: dict | None,
 
 def stage_push(run_dir: str | os.PathLike, repo_id: str, merged: bool, into: Path, license: str = "other") -> Path:
     """Copy the files to upload (adapter or merged model, tokenizer, README.md) into the empty folder `into`."""
-    run = open_run(run_dir)
-    source = run.path / "merged" if merged else run.adapter
-    if merged and not (source / "config.json").is_file():
-        raise QtuneError(f"{source}: no merged model in the run", f"run `qtune merge {run.path}` first")
-    summary_file = run.path / "summary.json"
-    summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else None
+    run = RunDir.open(run_dir)
+    source = run.require_merged() if merged else run.adapter
+    summary = run.summary()
     for item in source.iterdir():
         if item.name.endswith(PICKLE_SUFFIXES) or item.name == "README.md":
             continue  # peft's placeholder card is replaced by ours
         if item.is_file():
             shutil.copy2(item, into / item.name)
-    shutil.copy2(run.path / "recipe.yaml", into / "qtune_recipe.yaml")  # secrets were redacted when it was written
+    shutil.copy2(run.recipe_file, into / "qtune_recipe.yaml")  # secrets were redacted when it was written
     (into / "README.md").write_text(model_card(run.recipe, repo_id, merged, summary, license), encoding="utf-8")
-    _check_saved(into)
+    check_no_pickle_files(into)
     return into
 
 

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from qtune.errors import QtuneError
+from qtune.rundir import RunDir
 
 # transformers model_type → the GGUF architecture llama.cpp (and transformers' GGUF loader) knows it by.
 # Mistral is written as "llama", as llama.cpp writes it (Mistral is Llama plus an optional sliding window,
@@ -454,10 +455,8 @@ def export_gguf(
         raise QtuneError(f"--type: unknown GGUF type '{qtype}'", f"one of {', '.join(TYPES)}")
     check_out(dest, overwrite)
     prompts = tuple(prompts) or VERIFY_PROMPTS
-    if (src / "recipe.yaml").is_file():
-        from qtune.export import open_run
-
-        run = open_run(src)  # no adapter → error before anything loads
+    if RunDir.is_run(src):
+        run = RunDir.open(src)  # no adapter → error before anything loads
         base = run.recipe.model.name
         if Path(base).is_dir():
             check_architecture(_read_config(Path(base)), base)

@@ -282,48 +282,52 @@ def _keep_cpu_4bit_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load(recipe: Recipe, launch: Launch, verbose: bool = True, tokenizer=None):
-    """Load the base (quantized per the recipe), prepare it for k-bit training and attach LoRA.
+def load_base(recipe: Recipe, launch: Launch | None = None, base: str | None = None, safetensors_only: bool = False):
+    """The base exactly as training loads it: the recipe's quantization config, dtype, attention and placement for
+    the launch (one process when none is given). `base` loads the same model from another path (merge --base).
 
-    Returns (PeftModel, tokenizer); pass the tokenizer the checks already loaded to reuse it.
-    """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    bitsandbytes' CPU repack is disabled on every 4-bit layer, so a no-grad forward (an eval pass, a merge's
+    reference logits) cannot change the stored weights or stop training from learning."""
     from transformers import AutoModelForCausalLM
 
-    from qtune.quant import (
-        checkpoint_config_notice_silenced,
-        lora_targets,
-        quantization_config,
-        quantize_after_load,
-        resolve_dtype,
-    )
+    from qtune.quant import checkpoint_config_notice_silenced, quantization_config, quantize_after_load, resolve_dtype
 
     m = recipe.model
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe)
-    quant = quantization_config(recipe, launch)
-    kwargs = {}
-    if m.attn_implementation:
-        kwargs["attn_implementation"] = m.attn_implementation
+    launch = launch if launch is not None else Launch(1, 0, 0, "NO")
+    kwargs = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
+    if safetensors_only:
+        kwargs["use_safetensors"] = True
     with checkpoint_config_notice_silenced():  # backend gptq: the checkpoint's own config, our kernel
         model = AutoModelForCausalLM.from_pretrained(
-            m.name,
-            revision=m.revision,
+            base or m.name,
+            revision=None if base else m.revision,
             trust_remote_code=m.trust_remote_code,
-            quantization_config=quant,
+            quantization_config=quantization_config(recipe, launch),
             dtype=resolve_dtype(m.dtype),
             device_map=device_map_for(recipe, launch),
             max_memory=_max_memory(recipe),
             **kwargs,
         )
     model = quantize_after_load(recipe, model)  # hqq on transformers 5.x: quantized here, not while loading
+    if recipe.quantization.bits is not None:
+        _keep_cpu_4bit_trainable(model)
+    return model
+
+
+def load_for_training(recipe: Recipe, launch: Launch, tokenizer, verbose: bool = True):
+    """The base (load_base), prepared for k-bit training, with a fresh LoRA adapter attached: a PeftModel."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from qtune.quant import lora_targets
+
+    m = recipe.model
+    model = load_base(recipe, launch)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
     checkpointing = recipe.training.gradient_checkpointing
     ckpt_kwargs = {"use_reentrant": False}
     quantized = recipe.quantization.bits is not None
-    if quantized:
-        _keep_cpu_4bit_trainable(model)
     # peft's fp32 upcast of the non-quantized parts cannot skip quanto's weights (they report the load dtype and
     # refuse a cast: "The dtype of a weights Tensor cannot be changed"), so a quanto base keeps the load dtype,
     # as peft itself does for torchao and hqq bases.
@@ -358,9 +362,36 @@ def load(recipe: Recipe, launch: Launch, verbose: bool = True, tokenizer=None):
             f"({100 * trainable / total:.3f}%), {describe_quantization(recipe)}, on {_describe_device(model)}",
             flush=True,
         )
-    return model, tokenizer
+    return model
 
 
 def _describe_device(model) -> str:
     devices = sorted({str(p.device) for p in model.parameters()})
     return ", ".join(devices)
+
+
+def single_process_device_map():
+    """Where a one-process command (merge, chat, quantize) puts a model it loads by name: GPU 0, else the CPU."""
+    return {"": 0} if _cuda_available() else None
+
+
+def attach_adapter(model, adapter: os.PathLike, base_name: str):
+    """PeftModel.from_pretrained (frozen, eval mode), with a clear error when the adapter was trained on
+    another architecture."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise QtuneError(
+            f"{adapter}: the adapter does not fit the base model {base_name}: {first}",
+            "use the base the adapter was trained on (recipe.yaml model.name, or --base)",
+        ) from None
+
+
+def load_trained(recipe: Recipe, adapter: os.PathLike, base: str | None = None):
+    """A trained adapter on its base loaded as in training (load_base, safetensors only), frozen, eval mode."""
+    return attach_adapter(
+        load_base(recipe, base=base, safetensors_only=True).eval(), adapter, base or recipe.model.name
+    )

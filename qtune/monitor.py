@@ -3,7 +3,7 @@ console (a progress bar or, with --quiet, log lines only), `metrics.jsonl`, the 
 Ctrl-C / SIGTERM stop with a checkpoint, the NaN/inf guard, `loss.png`.
 
 Everything here is a `transformers.TrainerCallback` that reads the Trainer's state and logs and sets
-`TrainerControl` flags; the loop is TRL's. Imported only by `qtune.train.run` (transformers at module
+`TrainerControl` flags; the loop is TRL's. Imported only by `qtune.train.run_training` (transformers at module
 level is fine here: `qtune --help` never reaches this module).
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 from transformers import ProgressCallback, TrainerCallback
 
 from qtune.config import Recipe
+from qtune.rundir import write_text_atomic
 
 GB = 1024**3
 # Trainer log entries that duplicate qtune's own figures (tokens, tokens/s) or are end-of-run totals.
@@ -34,20 +35,25 @@ SKIPPED_LOG_KEYS = {
 }
 
 
-def peak_memory() -> dict[str, float]:
-    """Peak memory of this process so far: allocated and reserved GPU memory, or the resident set on the CPU."""
+def peak_memory_bytes() -> dict[str, int]:
+    """The one reader of this process's peak memory so far: the GPU allocator's peaks ("allocated",
+    "reserved") when CUDA is in use, else the peak resident set ("rss") of the whole process."""
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return {
-            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / GB, 3),
-            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / GB, 3),
-        }
+        return {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}
     import resource
 
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS
-    return {"peak_rss_gb": round(kib * scale / GB, 3)}
+    return {"rss": kib * (1 if sys.platform == "darwin" else 1024)}  # bytes on macOS
+
+
+def peak_memory() -> dict[str, float]:
+    """peak_memory_bytes in GiB, under the names metrics.jsonl and summary.json use."""
+    peak = peak_memory_bytes()
+    if "rss" in peak:
+        return {"peak_rss_gb": round(peak["rss"] / GB, 3)}
+    return {"peak_mem_gb": round(peak["allocated"] / GB, 3), "peak_reserved_gb": round(peak["reserved"] / GB, 3)}
 
 
 def _clock(seconds: float | None) -> str:
@@ -85,22 +91,16 @@ def format_line(record: dict, max_steps: int) -> str:
     return " | ".join(parts)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 class RunMonitor(TrainerCallback):
     """Adds throughput, memory and time figures to every training log (so every tracker gets them), writes
     each log step to `metrics.jsonl` on the main process, and prints the start summary.
 
-    Must run before the other callbacks' `on_log` (train.run puts it first): they see the same `logs` dict.
+    Must run before the other callbacks' `on_log` (train.run_training puts it first): they see the same `logs` dict.
     """
 
-    def __init__(self, recipe: Recipe, run_dir: Path, world_size: int, start_lines: list[tuple[str, str]]):
+    def __init__(self, recipe: Recipe, metrics_path: Path, world_size: int, start_lines: list[tuple[str, str]]):
         self.recipe = recipe
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path = metrics_path
         self.world_size = world_size
         self.start_lines = start_lines
         self.session_start = time.time()
@@ -124,7 +124,7 @@ class RunMonitor(TrainerCallback):
                 for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= state.global_step
             ]
-            _write_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
+            write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
         elif not state.global_step and self.metrics_path.exists():
             self.metrics_path.unlink()
         lines = list(self.start_lines)

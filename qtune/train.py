@@ -13,13 +13,7 @@ from pathlib import Path
 from qtune.config import Recipe, dump_recipe
 from qtune.errors import QtuneError
 from qtune.model import Launch
-
-# Outputs qtune writes into a run directory; `overwrite` removes exactly these, nothing else.
-RUN_OUTPUTS = (
-    "adapter", "checkpoints", "recipe.yaml", "summary.json", "metrics.jsonl", "loss.png", "tensorboard", "wandb_run_id"
-)  # fmt: skip
-WANDB_RUN_ID = "wandb_run_id"  # the W&B run's id, so that a resumed run logs on into the same W&B run
-# W&B offline runs (output_dir/wandb) are not among them: `--overwrite` never deletes a run not yet synced.
+from qtune.rundir import RunDir, write_text_atomic
 
 # SFTConfig arguments the schema already names: setting them again in training.extra is ambiguous.
 NAMED_BY_SCHEMA = {
@@ -253,8 +247,8 @@ def _check_wandb_login(recipe: Recipe) -> None:
         )
 
 
-def sft_config(recipe: Recipe, launch: Launch, loss_settings: dict | None = None):
-    """The SFTConfig for the recipe; `training.extra` passes further arguments through, checked by name."""
+def trainer_config(recipe: Recipe, launch: Launch, loss_settings: dict | None = None):
+    """The trainer's config (TRL SFTConfig) for the recipe; `training.extra` passes further arguments through, checked by name."""
     import torch
     from trl import SFTConfig
 
@@ -278,10 +272,9 @@ def sft_config(recipe: Recipe, launch: Launch, loss_settings: dict | None = None
                 suggestion + "see TRL's SFTConfig / transformers' TrainingArguments",
             )
     ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    run_dir = Path(recipe.output_dir)
     eval_on = recipe.data.eval_split is not None
     kwargs = dict(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(RunDir(recipe.output_dir).checkpoints),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
         per_device_train_batch_size=t.micro_batch_size,
@@ -335,108 +328,6 @@ def _check_choice(key: str, value: str, module: str, enum_name: str) -> None:
             (f"did you mean {' or '.join(close)}? " if close else "")
             + f"{len(choices)} names: {', '.join(choices[:8])} …",
         )
-
-
-def prepare_run_dir(recipe: Recipe, launch: Launch) -> Path:
-    """Refuse an earlier run's non-empty directory unless resume or overwrite says what to do with it."""
-    run_dir = Path(recipe.output_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise QtuneError(f"output_dir: {run_dir} exists and is not a directory")
-    existing = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
-    t = recipe.training
-    checkpoint = latest_checkpoint(run_dir) if t.resume else None
-    if t.resume is True and not checkpoint:
-        raise QtuneError(
-            f"training.resume: no checkpoint in {run_dir / 'checkpoints'}",
-            "set training.save_steps so runs leave checkpoints, or start without --resume",
-        )
-    if checkpoint:
-        check_resume_matches(recipe, run_dir, checkpoint)
-    elif existing and not t.overwrite:
-        raise QtuneError(
-            f"output_dir: {run_dir} already holds an earlier run ({', '.join(existing[:4])})",
-            "pass --overwrite (or training.overwrite: true) to replace it, --resume to continue it, "
-            "or set output_dir=<new dir>",
-        )
-    probe = run_dir if run_dir.is_dir() else next(p for p in [run_dir, *run_dir.parents] if p.exists())
-    if not _writable(probe):
-        raise QtuneError(f"output_dir: cannot write to {probe}", "choose a writable output_dir")
-    return run_dir
-
-
-def _writable(path: Path) -> bool:
-    import os
-
-    return os.access(path, os.W_OK)
-
-
-def latest_checkpoint(run_dir: Path) -> str | None:
-    """The newest complete checkpoint: the Trainer writes trainer_state.json last, so a folder without it is
-    one a crash (SIGKILL, power loss) cut short while saving; resume skips it for the one before."""
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return None
-    complete = [
-        p
-        for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-        if p.name.rsplit("-", 1)[-1].isdigit() and (p / "trainer_state.json").is_file()
-    ]
-    return str(max(complete, key=lambda p: int(p.name.rsplit("-", 1)[-1]))) if complete else None
-
-
-# Recipe keys that define what a checkpoint's weights mean: resuming under other values would load an
-# adapter into a different base or shape (or silently change the function being trained).
-RESUME_MUST_MATCH = (
-    ("model", "name"),
-    ("model", "revision"),
-    ("quantization", "bits"),
-    ("quantization", "quant_type"),
-    ("lora", "r"),
-    ("lora", "alpha"),
-    ("lora", "target_modules"),
-    ("lora", "modules_to_save"),
-    ("lora", "bias"),
-    ("lora", "use_rslora"),
-    ("lora", "use_dora"),
-)
-
-
-def check_resume_matches(recipe: Recipe, run_dir: Path, checkpoint: str) -> None:
-    """Refuse to resume a checkpoint written under another model or adapter shape (run_dir/recipe.yaml)."""
-    import yaml
-
-    from qtune.config import recipe_to_dict
-
-    saved_path = run_dir / "recipe.yaml"
-    if not saved_path.is_file():
-        raise QtuneError(
-            f"training.resume: {saved_path} is missing, so {checkpoint} cannot be checked against this recipe",
-            "start a new run (output_dir=<new dir>) or --overwrite",
-        )
-    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
-    now = recipe_to_dict(recipe)
-    changed = []
-    for section, key in RESUME_MUST_MATCH:
-        before, after = (saved.get(section) or {}).get(key), now[section][key]
-        if before != after:
-            changed.append(f"{section}.{key} {before!r} -> {after!r}")
-    if changed:
-        raise QtuneError(
-            f"training.resume: {checkpoint} was trained with a different recipe: {'; '.join(changed)}",
-            f"resume with the run's own settings (see {saved_path}), or start a new run with "
-            "output_dir=<new dir> (or --overwrite to replace this one)",
-        )
-
-
-def _clear_previous_outputs(run_dir: Path) -> None:
-    for name in RUN_OUTPUTS:
-        target = run_dir / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
 
 
 def _adapter_fingerprint(model) -> str:
@@ -495,13 +386,13 @@ def _gathered_state_dict(trainer, launch: Launch) -> dict | None:
     return None
 
 
-def _tracking_env(recipe: Recipe, run_dir: Path | None = None) -> None:
+def _tracking_env(recipe: Recipe, run: RunDir) -> None:
     """transformers' tracker integrations read their settings from the environment; the recipe sets them."""
     import os
 
     t = recipe.tracking
-    if t.backend == "tensorboard" and run_dir is not None:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    if t.backend == "tensorboard":
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.tensorboard)
     if t.backend != "wandb":
         return
     settings = {
@@ -516,7 +407,7 @@ def _tracking_env(recipe: Recipe, run_dir: Path | None = None) -> None:
     os.environ.update({k: v for k, v in settings.items() if v})
 
 
-def _start_wandb(recipe: Recipe, run_dir: Path, launch: Launch, resuming: bool):
+def _start_wandb(recipe: Recipe, run: RunDir, launch: Launch, resuming: bool):
     """The W&B run, opened by qtune on the main process only, with the resolved recipe (secrets redacted)
     as its config; transformers' WandbCallback then logs into it and adds the trainer arguments. A resumed
     run continues the W&B run it started (its id kept in run_dir/wandb_run_id), a new run gets a new id."""
@@ -528,7 +419,7 @@ def _start_wandb(recipe: Recipe, run_dir: Path, launch: Launch, resuming: bool):
         return None
     import wandb
 
-    id_file = run_dir / WANDB_RUN_ID
+    id_file = run.wandb_run_id
     run_id = id_file.read_text().strip() if resuming and id_file.is_file() else None
     t = recipe.tracking
     run = wandb.init(
@@ -540,13 +431,13 @@ def _start_wandb(recipe: Recipe, run_dir: Path, launch: Launch, resuming: bool):
         group=t.group,
         tags=t.tags or None,
         config=recipe_to_dict(recipe),
-        dir=os.environ.get("WANDB_DIR") or str(run_dir),
+        dir=os.environ.get("WANDB_DIR") or str(run.path),
     )
     id_file.write_text(run.id + "\n")
     return run
 
 
-def _keep_adapter_fp32(model) -> None:
+def keep_adapter_fp32(model) -> None:
     """TRL casts a quantized model's trainable LoRA weights to bf16 when SFTTrainer starts, but peft loads
     them back as fp32 when a checkpoint is resumed, so a resumed run would go on in another precision than an
     uninterrupted one (~1e-3 apart). Keep fp32 master weights from the start, peft's own default (and what
@@ -608,9 +499,9 @@ def _start_lines(recipe: Recipe, dataset, args, launch: Launch, checkpoint: str 
     return lines
 
 
-def _stopped_early(guard, trainer, run_dir: Path) -> QtuneError:
+def _stopped_early(guard, trainer, run: RunDir) -> QtuneError:
     step, total = trainer.state.global_step, trainer.state.max_steps
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = run.latest_checkpoint()
     if guard.bad:
         bad_step, what = guard.bad
         return QtuneError(
@@ -643,10 +534,10 @@ def _final_adapter_state(trainer, launch: Launch) -> tuple[dict | None, list]:
     return None, fingerprints
 
 
-def _save_adapter(trainer, tokenizer, run_dir: Path, full_state: dict | None) -> Path:
+def _save_adapter(trainer, tokenizer, run: RunDir, full_state: dict | None) -> Path:
     """Write adapter/ (safetensors + adapter_config.json + tokenizer, no pickles) via a staging folder."""
-    adapter_dir = run_dir / "adapter"
-    staging = run_dir / "adapter.tmp"
+    adapter_dir = run.adapter
+    staging = run.path / "adapter.tmp"
     if staging.exists():
         shutil.rmtree(staging)
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
@@ -699,29 +590,36 @@ def _report_final(tracker, summary: dict, recipe: Recipe, adapter_dir: Path) -> 
         tracker.log_artifact(artifact, aliases=["final"])
 
 
-def run(recipe: Recipe, model, tokenizer, dataset, args, launch: Launch, quiet: bool = False) -> Path:
-    """Train with TRL's SFTTrainer and save the adapter (safetensors, no pickles) into output_dir/adapter;
-    metrics.jsonl, summary.json and loss.png beside it. `quiet`: log lines instead of a progress bar."""
+def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
+    """Train a prepared run (qtune.pipeline.PreparedRun) with TRL's SFTTrainer and save the adapter (safetensors,
+    no pickles) into output_dir/adapter; metrics.jsonl, summary.json and loss.png beside it. `quiet`: log lines
+    instead of a progress bar."""
     from accelerate import PartialState
     from transformers import PrinterCallback, ProgressCallback
     from trl import SFTTrainer
 
     from qtune import monitor
 
-    run_dir = Path(recipe.output_dir)
+    recipe, tokenizer, args, launch, run = (
+        prepared.recipe,
+        prepared.tokenizer,
+        prepared.args,
+        prepared.launch,
+        prepared.run,
+    )
+    checkpoint = prepared.resume_from
     state = PartialState()
-    _tracking_env(recipe, run_dir)
-    checkpoint = latest_checkpoint(run_dir) if recipe.training.resume else None
+    _tracking_env(recipe, run)
     if launch.is_main:
         if recipe.training.overwrite:
-            _clear_previous_outputs(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_recipe(recipe, run_dir / "recipe.yaml")
+            run.clear_outputs()
+        run.path.mkdir(parents=True, exist_ok=True)
+        dump_recipe(recipe, run.recipe_file)
     state.wait_for_everyone()
 
     guard = monitor.StopGuard()
     watcher = monitor.RunMonitor(
-        recipe, run_dir, launch.world_size, _start_lines(recipe, dataset, args, launch, checkpoint)
+        recipe, run.metrics, launch.world_size, _start_lines(recipe, dataset, args, launch, checkpoint)
     )
     if launch.distributed_type == "DEEPSPEED":
         # The data check (qtune.data.check) already built a trainer, and with it accelerate's state; accelerate
@@ -737,40 +635,38 @@ def run(recipe: Recipe, model, tokenizer, dataset, args, launch: Launch, quiet: 
         processing_class=tokenizer,
         callbacks=[guard],
     )
-    _keep_adapter_fp32(trainer.model)
+    keep_adapter_fp32(trainer.model)
     # The figures come first so every tracker's on_log sees them; qtune's console replaces the default one.
     trainer.callback_handler.callbacks.insert(0, watcher)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(monitor.Console(quiet=quiet))
     trainable, _ = trainer.model.get_nb_trainable_parameters()
-    check_free_space(run_dir, trainable, recipe)
+    check_free_space(run.path, trainable, recipe)
 
-    tracker = _start_wandb(recipe, run_dir, launch, resuming=checkpoint is not None)
+    tracker = _start_wandb(recipe, run, launch, resuming=checkpoint is not None)
     try:
         started = time.time()
         result = trainer.train(resume_from_checkpoint=checkpoint)
         wall = time.time() - started
         if guard.bad or guard.signal_name:
             if launch.is_main:
-                monitor.plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
-            raise _stopped_early(guard, trainer, run_dir)
+                monitor.plot_loss(run.metrics, run.loss_plot)
+            raise _stopped_early(guard, trainer, run)
 
         final_eval = trainer.evaluate() if dataset.get("eval") is not None else {}  # all ranks take part
         full_state, fingerprints = _final_adapter_state(trainer, launch)  # collectives: every rank
         if launch.is_main:
-            adapter_dir = _save_adapter(trainer, tokenizer, run_dir, full_state)
+            adapter_dir = _save_adapter(trainer, tokenizer, run, full_state)
             summary = _summary(trainer, result, watcher, final_eval, wall, launch, checkpoint, fingerprints)
             summary["replicas_identical"] = len(set(fingerprints)) == 1 if full_state is None else None
-            staged = run_dir / "summary.json.tmp"
-            staged.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-            staged.replace(run_dir / "summary.json")
-            plotted = monitor.plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+            write_text_atomic(run.summary_file, json.dumps(summary, indent=2) + "\n")
+            plotted = monitor.plot_loss(run.metrics, run.loss_plot)
             if tracker is not None:
                 _report_final(tracker, summary, recipe, adapter_dir)
             if summary["replicas_identical"] is False:
                 print(f"qtune: warning: DDP replicas diverged: adapter fingerprints {fingerprints}", flush=True)
-            _print_done(summary, run_dir, adapter_dir, plotted, tracker, recipe)
+            _print_done(summary, run, plotted, tracker, recipe)
     except BaseException:
         if tracker is not None:
             tracker.finish(exit_code=1)
@@ -781,16 +677,16 @@ def run(recipe: Recipe, model, tokenizer, dataset, args, launch: Launch, quiet: 
     if recipe.hub.push and launch.is_main:  # after every rank is done: a failed upload leaves the adapter saved
         from qtune.export import push_after_training
 
-        push_after_training(run_dir, recipe.hub.repo_id, private=recipe.hub.private)
-    return run_dir
+        push_after_training(run.path, recipe.hub.repo_id, private=recipe.hub.private)
+    return run
 
 
-def _print_done(summary: dict, run_dir: Path, adapter_dir: Path, plotted: bool, tracker, recipe: Recipe) -> None:
+def _print_done(summary: dict, run: RunDir, plotted: bool, tracker, recipe: Recipe) -> None:
     """Where everything is, and the next command to run."""
     import shlex
 
-    quoted = shlex.quote(str(run_dir))
-    print(f"qtune: adapter saved to {adapter_dir} ({summary['steps']} steps, {summary['wall_time_s']:.1f}s)")
+    quoted = shlex.quote(str(run.path))
+    print(f"qtune: adapter saved to {run.adapter} ({summary['steps']} steps, {summary['wall_time_s']:.1f}s)")
     figures = []
     if summary["final_loss"] is not None:
         figures.append(f"final loss {summary['final_loss']:.4f}")
@@ -804,17 +700,17 @@ def _print_done(summary: dict, run_dir: Path, adapter_dir: Path, plotted: bool, 
         figures.append(f"RSS peak {summary['peak_rss_gb']:.2f} GB")
     if figures:
         print("qtune: " + ", ".join(figures))
-    files = ["recipe.yaml", "summary.json", "metrics.jsonl"] + (["loss.png"] if plotted else [])
-    if (run_dir / "checkpoints").is_dir():
-        files.append("checkpoints/")
-    print(f"  run dir      {run_dir}: {', '.join(files)}")
+    files = [run.recipe_file.name, run.summary_file.name, run.metrics.name] + ([run.loss_plot.name] if plotted else [])
+    if run.checkpoints.is_dir():
+        files.append(run.checkpoints.name + "/")
+    print(f"  run dir      {run.path}: {', '.join(files)}")
     if tracker is not None:
         if tracker.settings._offline:
             print(f"  W&B          offline; upload with: wandb sync {shlex.quote(str(tracker.settings.sync_dir))}")
         else:
             print(f"  W&B          {tracker.url}")
     if recipe.tracking.backend == "tensorboard":
-        print(f"  TensorBoard  tensorboard --logdir {shlex.quote(str(run_dir / 'tensorboard'))}")
+        print(f"  TensorBoard  tensorboard --logdir {shlex.quote(str(run.tensorboard))}")
     print("next:")
     print(f"  qtune chat {quoted}     # talk to the fine-tuned model")
     print(f"  qtune merge {quoted}    # merge the adapter into the base for serving", flush=True)

@@ -97,12 +97,12 @@ def main() -> None:
                 schema, rows = data.load_rows(recipe)
                 loaded = time.perf_counter()
                 tokenizer = build_tokenizer()
-                args = train.sft_config(recipe, launch, data.loss_settings(recipe, tokenizer, schema))
+                args = train.trainer_config(recipe, launch, data.loss_settings(recipe, tokenizer, schema))
                 prepared = data.prepare(recipe, tokenizer, data.build(recipe, tokenizer, schema, rows), args)
                 done = time.perf_counter()
                 assert len(prepared.input_ids) == opts.rows
                 tokenizer = build_tokenizer()  # a second run: a fresh tokenizer, the same cache
-                args = train.sft_config(recipe, launch, data.loss_settings(recipe, tokenizer, schema))
+                args = train.trainer_config(recipe, launch, data.loss_settings(recipe, tokenizer, schema))
                 again = data.prepare(recipe, tokenizer, data.build(recipe, tokenizer, schema, rows), args)
                 cached_s = time.perf_counter() - done
                 assert again.cache_files == prepared.cache_files  # served from the same cache files

@@ -217,7 +217,7 @@ def _trainer(recipe, tiny_llama, rows_schema):
 
     fmt, rows = rows_schema
     tokenizer = _tokenizer(tiny_llama)
-    args = train.sft_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+    args = train.trainer_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
     args = __import__("dataclasses").replace(args, output_dir=str(Path(recipe.output_dir) / "ck"))
     dataset = data.build(recipe, tokenizer, fmt, rows)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -403,7 +403,7 @@ def test_end_of_turn_never_trained_fails_loudly(recipe_for, tiny_llama):
     recipe = recipe_for([DATA / "messages.jsonl"], chat_template=broken)
     tokenizer = _tokenizer(tiny_llama)
     fmt, rows = data.load_rows(recipe)
-    args = train.sft_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+    args = train.trainer_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
     with pytest.raises(QtuneError, match="end-of-turn token '<\\|im_end\\|>' carries no loss in any example"):
         data.check(recipe, tokenizer, fmt, rows, args)
 
@@ -416,7 +416,7 @@ def test_too_many_untrained_examples_fail_loudly(recipe_for, tiny_llama, tmp_pat
     recipe = recipe_for([long_prompt], max_length=16)
     tokenizer = _tokenizer(tiny_llama)
     fmt, rows = data.load_rows(recipe)
-    args = train.sft_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+    args = train.trainer_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
     with pytest.raises(QtuneError, match=r"1 of 2 examples \(50.0%\) have no trained token after truncation"):
         data.check(recipe, tokenizer, fmt, rows, args)
 
@@ -426,7 +426,7 @@ def test_mistral_builtin_on_a_template_less_tokenizer_trains_every_end_of_turn(r
     tokenizer = _tokenizer(tiny_llama)
     tokenizer.chat_template = None
     fmt, rows = data.load_rows(recipe)
-    args = train.sft_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+    args = train.trainer_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
     prepared = data.check(recipe, tokenizer, fmt, rows, args)  # a system prompt folds into the first [INST]
     assert prepared.stats["end_of_turn_trained"] == 2
 
@@ -463,7 +463,7 @@ def test_template_that_refuses_a_row_names_file_and_row(
     for on_bad_row in ("error", "skip"):
         recipe = recipe_for([path], chat_template=chosen, on_bad_row=on_bad_row)
         fmt, rows_ = data.load_rows(recipe)
-        args = train.sft_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+        args = train.trainer_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
         if on_bad_row == "error":
             with pytest.raises(QtuneError) as err:
                 data.check(recipe, tokenizer, fmt, rows_, args)
@@ -526,7 +526,7 @@ def test_pad_token_is_an_unused_reserved_token_else_eos_with_end_of_turn_still_t
     assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
     assert "padding with eos '<|im_end|>'" in capsys.readouterr().err
     fmt, rows = data.load_rows(recipe)
-    args = train.sft_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+    args = train.trainer_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
     prepared = data.check(recipe, tokenizer, fmt, rows, args)  # the loud check passes: eos is trained
     batch = prepared.collator(
         [{"input_ids": i, "labels": lab} for i, lab in zip(prepared.input_ids, prepared.labels, strict=True)]
@@ -558,7 +558,7 @@ def test_packing_changes_the_batches_not_the_per_token_loss(recipe_for, tiny_lla
         recipe = recipe_for([path], packing=packing, max_length=64)
         tokenizer = _tokenizer(tiny_llama)
         fmt, rows = data.load_rows(recipe)
-        args = train.sft_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+        args = train.trainer_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
         args = __import__("dataclasses").replace(
             args, output_dir=str(tmp_path / f"ck{packing}"), per_device_eval_batch_size=4
         )
@@ -597,7 +597,7 @@ def test_second_run_is_served_from_the_datasets_cache_and_changes_make_new_entri
     # In process: the preparation reads exactly those files; another template or other rows make new ones.
     def prepare(recipe, tokenizer):
         fmt, rows = data.load_rows(recipe)
-        args = train.sft_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+        args = train.trainer_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
         return data.check(recipe, tokenizer, fmt, rows, args, sample=None, loud=False)
 
     again = prepare(recipe_for([DATA / "messages.jsonl"]), _tokenizer(tiny_llama))

@@ -132,7 +132,7 @@ def test_sharded_launch_stores_4bit_in_the_param_dtype_and_places_nothing(make_r
 def test_global_batch_sets_grad_accum_per_world_size(make_recipe):
     recipe = load_recipe(make_recipe(training={"micro_batch_size": 2, "global_batch_size": 16}))
     assert [train.grad_accum_for(recipe, Launch(n, 0, 0, "MULTI_GPU")) for n in (1, 2, 4, 8)] == [8, 4, 2, 1]
-    args = train.sft_config(recipe, Launch(1, 0, 0, "NO"))
+    args = train.trainer_config(recipe, Launch(1, 0, 0, "NO"))
     assert args.gradient_accumulation_steps == 8
     plain = load_recipe(make_recipe(training={"grad_accum": 3}))
     assert train.grad_accum_for(plain, Launch(4, 0, 0, "MULTI_GPU")) == 3  # no global batch: grad_accum as given
@@ -226,7 +226,7 @@ def test_bad_launch_refused_before_the_model_loads(case, make_recipe, tmp_path):
 WRAP_SCRIPT = r'''
 """Two ranks (gloo, CPU): the model qtune loads for an FSDP launch, wrapped by FSDP1 the way the Trainer does
 under recipes/accelerate/fsdp.yaml (peft's auto-wrap policy, use_orig_params false), trained 2 steps, then the
-adapter gathered from a full state dict and saved by rank 0 the way qtune.train.run saves it."""
+adapter gathered from a full state dict and saved by rank 0 the way qtune.train.run_training saves it."""
 import json, os, sys
 import torch
 import torch.distributed as dist
@@ -243,8 +243,8 @@ def main(rank, world, recipe_path, out, port):
 
     recipe = load_recipe(recipe_path)
     launch = qmodel.Launch(world, rank, rank, "FSDP", fsdp_version=1)
-    model, _ = qmodel.load(recipe, launch, verbose=False)
-    train._keep_adapter_fp32(model)
+    model = qmodel.load_for_training(recipe, launch, qmodel.load_tokenizer(recipe), verbose=False)
+    train.keep_adapter_fp32(model)
     total = sum(p.numel() for p in model.parameters())
     dtypes = sorted({str(p.dtype) for p in model.parameters()})
     wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=False,

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import run_qtune, spell_rows, write_jsonl
 from qtune import export
+from qtune import model as qmodel
 from qtune.config import load_recipe
 
 PROMPT = "spell 1 2 3 4"
@@ -97,7 +98,7 @@ def test_merge_onto_dequantized_reproduces_the_adapter_on_the_4bit_base(run_dir,
     # Independently: the adapter on the 4-bit base as trained vs the saved merged model.
     recipe = load_recipe(run_dir / "recipe.yaml")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
-    trained = export.attach_adapter(export.load_4bit_base(recipe), run_dir / "adapter", "base")
+    trained = qmodel.load_trained(recipe, run_dir / "adapter")
     reference = _logits(trained, tokenizer)
     with trained.disable_adapter():
         adapter_effect = (reference - _logits(trained, tokenizer)).abs().max().item()
@@ -222,7 +223,7 @@ def test_push_dry_run_stages_a_loadable_adapter_and_card(run_dir, merged, tmp_pa
     assert all(secret not in p.read_text(errors="ignore") for p in staged.iterdir())
 
     recipe = load_recipe(run_dir / "recipe.yaml")
-    loaded = PeftModel.from_pretrained(export.load_4bit_base(recipe), staged)
+    loaded = PeftModel.from_pretrained(qmodel.load_base(recipe).eval(), staged)
     ours = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     state = {k: v for k, v in loaded.state_dict().items() if "lora_" in k}
     assert len(state) == len(ours)

@@ -37,7 +37,7 @@ def test_device_map_per_launch(make_recipe, monkeypatch):
 @pytest.mark.gpu
 def test_4bit_model_lands_on_the_gpu(make_recipe):
     recipe = load_recipe(make_recipe())
-    peft_model, _ = qmodel.load(recipe, Launch(1, 0, 0, "NO"), verbose=False)
+    peft_model = qmodel.load_for_training(recipe, Launch(1, 0, 0, "NO"), qmodel.load_tokenizer(recipe), verbose=False)
     assert {p.device.type for p in peft_model.parameters()} == {"cuda"}
     assert torch.cuda.memory_allocated() > 0
 
@@ -45,6 +45,6 @@ def test_4bit_model_lands_on_the_gpu(make_recipe):
 @pytest.mark.gpu
 def test_device_map_auto_spreads_over_visible_gpus(make_recipe):
     recipe = load_recipe(make_recipe(), ["model.device_map=auto"])
-    peft_model, _ = qmodel.load(recipe, Launch(1, 0, 0, "NO"), verbose=False)
+    peft_model = qmodel.load_for_training(recipe, Launch(1, 0, 0, "NO"), qmodel.load_tokenizer(recipe), verbose=False)
     used = {p.device.index for p in peft_model.parameters()}
     assert used <= set(range(torch.cuda.device_count())) and used

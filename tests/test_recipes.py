@@ -22,7 +22,7 @@ def test_the_shipped_set():
 def test_recipe_validates_and_builds_sft_config(path, tmp_path):
     recipe = load_recipe(path, [f"output_dir={tmp_path / 'run'}"])
     assert recipe.quantization.bits == 4 and recipe.quantization.quant_type == "nf4"
-    args = train.sft_config(recipe, Launch(1, 0, 0, "NO"))
+    args = train.trainer_config(recipe, Launch(1, 0, 0, "NO"))
     assert args.learning_rate == recipe.training.lr
     assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
 

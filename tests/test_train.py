@@ -11,9 +11,9 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import run_qtune, spell_rows, write_jsonl
-from qtune import data, train
+from qtune import data, pipeline, train
 from qtune.config import load_recipe
-from qtune.model import Launch, load
+from qtune.model import Launch, load_for_training
 
 SINGLE = Launch(world_size=1, rank=0, local_rank=0, distributed_type="NO")
 pytestmark = pytest.mark.slow
@@ -31,13 +31,13 @@ def _quantized_bytes(model) -> dict[str, torch.Tensor]:
 
 def test_lora_weights_change_and_quantized_base_does_not(make_recipe):
     recipe = load_recipe(make_recipe(), ["training.max_steps=6"])
-    fmt, rows = data.load_rows(recipe)
-    model, tokenizer = load(recipe, SINGLE, verbose=False)
+    prepared = pipeline.prepare(recipe, SINGLE)
+    model = load_for_training(recipe, SINGLE, prepared.tokenizer, verbose=False)
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     base_before = _quantized_bytes(model)
     assert len(base_before) == 2 * 2 * 7  # weight + absmax for 14 layers
-    args = train.sft_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
-    train.run(recipe, model, tokenizer, data.build(recipe, tokenizer, fmt, rows), args, SINGLE)
+    dataset = data.build(recipe, prepared.tokenizer, prepared.fmt, prepared.rows, prepared.args)
+    train.run_training(prepared, model, dataset)
 
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, lora_before[n])]
     assert len(changed) == len(lora_before), "every LoRA matrix should have moved"

@@ -1,0 +1,86 @@
+"""One pipeline for every command that trains, or shows what training would see: `prepare`, then `train`.
+
+    qtune train x.yaml → cli.cmd_train → prepare(recipe)        everything that can be wrong, before any weight
+                                          ├ train.check_launch   loads: launch × placement × quantization
+                                          ├ RunDir.check_can_start   refuse / resume / overwrite
+                                          ├ data.load_rows       sources → rows of one format
+                                          ├ model.check_architecture (meta device) and load_tokenizer
+                                          ├ data.apply_chat_template  the recipe's template, set once, here
+                                          ├ train.trainer_config the TRL config (SFTConfig)
+                                          └ data.check_rows      TRL's own preparation of (a sample of) the rows
+                                       → train(prepared)
+                                          ├ model.load_for_training  4-bit base + k-bit prep + LoRA
+                                          ├ data.build_dataset   the rows from the cache the check wrote
+                                          └ train.run_training   TRL's trainer → adapter/, summary.json …
+
+`qtune data` and `qtune estimate --probe` use the same `prepare`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qtune.config import Recipe
+from qtune.model import Launch
+from qtune.rundir import RunDir
+
+
+@dataclass
+class PreparedRun:
+    """A checked recipe with what training needs before the model loads."""
+
+    recipe: Recipe
+    launch: Launch
+    run: RunDir
+    fmt: str  # the rows' format: messages, prompt_completion or text
+    rows: list  # qtune.data Rows: the mapped rows, with their sources and row labels
+    tokenizer: object  # with its pad token and the recipe's chat template set
+    loss: dict  # the trainer-config arguments the data decides (which tokens carry loss)
+    args: object  # the trainer's config (TRL SFTConfig)
+    examples: object  # TRL's preparation of (a sample of) the rows, with their statistics
+    resume_from: str | None = None  # the checkpoint a resumed run continues from
+
+
+def prepare(recipe: Recipe, launch: Launch | None = None, *, training: bool = True) -> PreparedRun:
+    """Check everything that can be checked before any weight loads, in the order that fails fastest.
+
+    training=False (`qtune data`): no launch, run-directory or model-shape checks; every row goes through TRL's
+    preparation (not a sample) and the loud data checks are left to the caller, after it has shown the data."""
+    from qtune import data, model, train
+
+    launch = launch if launch is not None else model.detect_launch()
+    run = RunDir(recipe.output_dir, recipe)
+    resume_from = None
+    if training:
+        train.check_launch(recipe, launch)
+        resume_from = run.check_can_start()
+    fmt, rows = data.load_rows(recipe)
+    if training:
+        model.check_architecture(recipe)
+    tokenizer = model.load_tokenizer(recipe)
+    data.use_chat_template(recipe, tokenizer)
+    loss = data.loss_settings(recipe, tokenizer, fmt)
+    args = train.trainer_config(recipe, launch, loss)
+    if not training:
+        data.warn_skipped(rows)
+    examples = data.check(recipe, tokenizer, fmt, rows, args, **({} if training else {"sample": None, "loud": False}))
+    if training and launch.is_main:
+        data.warn_skipped(rows)
+    return PreparedRun(recipe, launch, run, fmt, rows, tokenizer, loss, args, examples, resume_from)
+
+
+def train(prepared: PreparedRun, quiet: bool = False) -> RunDir:
+    """Load the base with a fresh adapter, build the dataset, train with TRL and save: the finished run."""
+    from qtune import data, model
+    from qtune.train import run_training
+
+    p = prepared
+    if quiet or not p.launch.is_main:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    peft_model = model.load_for_training(p.recipe, p.launch, p.tokenizer, verbose=False)  # the run summary says it
+    dataset = data.build(p.recipe, p.tokenizer, p.fmt, p.rows, p.args)  # main process first; others reuse its cache
+    return run_training(p, peft_model, dataset, quiet=quiet)
