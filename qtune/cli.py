@@ -93,8 +93,13 @@ def _recipe_with_flags(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     """`qtune train RECIPE`: everything checked before the model loads (seconds, not a GPU hour), then trained."""
     from qtune import pipeline
+    from qtune.rundir import RunFinished
 
-    prepared = pipeline.prepare(_recipe_with_flags(args))
+    try:
+        prepared = pipeline.prepare(_recipe_with_flags(args))
+    except RunFinished as done:  # a restarted job (--resume, training.resume: auto) after the last step
+        print(f"qtune: {done.message}")
+        return 0
     if args.check:
         if prepared.launch.is_main:
             print(
@@ -390,6 +395,21 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except BrokenPipeError:  # `qtune recipe-reference | head`
         sys.exit(0)
+    except OSError as exc:
+        import errno
+
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or args.debug:
+            raise
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        print(
+            f"error: out of disk space{where} ({os.strerror(exc.errno)}); what was complete before is kept",
+            file=sys.stderr,
+        )
+        print(
+            "  hint: free some space (or choose an output folder on another disk) and run the command again",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

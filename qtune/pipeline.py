@@ -70,17 +70,45 @@ def prepare(recipe: Recipe, launch: Launch | None = None, *, training: bool = Tr
 
 
 def train(prepared: PreparedRun, quiet: bool = False) -> RunDir:
-    """Load the base with a fresh adapter, build the dataset, train with TRL and save: the finished run."""
+    """Load the base with a fresh adapter, build the dataset, train with TRL and save: the finished run.
+
+    The main process holds the run dir's lock throughout. With --overwrite the previous run's outputs are set
+    aside, not deleted, until the new run has an adapter (its final one or a checkpoint); a failure before that
+    puts them back."""
+    import contextlib
+    import sys
+
     from qtune import data, model
-    from qtune.train import run_training
+    from qtune.train import check_free_space, run_training
 
     p = prepared
-    if quiet or not p.launch.is_main:
+    main = p.launch.is_main
+    if quiet or not main:
         import datasets
         import transformers
 
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
-    peft_model = model.load_for_training(p.recipe, p.launch, p.tokenizer, verbose=False)  # the run summary says it
-    dataset = data.build(p.recipe, p.tokenizer, p.fmt, p.rows, p.args)  # main process first; others reuse its cache
-    return run_training(p, peft_model, dataset, quiet=quiet)
+    with p.run.lock("train") if main else contextlib.nullcontext():
+        if main:
+            recovered = p.run.recover()
+            if recovered:
+                print(f"qtune: note: {p.run.path}: {recovered}", file=sys.stderr)
+            p.run.check_can_start()  # again, under the lock: nothing changed since prepare()
+        peft_model = model.load_for_training(p.recipe, p.launch, p.tokenizer, verbose=False)  # summary says it
+        dataset = data.build(p.recipe, p.tokenizer, p.fmt, p.rows, p.args)  # main first; others reuse its cache
+        check_free_space(p.run.path, peft_model.get_nb_trainable_parameters()[0], p.recipe)
+        set_aside = p.run.set_aside_previous() if main and p.recipe.training.overwrite and not p.resume_from else []
+        try:
+            run = run_training(p, peft_model, dataset, quiet=quiet)
+        except BaseException:
+            if set_aside and not p.run.has_new_adapter():
+                p.run.restore_previous()
+                print(f"qtune: the previous run in {p.run.path} was put back (the new one saved no adapter)",
+                      file=sys.stderr)  # fmt: skip
+            elif set_aside:
+                p.run.drop_previous()  # the new run stands: it has a checkpoint to --resume from
+            raise
+        if set_aside:
+            p.run.drop_previous()
+    return run

@@ -536,20 +536,21 @@ def _final_adapter_state(trainer, launch: Launch) -> tuple[dict | None, list]:
 
 def _save_adapter(trainer, tokenizer, run: RunDir, full_state: dict | None) -> Path:
     """Write adapter/ (safetensors + adapter_config.json + tokenizer, no pickles) via a staging folder."""
-    adapter_dir = run.adapter
     staging = run.path / "adapter.tmp"
     if staging.exists():
         shutil.rmtree(staging)
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    if full_state is not None:
-        save_gathered_adapter(unwrapped, full_state, staging)
-    else:
-        unwrapped.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
-    staging.rename(adapter_dir)
-    return adapter_dir
+    try:
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        if full_state is not None:
+            save_gathered_adapter(unwrapped, full_state, staging)
+        else:
+            unwrapped.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        run.replace_adapter(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a full disk leaves no adapter.tmp/ behind
+        raise
+    return run.adapter
 
 
 def _summary(trainer, result, watcher, final_eval: dict, wall: float, launch: Launch, checkpoint, fingerprints) -> dict:
@@ -611,9 +612,8 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
     state = PartialState()
     _tracking_env(recipe, run)
     if launch.is_main:
-        if recipe.training.overwrite:
-            run.clear_outputs()
         run.path.mkdir(parents=True, exist_ok=True)
+        run.record_written(*RunDir.OUTPUTS)  # before any of them is written: --overwrite may remove them later
         dump_recipe(recipe, run.recipe_file)
     state.wait_for_everyone()
 
@@ -641,8 +641,6 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(monitor.Console(quiet=quiet))
-    trainable, _ = trainer.model.get_nb_trainable_parameters()
-    check_free_space(run.path, trainable, recipe)
 
     tracker = _start_wandb(recipe, run, launch, resuming=checkpoint is not None)
     try:
