@@ -80,8 +80,12 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from qtune import data, model, train
+    from qtune import model, train
     from qtune.config import load_recipe
+    from qtune.data.cache import build_dataset
+    from qtune.data.loading import load_rows
+    from qtune.data.preparation import check_training_data, loss_settings
+    from qtune.data.report import warn_skipped
 
     overrides = list(args.overrides)
     if args.resume:
@@ -94,13 +98,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Everything that can be wrong is checked before the model loads: seconds, not a GPU hour.
     train.check_launch(recipe, launch)
     train.prepare_run_dir(recipe, launch)
-    fmt, rows = data.load_rows(recipe)
+    fmt, rows = load_rows(recipe)
     model.check_architecture(recipe)
     tokenizer = model.load_tokenizer(recipe)
-    args_for_trl = train.sft_config(recipe, launch, data.loss_settings(recipe, tokenizer, fmt))
-    data.check(recipe, tokenizer, fmt, rows, args_for_trl)  # the silent data killers, through TRL's preparation
+    args_for_trl = train.sft_config(recipe, launch, loss_settings(recipe, tokenizer, fmt))
+    # the silent data killers, through TRL's preparation
+    check_training_data(recipe, tokenizer, fmt, rows, args_for_trl)
     if launch.is_main:
-        data.warn_skipped(rows)
+        warn_skipped(rows)
     if args.check:
         if launch.is_main:
             print(f"qtune: {args.recipe} is ready: {len(rows)} {fmt} rows, output in {recipe.output_dir}")
@@ -114,27 +119,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         transformers.utils.logging.disable_progress_bar()
     # verbose=False: train.run prints the run summary
     peft_model, tokenizer = model.load(recipe, launch, verbose=False, tokenizer=tokenizer)
-    dataset = data.build(recipe, tokenizer, fmt, rows, args_for_trl)  # main process first; others reuse its cache
+    dataset = build_dataset(recipe, tokenizer, fmt, rows, args_for_trl)  # main process first; others reuse its cache
     train.run(recipe, peft_model, tokenizer, dataset, args_for_trl, launch, quiet=args.quiet)
     return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
     """`qtune data RECIPE`: the data exactly as `train` prepares it, summarized, before any GPU hour."""
-    from qtune import data, model, train
+    from qtune import model, train
     from qtune.config import load_recipe
+    from qtune.data.cache import build_dataset
+    from qtune.data.loading import load_rows
+    from qtune.data.preparation import check_trainable, check_training_data, loss_settings
+    from qtune.data.report import render_summary, warn_skipped
 
     recipe = load_recipe(args.recipe, list(args.overrides))
     launch = model.detect_launch()
-    fmt, rows = data.load_rows(recipe)
+    fmt, rows = load_rows(recipe)
     tokenizer = model.load_tokenizer(recipe)
-    settings = data.loss_settings(recipe, tokenizer, fmt)
+    settings = loss_settings(recipe, tokenizer, fmt)
     args_for_trl = train.sft_config(recipe, launch, settings)
-    data.warn_skipped(rows)
-    prepared = data.check(recipe, tokenizer, fmt, rows, args_for_trl, sample=None, loud=False)
-    prepared.stats["eval_examples"] = len(data.build(recipe, tokenizer, fmt, rows).get("eval", []))
-    print(data.summary(recipe, tokenizer, fmt, rows, prepared, settings, max(0, args.samples), dim=args.color))
-    data.verify(recipe, tokenizer, prepared)  # after the summary, so the user sees what is wrong
+    warn_skipped(rows)
+    prepared = check_training_data(recipe, tokenizer, fmt, rows, args_for_trl, sample=None, loud=False)
+    prepared.stats["eval_examples"] = len(build_dataset(recipe, tokenizer, fmt, rows).get("eval", []))
+    print(render_summary(recipe, tokenizer, fmt, rows, prepared, settings, max(0, args.samples), dim=args.color))
+    check_trainable(recipe, tokenizer, prepared)  # after the summary, so the user sees what is wrong
     return 0
 
 

@@ -667,8 +667,11 @@ def probe(recipe_path: str, overrides: list[str] = ()) -> dict:
     import sys
     import tempfile
 
-    from qtune import data, model, train
+    from qtune import model, train
     from qtune.config import load_recipe
+    from qtune.data.cache import build_dataset
+    from qtune.data.loading import load_rows
+    from qtune.data.preparation import loss_settings
 
     with tempfile.TemporaryDirectory(prefix="qtune-probe-") as tmp:
         step = [
@@ -681,9 +684,9 @@ def probe(recipe_path: str, overrides: list[str] = ()) -> dict:
         ]
         recipe = load_recipe(recipe_path, [*overrides, *step])
         launch = model.detect_launch()
-        fmt, rows = data.load_rows(recipe)
+        fmt, rows = load_rows(recipe)
         tokenizer = model.load_tokenizer(recipe)
-        args = train.sft_config(recipe, launch, data.loss_settings(recipe, tokenizer, fmt))
+        args = train.sft_config(recipe, launch, loss_settings(recipe, tokenizer, fmt))
         import torch
         from transformers import PrinterCallback, ProgressCallback
         from trl import SFTTrainer
@@ -694,7 +697,7 @@ def probe(recipe_path: str, overrides: list[str] = ()) -> dict:
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         peft_model, tokenizer = model.load(recipe, launch, verbose=False)
-        dataset = data.build(recipe, tokenizer, fmt, rows)
+        dataset = build_dataset(recipe, tokenizer, fmt, rows)
         trainer = SFTTrainer(model=peft_model, args=args, train_dataset=dataset["train"], processing_class=tokenizer)
         train._keep_adapter_fp32(trainer.model)  # as train.run does
         trainer.remove_callback(PrinterCallback)  # the step's log dict is not what the user asked for

@@ -11,8 +11,11 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import run_qtune, spell_rows, write_jsonl
-from qtune import data, train
+from qtune import train
 from qtune.config import load_recipe
+from qtune.data.cache import build_dataset
+from qtune.data.loading import load_rows
+from qtune.data.preparation import loss_settings
 from qtune.model import Launch, load
 
 SINGLE = Launch(world_size=1, rank=0, local_rank=0, distributed_type="NO")
@@ -31,13 +34,13 @@ def _quantized_bytes(model) -> dict[str, torch.Tensor]:
 
 def test_lora_weights_change_and_quantized_base_does_not(make_recipe):
     recipe = load_recipe(make_recipe(), ["training.max_steps=6"])
-    fmt, rows = data.load_rows(recipe)
+    fmt, rows = load_rows(recipe)
     model, tokenizer = load(recipe, SINGLE, verbose=False)
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     base_before = _quantized_bytes(model)
     assert len(base_before) == 2 * 2 * 7  # weight + absmax for 14 layers
-    args = train.sft_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
-    train.run(recipe, model, tokenizer, data.build(recipe, tokenizer, fmt, rows), args, SINGLE)
+    args = train.sft_config(recipe, SINGLE, loss_settings(recipe, tokenizer, fmt))
+    train.run(recipe, model, tokenizer, build_dataset(recipe, tokenizer, fmt, rows), args, SINGLE)
 
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, lora_before[n])]
     assert len(changed) == len(lora_before), "every LoRA matrix should have moved"
