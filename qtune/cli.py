@@ -113,11 +113,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     """`qtune data RECIPE`: the data exactly as `train` prepares it, summarized, before any GPU hour."""
-    from qtune import data, pipeline
+    from qtune import pipeline
+    from qtune.data.preparation import check_trainable
+    from qtune.data.report import render_summary
 
     p = pipeline.prepare(_recipe_with_flags(args), training=False)
-    print(data.summary(p.recipe, p.tokenizer, p.fmt, p.rows, p.examples, p.loss, max(0, args.samples), dim=args.color))
-    data.verify(p.recipe, p.tokenizer, p.examples)  # after the summary, so the user sees what is wrong
+    print(render_summary(p.recipe, p.tokenizer, p.fmt, p.rows, p.examples, p.loss, max(0, args.samples), args.color))
+    check_trainable(p.recipe, p.tokenizer, p.examples)  # after the summary, so the user sees what is wrong
     return 0
 
 

@@ -13,3 +13,9 @@ class QtuneError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of what an exception says (its type's name when it says nothing), for an error message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -3,15 +3,15 @@
     qtune train x.yaml → cli.cmd_train → prepare(recipe)        everything that can be wrong, before any weight
                                           ├ train.check_launch   loads: launch × placement × quantization
                                           ├ RunDir.check_can_start   refuse / resume / overwrite
-                                          ├ data.load_rows       sources → rows of one format
-                                          ├ model.check_architecture (meta device) and load_tokenizer
-                                          ├ data.apply_chat_template  the recipe's template, set once, here
-                                          ├ train.trainer_config the TRL config (SFTConfig)
-                                          └ data.check_rows      TRL's own preparation of (a sample of) the rows
+                                          ├ data.loading.load_rows     sources → rows of one format
+                                          ├ model.check_architecture   (meta device) and model.load_tokenizer
+                                          ├ data.templates.use_chat_template  the recipe's template, set once, here
+                                          ├ train.trainer_config       the TRL config (SFTConfig)
+                                          └ data.preparation.check_training_data  TRL's own preparation of the rows
                                        → train(prepared)
-                                          ├ model.load_for_training  4-bit base + k-bit prep + LoRA
-                                          ├ data.build_dataset   the rows from the cache the check wrote
-                                          └ train.run_training   TRL's trainer → adapter/, summary.json …
+                                          ├ model.load_for_training    4-bit base + k-bit prep + LoRA
+                                          ├ data.cache.build_dataset   the rows from the cache the check wrote
+                                          └ train.run_training         TRL's trainer → adapter/, summary.json …
 
 `qtune data` and `qtune estimate --probe` use the same `prepare`.
 """
@@ -46,7 +46,11 @@ def prepare(recipe: Recipe, launch: Launch | None = None, *, training: bool = Tr
 
     training=False (`qtune data`): no launch, run-directory or model-shape checks; every row goes through TRL's
     preparation (not a sample) and the loud data checks are left to the caller, after it has shown the data."""
-    from qtune import data, model, train
+    from qtune import model, train
+    from qtune.data.loading import load_rows
+    from qtune.data.preparation import check_training_data, loss_settings
+    from qtune.data.report import warn_skipped
+    from qtune.data.templates import use_chat_template
 
     launch = launch if launch is not None else model.detect_launch()
     run = RunDir(recipe.output_dir, recipe)
@@ -54,18 +58,20 @@ def prepare(recipe: Recipe, launch: Launch | None = None, *, training: bool = Tr
     if training:
         train.check_launch(recipe, launch)
         resume_from = run.check_can_start()
-    fmt, rows = data.load_rows(recipe)
+    fmt, rows = load_rows(recipe)
     if training:
         model.check_architecture(recipe)
     tokenizer = model.load_tokenizer(recipe)
-    data.use_chat_template(recipe, tokenizer)
-    loss = data.loss_settings(recipe, tokenizer, fmt)
+    use_chat_template(recipe, tokenizer)
+    loss = loss_settings(recipe, tokenizer, fmt)
     args = train.trainer_config(recipe, launch, loss)
     if not training:
-        data.warn_skipped(rows)
-    examples = data.check(recipe, tokenizer, fmt, rows, args, **({} if training else {"sample": None, "loud": False}))
+        warn_skipped(rows)
+    examples = check_training_data(
+        recipe, tokenizer, fmt, rows, args, **({} if training else {"sample": None, "loud": False})
+    )
     if training and launch.is_main:
-        data.warn_skipped(rows)
+        warn_skipped(rows)
     return PreparedRun(recipe, launch, run, fmt, rows, tokenizer, loss, args, examples, resume_from)
 
 
@@ -78,7 +84,8 @@ def train(prepared: PreparedRun, quiet: bool = False) -> RunDir:
     import contextlib
     import sys
 
-    from qtune import data, model
+    from qtune import model
+    from qtune.data.cache import build_dataset
     from qtune.train import check_free_space, run_training
 
     p = prepared
@@ -96,7 +103,7 @@ def train(prepared: PreparedRun, quiet: bool = False) -> RunDir:
                 print(f"qtune: note: {p.run.path}: {recovered}", file=sys.stderr)
             p.run.check_can_start()  # again, under the lock: nothing changed since prepare()
         peft_model = model.load_for_training(p.recipe, p.launch, p.tokenizer, verbose=False)  # summary says it
-        dataset = data.build(p.recipe, p.tokenizer, p.fmt, p.rows, p.args)  # main first; others reuse its cache
+        dataset = build_dataset(p.recipe, p.tokenizer, p.fmt, p.rows, p.args)  # main first; others reuse its cache
         check_free_space(p.run.path, peft_model.get_nb_trainable_parameters()[0], p.recipe)
         set_aside = p.run.set_aside_previous() if main and p.recipe.training.overwrite and not p.resume_from else []
         try:

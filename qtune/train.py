@@ -622,8 +622,9 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
         recipe, run.metrics, launch.world_size, _start_lines(recipe, dataset, args, launch, checkpoint)
     )
     if launch.distributed_type == "DEEPSPEED":
-        # The data check (qtune.data.check) already built a trainer, and with it accelerate's state; accelerate
-        # refuses a DeepSpeed plugin on a second Accelerator, so start its state afresh (the process group stays).
+        # The data check (qtune.data.preparation.check_training_data) already built a trainer, and with it
+        # accelerate's state; accelerate refuses a DeepSpeed plugin on a second Accelerator, so start its state
+        # afresh (the process group stays).
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=False)

@@ -3,8 +3,8 @@
     python scripts/bench_data.py [--rows 100000] [--formats alpaca,sharegpt,...] [--num-proc 1,2]
 
 For each format it writes ROWS synthetic rows as JSONL, then times the two stages qtune runs:
-`load` (data.load_rows: read with `datasets`, detect, map, check every row) and `prepare` (data.build +
-TRL's own dataset preparation through data.prepare: chat template, tokenization, loss masks) with
+`load` (load_rows: read with `datasets`, detect, map, check every row) and `prepare` (build_dataset +
+TRL's own dataset preparation through prepare_with_trl: chat template, tokenization, loss masks) with
 `data.num_proc` 1 and 2, each into an empty datasets cache (`cold`: saving the rows, tokenizing, masking), then
 `prepare` once more on the same data, tokenizer and template (`cached`: what a second run costs, served from
 the datasets cache). The tokenizer is qtune.tiny's word-level one (ChatML template with generation markers), so
@@ -67,8 +67,11 @@ def main() -> None:
 
     import datasets
 
-    from qtune import data, train
+    from qtune import train
     from qtune.config import Recipe
+    from qtune.data.cache import build_dataset
+    from qtune.data.loading import load_rows
+    from qtune.data.preparation import loss_settings, prepare_with_trl
     from qtune.model import Launch
     from qtune.tiny import build_tokenizer
 
@@ -94,16 +97,16 @@ def main() -> None:
                 )
                 datasets.config.HF_DATASETS_CACHE = Path(tmp) / f"cache-{fmt}-{num_proc}"  # cold: an empty cache
                 started = time.perf_counter()
-                schema, rows = data.load_rows(recipe)
+                schema, rows = load_rows(recipe)
                 loaded = time.perf_counter()
                 tokenizer = build_tokenizer()
-                args = train.trainer_config(recipe, launch, data.loss_settings(recipe, tokenizer, schema))
-                prepared = data.prepare(recipe, tokenizer, data.build(recipe, tokenizer, schema, rows), args)
+                args = train.trainer_config(recipe, launch, loss_settings(recipe, tokenizer, schema))
+                prepared = prepare_with_trl(recipe, tokenizer, build_dataset(recipe, tokenizer, schema, rows), args)
                 done = time.perf_counter()
                 assert len(prepared.input_ids) == opts.rows
                 tokenizer = build_tokenizer()  # a second run: a fresh tokenizer, the same cache
-                args = train.trainer_config(recipe, launch, data.loss_settings(recipe, tokenizer, schema))
-                again = data.prepare(recipe, tokenizer, data.build(recipe, tokenizer, schema, rows), args)
+                args = train.trainer_config(recipe, launch, loss_settings(recipe, tokenizer, schema))
+                again = prepare_with_trl(recipe, tokenizer, build_dataset(recipe, tokenizer, schema, rows), args)
                 cached_s = time.perf_counter() - done
                 assert again.cache_files == prepared.cache_files  # served from the same cache files
                 load_s, prep_s = loaded - started, done - loaded

@@ -12,8 +12,12 @@ import pytest
 import yaml
 
 from conftest import run_qtune, write_jsonl
-from qtune import data, train
+from qtune import train
 from qtune.config import load_recipe
+from qtune.data.cache import build_dataset
+from qtune.data.loading import load_rows
+from qtune.data.preparation import check_training_data, loss_settings, prepare_with_trl
+from qtune.data.templates import TEMPLATES, use_chat_template
 from qtune.errors import QtuneError
 from qtune.model import Launch
 
@@ -50,6 +54,13 @@ def recipe_for(tmp_path, tiny_llama):
     return make
 
 
+def _trainer_args(recipe, tokenizer, fmt: str):
+    """What qtune.pipeline.prepare does between the tokenizer and the data check: the recipe's chat template set
+    once on the tokenizer, then the trainer's config with the loss settings the data decides."""
+    use_chat_template(recipe, tokenizer)
+    return train.trainer_config(recipe, SINGLE, loss_settings(recipe, tokenizer, fmt))
+
+
 def _tokenizer(tiny_llama):
     from qtune.config import Recipe
     from qtune.model import load_tokenizer
@@ -79,7 +90,7 @@ def _by_prompt(rows):
     ],
 )
 def test_local_files_of_every_type_load_and_map(recipe_for, source, fmt, n):
-    schema, rows = data.load_rows(recipe_for([DATA / source]))
+    schema, rows = load_rows(recipe_for([DATA / source]))
     assert schema == fmt and len(rows) == n
     assert rows.sources[0]["detected"] is True
 
@@ -93,37 +104,37 @@ def test_parquet_folder_save_to_disk_and_local_repo_with_name_and_split(recipe_f
     shutil.copy(DATA / "alpaca.jsonl", tmp_path / "folder" / "part.jsonl")
     datasets.DatasetDict(train=ds, validation=ds.select([0])).save_to_disk(str(tmp_path / "saved"))
 
-    expected = _by_prompt(data.load_rows(recipe_for([DATA / "alpaca.jsonl"]))[1])
+    expected = _by_prompt(load_rows(recipe_for([DATA / "alpaca.jsonl"]))[1])
     for path in (tmp_path / "a.parquet", tmp_path / "folder", tmp_path / "saved"):
-        schema, got = data.load_rows(recipe_for([path]))
+        schema, got = load_rows(recipe_for([path]))
         assert schema == "messages" and _by_prompt(got) == expected, path
 
     # save_to_disk folder, a named eval split
-    _, got = data.load_rows(recipe_for([tmp_path / "saved"], eval_split="validation"))
+    _, got = load_rows(recipe_for([tmp_path / "saved"], eval_split="validation"))
     assert len(got) == 3 and len(got.eval_rows) == 1
 
     # a dataset repo folder (Hub layout) with configs: `name` picks the config, `split` the split
     repo = str(DATA / "repo")
-    schema, got = data.load_rows(recipe_for([{"path": repo, "name": "chat"}], eval_split="test"))
+    schema, got = load_rows(recipe_for([{"path": repo, "name": "chat"}], eval_split="test"))
     assert schema == "messages" and len(got) == 3 and got.eval_rows[0]["messages"][1]["content"] == "four"
-    schema, got = data.load_rows(recipe_for([{"path": repo, "name": "plain"}]))
+    schema, got = load_rows(recipe_for([{"path": repo, "name": "plain"}]))
     assert schema == "text" and sorted(r["text"] for r in got) == ["one two", "three four"]
     with pytest.raises(QtuneError, match="split 'nope'|nope"):
-        data.load_rows(recipe_for([{"path": repo, "name": "chat", "split": "nope"}]))
+        load_rows(recipe_for([{"path": repo, "name": "chat", "split": "nope"}]))
 
 
 # --------------------------------------------------------------------------- formats
 
 
 def test_formats_map_to_one_schema(recipe_for):
-    _, rows = data.load_rows(recipe_for([DATA / "alpaca.jsonl"]))
+    _, rows = load_rows(recipe_for([DATA / "alpaca.jsonl"]))
     by_answer = {r["messages"][-1]["content"]: r["messages"] for r in rows}
     assert by_answer["one two"] == [
         {"role": "user", "content": "spell the digits\n\n1 2"},
         {"role": "assistant", "content": "one two"},
     ]
     assert by_answer["yes"][0] == {"role": "system", "content": "answer in words"}
-    _, rows = data.load_rows(recipe_for([DATA / "sharegpt.json"]))
+    _, rows = load_rows(recipe_for([DATA / "sharegpt.json"]))
     roles = sorted([m["role"] for m in r["messages"]] for r in rows)
     assert roles == [["system", "user", "assistant"], ["user", "assistant", "user", "assistant"]]
 
@@ -131,7 +142,7 @@ def test_formats_map_to_one_schema(recipe_for):
 def test_column_mapping_and_role_mapping(recipe_for, tmp_path):
     source = {"path": str(DATA / "custom.jsonl"), "format": "prompt_completion"}
     source["columns"] = {"prompt": "question", "completion": "answer"}
-    schema, rows = data.load_rows(recipe_for([source]))
+    schema, rows = load_rows(recipe_for([source]))
     assert schema == "prompt_completion" and sorted(r["completion"] for r in rows) == ["three", "two"]
     assert rows.sources[0]["ignored_columns"] == ["id"]  # said, not silently dropped
 
@@ -140,14 +151,14 @@ def test_column_mapping_and_role_mapping(recipe_for, tmp_path):
         [{"conversations": [{"from": "asker", "value": "spell 1"}, {"from": "bot", "value": "one"}]}],
     )
     with pytest.raises(QtuneError, match="'asker' is not a known speaker"):
-        data.load_rows(recipe_for([odd]))
-    _, rows = data.load_rows(recipe_for([{"path": str(odd), "roles": {"asker": "user", "bot": "assistant"}}]))
+        load_rows(recipe_for([odd]))
+    _, rows = load_rows(recipe_for([{"path": str(odd), "roles": {"asker": "user", "bot": "assistant"}}]))
     assert [m["role"] for m in rows[0]["messages"]] == ["user", "assistant"]
 
 
 def test_undetectable_columns_are_listed(recipe_for):
     with pytest.raises(QtuneError, match=r"cannot tell the format from the columns \['answer', 'id', 'question'\]"):
-        data.load_rows(recipe_for([DATA / "custom.jsonl"]))
+        load_rows(recipe_for([DATA / "custom.jsonl"]))
 
 
 # --------------------------------------------------------------------------- bad input
@@ -183,13 +194,13 @@ def test_bad_rows_stop_naming_file_and_row_or_are_skipped_and_counted(recipe_for
     path = tmp_path / f"bad.{suffix}"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(QtuneError) as err:
-        data.load_rows(recipe_for([path]))
+        load_rows(recipe_for([path]))
     assert str(path) in err.value.message and row in err.value.message and problem in err.value.message
     if case == "role order":  # the only row is bad: skipping leaves nothing, said so
         with pytest.raises(QtuneError, match="every row was skipped"):
-            data.load_rows(recipe_for([path], on_bad_row="skip"))
+            load_rows(recipe_for([path], on_bad_row="skip"))
         return
-    _, rows = data.load_rows(recipe_for([path], on_bad_row="skip"))
+    _, rows = load_rows(recipe_for([path], on_bad_row="skip"))
     assert sum(rows.sources[0]["skipped"].values()) == 1 and len(rows) >= 1
 
 
@@ -197,8 +208,8 @@ def test_non_utf8_bytes_are_named(recipe_for, tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(QtuneError, match=r"row 2: not valid UTF-8 \(byte 0xe9"):
-        data.load_rows(recipe_for([path]))
-    _, rows = data.load_rows(recipe_for([path], on_bad_row="skip"))
+        load_rows(recipe_for([path]))
+    _, rows = load_rows(recipe_for([path], on_bad_row="skip"))
     assert [r["text"] for r in rows] == ["ok"] and rows.sources[0]["skipped"] == {"not UTF-8": 1}
 
 
@@ -217,9 +228,9 @@ def _trainer(recipe, tiny_llama, rows_schema):
 
     fmt, rows = rows_schema
     tokenizer = _tokenizer(tiny_llama)
-    args = train.trainer_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+    args = _trainer_args(recipe, tokenizer, fmt)
     args = __import__("dataclasses").replace(args, output_dir=str(Path(recipe.output_dir) / "ck"))
-    dataset = data.build(recipe, tokenizer, fmt, rows)
+    dataset = build_dataset(recipe, tokenizer, fmt, rows)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset["train"], processing_class=tokenizer)
     return trainer, tokenizer, args
@@ -286,7 +297,7 @@ CASES = {
 def test_exactly_the_answer_tokens_and_end_of_turn_carry_loss(recipe_for, tiny_llama, case):
     source, keys, expected = CASES[case]
     recipe = recipe_for([DATA / source], **keys)
-    trainer, tokenizer, args = _trainer(recipe, tiny_llama, data.load_rows(recipe))
+    trainer, tokenizer, args = _trainer(recipe, tiny_llama, load_rows(recipe))
     got = _batch_spans(trainer, tokenizer)
     if expected is None:  # train_on: all: every real token carries loss, as one run
         assert all(len(spans) == 1 and spans[0] == text for text, spans in got), got
@@ -296,7 +307,7 @@ def test_exactly_the_answer_tokens_and_end_of_turn_carry_loss(recipe_for, tiny_l
         key = next(k for k in expected if k in text)
         assert spans == expected[key], (text, spans)
     # `qtune data` (a carrier model, no weights) prepares exactly what the trainer trains on
-    prepared = data.prepare(recipe, tokenizer, data.build(recipe, tokenizer, *data.load_rows(recipe)), args)
+    prepared = prepare_with_trl(recipe, tokenizer, build_dataset(recipe, tokenizer, *load_rows(recipe)), args)
     assert sorted(prepared.labels) == sorted(trainer.train_dataset["labels"])
 
 
@@ -305,7 +316,7 @@ def test_template_without_generation_markers_trains_the_last_answer(recipe_for, 
 
     plain = CHATML_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
     recipe = recipe_for([DATA / "messages.jsonl"], chat_template=plain)
-    trainer, tokenizer, _ = _trainer(recipe, tiny_llama, data.load_rows(recipe))
+    trainer, tokenizer, _ = _trainer(recipe, tiny_llama, load_rows(recipe))
     spans = dict(_batch_spans(trainer, tokenizer))
     assert sorted(spans.values()) == [["eight <|im_end|>"], ["six seven <|im_end|>"]]
 
@@ -333,32 +344,32 @@ def test_builtin_templates_render_their_family_format(tiny_llama):
         "mistral": "<s>[INST] S\n\nU1 [/INST]A1</s>[INST] U2 [/INST]A2</s>",
         "zephyr": "<|system|>\nS</s>\n<|user|>\nU1</s>\n<|assistant|>\nA1</s>\n<|user|>\nU2</s>\n<|assistant|>\nA2</s>\n",
     }
-    assert set(expected) == set(data.TEMPLATES)
+    assert set(expected) == set(TEMPLATES)
     for name, text in expected.items():
-        assert tokenizer.apply_chat_template(chat, tokenize=False, chat_template=data.TEMPLATES[name]) == text, name
+        assert tokenizer.apply_chat_template(chat, tokenize=False, chat_template=TEMPLATES[name]) == text, name
         # every answer and its end-of-turn is inside {% generation %}, so assistant_only_loss trains it
         out = tokenizer.apply_chat_template(
-            chat, chat_template=data.TEMPLATES[name], return_dict=True, return_assistant_tokens_mask=True
+            chat, chat_template=TEMPLATES[name], return_dict=True, return_assistant_tokens_mask=True
         )
         assert sum(out["assistant_masks"]) > 0, name
 
 
 def test_builtin_template_must_match_the_tokenizers_own(recipe_for, tiny_llama):
     tokenizer = _tokenizer(tiny_llama)
-    data.use_chat_template(recipe_for([DATA / "text.txt"], chat_template="chatml"), tokenizer)  # same render: ok
+    use_chat_template(recipe_for([DATA / "text.txt"], chat_template="chatml"), tokenizer)  # same render: ok
     with pytest.raises(QtuneError, match="'llama-3' renders differently from the tokenizer's saved chat_template"):
-        data.use_chat_template(recipe_for([DATA / "text.txt"], chat_template="llama-3"), _tokenizer(tiny_llama))
+        use_chat_template(recipe_for([DATA / "text.txt"], chat_template="llama-3"), _tokenizer(tiny_llama))
     with pytest.raises(QtuneError, match="unknown template 'vicuna'"):
-        data.use_chat_template(recipe_for([DATA / "text.txt"], chat_template="vicuna"), _tokenizer(tiny_llama))
+        use_chat_template(recipe_for([DATA / "text.txt"], chat_template="vicuna"), _tokenizer(tiny_llama))
     with pytest.raises(QtuneError, match="fails to render"):
-        data.use_chat_template(
+        use_chat_template(
             recipe_for([DATA / "text.txt"], chat_template="{{ messages[0]['content'] | nofilter }}"),
             _tokenizer(tiny_llama),
         )
     tokenizer = _tokenizer(tiny_llama)
     tokenizer.chat_template = None  # a base model: any built-in may be chosen
-    data.use_chat_template(recipe_for([DATA / "text.txt"], chat_template="zephyr"), tokenizer)
-    assert tokenizer.chat_template == data.TEMPLATES["zephyr"]
+    use_chat_template(recipe_for([DATA / "text.txt"], chat_template="zephyr"), tokenizer)
+    assert tokenizer.chat_template == TEMPLATES["zephyr"]
 
 
 # --------------------------------------------------------------------------- mixing and splits
@@ -367,24 +378,24 @@ def test_builtin_template_must_match_the_tokenizers_own(recipe_for, tiny_llama):
 def test_mixing_weights_samples_seeded_shuffle_dedup_and_fraction_split(recipe_for, tiny_llama, tmp_path):
     alpaca = {"path": str(DATA / "alpaca.jsonl"), "samples": 7}
     share = {"path": str(DATA / "sharegpt.json"), "weight": 0.5}
-    _, rows = data.load_rows(recipe_for([alpaca, share]))
+    _, rows = load_rows(recipe_for([alpaca, share]))
     assert len(rows) == 8 and [s["used"] for s in rows.sources] == [7, 1]
-    _, again = data.load_rows(recipe_for([alpaca, share]))
+    _, again = load_rows(recipe_for([alpaca, share]))
     assert list(rows) == list(again)  # deterministic by seed
-    _, deduped = data.load_rows(recipe_for([alpaca, share], dedup=True))
+    _, deduped = load_rows(recipe_for([alpaca, share], dedup=True))
     assert len(deduped) == 4 and "dedup dropped 4" in deduped.notes[0]
     big = write_jsonl(tmp_path / "big.jsonl", [{"text": f"{i}"} for i in range(40)])
-    first = [r["text"] for r in data.load_rows(recipe_for([big]))[1]]
+    first = [r["text"] for r in load_rows(recipe_for([big]))[1]]
     doc = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
     doc["training"]["seed"] = 7
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(doc))
-    other = [r["text"] for r in data.load_rows(load_recipe(tmp_path / "recipe.yaml", []))[1]]
+    other = [r["text"] for r in load_rows(load_recipe(tmp_path / "recipe.yaml", []))[1]]
     assert first != other and sorted(first) == sorted(other)
 
     with pytest.raises(QtuneError, match="different schemas"):
-        data.load_rows(recipe_for([DATA / "alpaca.jsonl", DATA / "text.txt"]))
+        load_rows(recipe_for([DATA / "alpaca.jsonl", DATA / "text.txt"]))
     recipe = recipe_for([big], eval_split=0.25)
-    built = data.build(recipe, _tokenizer(tiny_llama), *data.load_rows(recipe))
+    built = build_dataset(recipe, _tokenizer(tiny_llama), *load_rows(recipe))
     assert len(built["train"]) == 30 and len(built["eval"]) == 10
 
 
@@ -402,10 +413,10 @@ def test_end_of_turn_never_trained_fails_loudly(recipe_for, tiny_llama):
     assert broken != CHATML_TEMPLATE
     recipe = recipe_for([DATA / "messages.jsonl"], chat_template=broken)
     tokenizer = _tokenizer(tiny_llama)
-    fmt, rows = data.load_rows(recipe)
-    args = train.trainer_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+    fmt, rows = load_rows(recipe)
+    args = _trainer_args(recipe, tokenizer, fmt)
     with pytest.raises(QtuneError, match="end-of-turn token '<\\|im_end\\|>' carries no loss in any example"):
-        data.check(recipe, tokenizer, fmt, rows, args)
+        check_training_data(recipe, tokenizer, fmt, rows, args)
 
 
 def test_too_many_untrained_examples_fail_loudly(recipe_for, tiny_llama, tmp_path):
@@ -415,19 +426,19 @@ def test_too_many_untrained_examples_fail_loudly(recipe_for, tiny_llama, tmp_pat
     )
     recipe = recipe_for([long_prompt], max_length=16)
     tokenizer = _tokenizer(tiny_llama)
-    fmt, rows = data.load_rows(recipe)
-    args = train.trainer_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+    fmt, rows = load_rows(recipe)
+    args = _trainer_args(recipe, tokenizer, fmt)
     with pytest.raises(QtuneError, match=r"1 of 2 examples \(50.0%\) have no trained token after truncation"):
-        data.check(recipe, tokenizer, fmt, rows, args)
+        check_training_data(recipe, tokenizer, fmt, rows, args)
 
 
 def test_mistral_builtin_on_a_template_less_tokenizer_trains_every_end_of_turn(recipe_for, tiny_llama):
     recipe = recipe_for([DATA / "messages.jsonl"], chat_template="mistral")
     tokenizer = _tokenizer(tiny_llama)
     tokenizer.chat_template = None
-    fmt, rows = data.load_rows(recipe)
-    args = train.trainer_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
-    prepared = data.check(recipe, tokenizer, fmt, rows, args)  # a system prompt folds into the first [INST]
+    fmt, rows = load_rows(recipe)
+    args = _trainer_args(recipe, tokenizer, fmt)
+    prepared = check_training_data(recipe, tokenizer, fmt, rows, args)  # a system prompt folds into the first [INST]
     assert prepared.stats["end_of_turn_trained"] == 2
 
 
@@ -462,15 +473,15 @@ def test_template_that_refuses_a_row_names_file_and_row(
         tokenizer.chat_template = None  # a base model: any built-in may be chosen
     for on_bad_row in ("error", "skip"):
         recipe = recipe_for([path], chat_template=chosen, on_bad_row=on_bad_row)
-        fmt, rows_ = data.load_rows(recipe)
-        args = train.trainer_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+        fmt, rows_ = load_rows(recipe)
+        args = _trainer_args(recipe, tokenizer, fmt)
         if on_bad_row == "error":
             with pytest.raises(QtuneError) as err:
-                data.check(recipe, tokenizer, fmt, rows_, args)
+                check_training_data(recipe, tokenizer, fmt, rows_, args)
             message = err.value.message
             assert f"{path.name}: row {bad_row}: the chat template fails to render it: {reason}" in message, message
             continue
-        prepared = data.check(recipe, tokenizer, fmt, rows_, args)
+        prepared = check_training_data(recipe, tokenizer, fmt, rows_, args)
         assert len(rows_) == 1 and prepared.stats["examples"] == 1  # dropped, not silently rendered wrong
         assert (
             f"skipped 1 row(s) the chat template refused; first: data.datasets: {path}: row {bad_row}"
@@ -525,9 +536,9 @@ def test_pad_token_is_an_unused_reserved_token_else_eos_with_end_of_turn_still_t
     tokenizer = load_tokenizer(recipe)  # nothing free ('</s>' is no pad and <|im_end|> is the template's)
     assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
     assert "padding with eos '<|im_end|>'" in capsys.readouterr().err
-    fmt, rows = data.load_rows(recipe)
-    args = train.trainer_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
-    prepared = data.check(recipe, tokenizer, fmt, rows, args)  # the loud check passes: eos is trained
+    fmt, rows = load_rows(recipe)
+    args = _trainer_args(recipe, tokenizer, fmt)
+    prepared = check_training_data(recipe, tokenizer, fmt, rows, args)  # the loud check passes: eos is trained
     batch = prepared.collator(
         [{"input_ids": i, "labels": lab} for i, lab in zip(prepared.input_ids, prepared.labels, strict=True)]
     )
@@ -557,12 +568,12 @@ def test_packing_changes_the_batches_not_the_per_token_loss(recipe_for, tiny_lla
     for packing in (False, True):
         recipe = recipe_for([path], packing=packing, max_length=64)
         tokenizer = _tokenizer(tiny_llama)
-        fmt, rows = data.load_rows(recipe)
-        args = train.trainer_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
+        fmt, rows = load_rows(recipe)
+        args = _trainer_args(recipe, tokenizer, fmt)
         args = __import__("dataclasses").replace(
             args, output_dir=str(tmp_path / f"ck{packing}"), per_device_eval_batch_size=4
         )
-        ds = data.build(recipe, tokenizer, fmt, rows)["train"]
+        ds = build_dataset(recipe, tokenizer, fmt, rows)["train"]
         model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa")
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, eval_dataset=ds, processing_class=tokenizer)
         batches = len(trainer.get_eval_dataloader())
@@ -596,9 +607,9 @@ def test_second_run_is_served_from_the_datasets_cache_and_changes_make_new_entri
 
     # In process: the preparation reads exactly those files; another template or other rows make new ones.
     def prepare(recipe, tokenizer):
-        fmt, rows = data.load_rows(recipe)
-        args = train.trainer_config(recipe, SINGLE, data.loss_settings(recipe, tokenizer, fmt))
-        return data.check(recipe, tokenizer, fmt, rows, args, sample=None, loud=False)
+        fmt, rows = load_rows(recipe)
+        args = _trainer_args(recipe, tokenizer, fmt)
+        return check_training_data(recipe, tokenizer, fmt, rows, args, sample=None, loud=False)
 
     again = prepare(recipe_for([DATA / "messages.jsonl"]), _tokenizer(tiny_llama))
     assert again.cache_files and {Path(f) for f in again.cache_files} <= set(files) and arrow_files() == files

@@ -11,8 +11,9 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import run_qtune, spell_rows, write_jsonl
-from qtune import data, pipeline, train
+from qtune import pipeline, train
 from qtune.config import load_recipe
+from qtune.data.cache import build_dataset
 from qtune.model import Launch, load_for_training
 
 SINGLE = Launch(world_size=1, rank=0, local_rank=0, distributed_type="NO")
@@ -36,7 +37,7 @@ def test_lora_weights_change_and_quantized_base_does_not(make_recipe):
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     base_before = _quantized_bytes(model)
     assert len(base_before) == 2 * 2 * 7  # weight + absmax for 14 layers
-    dataset = data.build(recipe, prepared.tokenizer, prepared.fmt, prepared.rows, prepared.args)
+    dataset = build_dataset(recipe, prepared.tokenizer, prepared.fmt, prepared.rows, prepared.args)
     train.run_training(prepared, model, dataset)
 
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, lora_before[n])]

@@ -1,0 +1,122 @@
+"""`build_dataset`: the rows as the DatasetDict TRL trains on, written once to an on-disk cache entry keyed by
+their content (so TRL's own tokenization is cached next to them) and read back memory-mapped."""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+from qtune.config import Recipe
+from qtune.data.templates import has_generation_markers, require_chat_template
+from qtune.errors import QtuneError, first_line
+
+
+def build_dataset(recipe: Recipe, tokenizer, fmt: str, rows: list[dict], args=None):
+    """A DatasetDict (train, and eval when data.eval_split is set) in the columns TRL trains on.
+
+    With train_on: completions, chats whose template lacks `{% generation %}` markers are split into
+    prompt (all turns before the last answer) + completion (the last answer), so TRL's completion-only
+    loss applies (earlier answers are context only); with the markers (the built-in templates), TRL's
+    assistant-only loss covers every assistant turn.
+
+    The rows are written once (`save_to_disk`) under `<HF_DATASETS_CACHE>/qtune/<hash of the rows, the eval
+    split and the seed>` and read back memory-mapped, so TRL's own `.map` steps (template, tokenization,
+    masks) cache their results next to them and a second run on the same data, tokenizer and template is
+    served from those files. With `args` (the run's SFTConfig) the main process writes first while the
+    others wait, as TRL does for its own maps. `datasets.disable_caching()` keeps everything in memory.
+    """
+    import datasets
+
+    require_chat_template(recipe, tokenizer, fmt, rows)
+    eval_rows = getattr(rows, "eval_rows", None)
+    split_last = (
+        fmt == "messages"
+        and recipe.data.train_on == "completions"
+        and not has_generation_markers(tokenizer.chat_template)
+    )
+
+    def shape(batch: list[dict]) -> list[dict]:
+        return [_split_last_answer(row["messages"]) for row in batch] if split_last else list(batch)
+
+    train_rows = shape(rows)
+    eval_shaped = shape(eval_rows) if eval_rows else None
+    if not eval_shaped and isinstance(recipe.data.eval_split, float) and len(train_rows) < 2:
+        raise QtuneError(f"data.eval_split: {len(train_rows)} row(s) cannot be split", "add rows or drop eval_split")
+    if not datasets.is_caching_enabled():
+        return _in_memory(recipe, train_rows, eval_shaped)
+    where = _cache_dir(recipe, train_rows, eval_shaped)
+    first = args.main_process_first(local=False, desc="qtune data cache") if args is not None else nullcontext()
+    with first:
+        if not (where / "dataset_dict.json").is_file():
+            _write_cache(_in_memory(recipe, train_rows, eval_shaped), where)
+        return datasets.load_from_disk(str(where))
+
+
+def _in_memory(recipe: Recipe, train_rows: list[dict], eval_rows: list[dict] | None):
+    from datasets import Dataset, DatasetDict
+
+    ds = Dataset.from_list(train_rows)
+    if eval_rows:
+        return DatasetDict(train=ds, eval=Dataset.from_list(eval_rows))
+    if isinstance(recipe.data.eval_split, float):
+        split = ds.train_test_split(test_size=recipe.data.eval_split, seed=recipe.training.seed)
+        return DatasetDict(train=split["train"], eval=split["test"])
+    return DatasetDict(train=ds)
+
+
+def _cache_dir(recipe: Recipe, train_rows: list[dict], eval_rows: list[dict] | None) -> Path:
+    """`<HF_DATASETS_CACHE>/qtune/<hash>`: the hash covers everything the saved rows depend on (the rows as
+    mapped, mixed, deduplicated and shuffled from the sources' content by the data section and the seed, the
+    eval split), so equal inputs share one entry and any change makes a new one."""
+    import hashlib
+
+    import datasets
+
+    h = hashlib.sha256()
+    header = {
+        "qtune_cache": 1,
+        "datasets": datasets.__version__,
+        "eval_split": recipe.data.eval_split,
+        "seed": recipe.training.seed,
+        "named_eval": eval_rows is not None,
+    }
+    h.update(json.dumps(header, sort_keys=True).encode())
+    for part in (train_rows, eval_rows or []):
+        h.update(b"\x00")
+        for row in part:
+            h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
+            h.update(b"\n")
+    return Path(datasets.config.HF_DATASETS_CACHE) / "qtune" / h.hexdigest()[:24]
+
+
+def _write_cache(dataset, where: Path) -> None:
+    """save_to_disk into a temporary folder renamed into place, so an interrupted write leaves no half entry."""
+    import os
+    import shutil
+
+    import datasets
+
+    partial = where.with_name(f"{where.name}.partial-{os.getpid()}")
+    bars_were_off = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # an internal step: no "Saving the dataset" bar
+    try:
+        where.parent.mkdir(parents=True, exist_ok=True)
+        dataset.save_to_disk(str(partial))
+        os.rename(partial, where)
+    except OSError as exc:
+        if (where / "dataset_dict.json").is_file():
+            return  # another run wrote the same entry meanwhile
+        raise QtuneError(
+            f"data: cannot write the prepared rows to the datasets cache {where.parent}: {first_line(exc)}",
+            "free disk space there, or point HF_DATASETS_CACHE at a writable folder",
+        ) from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # gone after the rename; left by an error or Ctrl-C otherwise
+        if not bars_were_off:
+            datasets.enable_progress_bars()
+
+
+def _split_last_answer(messages: list[dict]) -> dict:
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return {"prompt": messages[:last], "completion": [messages[last]]}

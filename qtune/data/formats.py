@@ -1,0 +1,184 @@
+"""The formats a source may be in (alpaca, sharegpt, messages, prompt_completion, text, + a per-source column
+mapping), each row checked and mapped to one internal schema, as TRL names it:
+
+  messages           {"messages": [{"role": ..., "content": ...}, ...]}   (alpaca, sharegpt too)
+  prompt_completion  {"prompt": str | messages, "completion": str | messages}
+  text               {"text": str}
+
+Pure functions on rows: no files, no tokenizer."""
+
+from __future__ import annotations
+
+from qtune.errors import QtuneError
+
+FORMAT_SCHEMA = {
+    "alpaca": "messages",
+    "sharegpt": "messages",
+    "messages": "messages",
+    "prompt_completion": "prompt_completion",
+    "text": "text",
+}
+FORMAT_FIELDS = {
+    "alpaca": ("instruction", "input", "output", "system"),
+    "sharegpt": ("conversations",),
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+ROLES = {"system", "user", "assistant", "tool"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "tool": "tool",
+    "observation": "tool",
+    "function_response": "tool",
+}
+
+
+class BadRow(Exception):
+    """One row that cannot be used; the message says why (the caller adds file and row)."""
+
+
+class Rows(list):
+    """The training rows in one schema (a list of dicts), plus what loading found out about them."""
+
+    def __init__(self, rows=(), schema: str = "", eval_rows: list[dict] | None = None):
+        super().__init__(rows)
+        self.schema = schema
+        self.eval_rows = eval_rows
+        self.where: list[str] = []  # "file: row N" for each row, for errors found later (template render)
+        self.sources: list[dict] = []  # per source: path, format, detected, rows read, rows kept, skipped
+        self.notes: list[str] = []
+
+
+def detect_format(columns: list[str], first_row: dict | None, where: str) -> str:
+    """The format the columns (after the source's mapping) fit, or an error listing them."""
+    cols = set(columns)
+    if "messages" in cols:
+        return "messages"
+    if "conversations" in cols:
+        turns = (first_row or {}).get("conversations") or []
+        first = turns[0] if isinstance(turns, list) and turns and isinstance(turns[0], dict) else {}
+        return "messages" if "role" in first and "from" not in first else "sharegpt"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if {"prompt", "completion"} <= cols:
+        return "prompt_completion"
+    if "text" in cols:
+        return "text"
+    raise QtuneError(
+        f"{where}: cannot tell the format from the columns {sorted(columns)}",
+        "rows need 'messages', 'conversations' (sharegpt), 'instruction' + 'output' (alpaca), 'prompt' + "
+        "'completion', or 'text'; or set the source's format: and map names with columns: {field: column}",
+    )
+
+
+def _text(value, key: str, required: bool = True) -> str:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise BadRow(f"missing, null or empty '{key}'")
+        return ""
+    if not isinstance(value, str):
+        raise BadRow(f"'{key}' must be text, got {type(value).__name__}")
+    return value
+
+
+def _check_messages(value, key: str, need_assistant: bool) -> list[dict]:
+    """A clean copy of a role/content message list, or BadRow saying what is wrong."""
+    if not isinstance(value, list) or not value:
+        raise BadRow(f"'{key}' must be a non-empty list of {{role, content}} messages")
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or message.get("role") is None or "content" not in message:
+            raise BadRow(f"{key}[{i}] needs 'role' and 'content'")
+        role = message["role"]
+        if role not in ROLES:
+            raise BadRow(f"{key}[{i}].role '{role}' is not one of {sorted(ROLES)}")
+        content = message["content"]
+        if content is None or not isinstance(content, str):
+            raise BadRow(f"{key}[{i}].content must be text, got {type(content).__name__}")
+        if role == "assistant" and not content.strip():
+            raise BadRow(f"{key}[{i}] is an empty assistant answer")
+        out.append({"role": role, "content": content})
+    if need_assistant:
+        _check_order(out, key)
+    return out
+
+
+def _check_order(messages: list[dict], key: str) -> None:
+    """system (first only), then user and assistant alternating (tool results between), an answer in it."""
+    previous = None
+    for i, m in enumerate(messages):
+        role = m["role"]
+        if role == "system" and i != 0:
+            raise BadRow(f"wrong role order: {key}[{i}] is a system message after the start")
+        if role == "assistant" and previous not in ("user", "tool"):
+            raise BadRow(f"wrong role order: {key}[{i}] (assistant) follows {previous or 'nothing'}, not user")
+        if role == "user" and previous == "user":
+            raise BadRow(f"wrong role order: {key}[{i}] is a second user message in a row")
+        if role == "tool" and previous not in ("assistant", "tool"):
+            raise BadRow(f"wrong role order: {key}[{i}] (tool) does not follow an assistant call")
+        previous = role
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRow(f"'{key}' has no assistant message to learn from")
+
+
+def map_row(row: dict, fmt: str, roles: dict[str, str]) -> dict:
+    """One row of `fmt` mapped to its schema's columns, or BadRow."""
+    if fmt == "messages":
+        key = "messages" if "messages" in row else "conversations"
+        return {"messages": _check_messages(row.get(key), key, need_assistant=True)}
+    if fmt == "alpaca":
+        instruction = _text(row.get("instruction"), "instruction")
+        extra = _text(row.get("input"), "input", required=False)
+        output = _text(row.get("output"), "output")
+        system = _text(row.get("system"), "system", required=False)
+        user = instruction + ("\n\n" + extra if extra.strip() else "")
+        messages = [{"role": "system", "content": system}] if system.strip() else []
+        return {"messages": [*messages, {"role": "user", "content": user}, {"role": "assistant", "content": output}]}
+    if fmt == "sharegpt":
+        turns = row.get("conversations")
+        if not isinstance(turns, list) or not turns:
+            raise BadRow("'conversations' must be a non-empty list of {from, value} turns")
+        messages = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict) or turn.get("from") is None or "value" not in turn:
+                raise BadRow(f"conversations[{i}] needs 'from' and 'value'")
+            if turn["from"] not in roles:
+                raise BadRow(
+                    f"conversations[{i}].from '{turn['from']}' is not a known speaker "
+                    f"(known: {', '.join(sorted(roles))}; add it with the source's roles: {{name: role}})"
+                )
+            messages.append({"role": roles[turn["from"]], "content": turn["value"]})
+        return {"messages": _check_messages(messages, "conversations", need_assistant=True)}
+    if fmt == "text":
+        return {"text": _text(row.get("text"), "text")}
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if isinstance(prompt, list) or isinstance(completion, list):
+        if not (isinstance(prompt, list) and isinstance(completion, list)):
+            raise BadRow("'prompt' and 'completion' must both be text or both be message lists")
+        p = _check_messages(prompt, "prompt", need_assistant=False)
+        c = _check_messages(completion, "completion", need_assistant=False)
+        _check_order(p + c, "prompt + completion")
+        if not any(m["role"] == "assistant" for m in c):
+            raise BadRow("'completion' has no assistant message to learn from")
+        return {"prompt": p, "completion": c}
+    return {"prompt": _text(prompt, "prompt"), "completion": _text(completion, "completion")}
+
+
+def rename_columns(row: dict, columns: dict[str, str] | None) -> dict:
+    """The row with the source's columns: {field: column} mapping applied (column names become field names)."""
+    if not columns:
+        return row
+    inverse = {column: name for name, column in columns.items()}
+    return {inverse.get(k, k): v for k, v in row.items()}
+
+
+def is_conversational(schema: str, rows: list[dict]) -> bool:
+    """Whether the rows are chats (messages, or prompt/completion message lists) that need a chat template."""
+    return schema == "messages" or (schema == "prompt_completion" and isinstance(rows[0]["prompt"], list))

@@ -1,0 +1,230 @@
+"""TRL's own dataset preparation (chat template, tokenization, loss masks) run through a one-layer carrier model,
+the token statistics it yields, and the checks that fail loudly on the silent killers before any model loads.
+
+Tokenization, loss masks, truncation and packing are TRL's (SFTTrainer's dataset preparation); this module
+runs exactly that preparation for `qtune data` and the checks. Knows nothing about the training loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qtune.config import Recipe
+from qtune.data.cache import build_dataset
+from qtune.data.formats import Rows, is_conversational
+from qtune.data.templates import (
+    check_chats_render,
+    has_generation_markers,
+    require_chat_template,
+)
+from qtune.errors import QtuneError, first_line
+
+CHECK_SAMPLE = 512  # rows `train` checks through TRL's preparation before the model loads
+
+
+def loss_settings(recipe: Recipe, tokenizer, fmt: str) -> dict:
+    """The SFTConfig arguments the data decides: which tokens carry loss, and tokenizing processes. The
+    tokenizer carries the recipe's chat template already (templates.use_chat_template, once, in the pipeline)."""
+    answers_only = recipe.data.train_on == "completions"
+    settings = {"dataset_num_proc": recipe.data.num_proc} if recipe.data.num_proc else {}
+    if fmt == "text":
+        return {**settings, "completion_only_loss": False}
+    if fmt == "messages" and has_generation_markers(tokenizer.chat_template):
+        return {**settings, "assistant_only_loss": answers_only}
+    return {**settings, "completion_only_loss": answers_only}
+
+
+def _carrier_model(tokenizer):
+    """A one-layer model with the tokenizer's vocabulary: SFTTrainer needs a model to prepare data, and the
+    preparation does not depend on which (so `qtune data` and the checks never load the real weights)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.device("cpu"):
+        return LlamaForCausalLM(config)
+
+
+@dataclass
+class PreparedRows:
+    """Tokenized examples exactly as TRL prepares them (before truncation and packing) + the collator."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    collator: object
+    eval_size: int = 0
+    stats: dict = field(default_factory=dict)
+    cache_files: list[str] = field(default_factory=list)  # the datasets cache files TRL's preparation read or wrote
+
+
+def prepare_with_trl(recipe: Recipe, tokenizer, dataset, args) -> PreparedRows:
+    """Run TRL's own dataset preparation (chat template, tokenization, loss masks) on the train split, with
+    the training's SFTConfig minus truncation and packing, so truncation losses can be measured."""
+    import dataclasses
+    import logging
+    import tempfile
+
+    import datasets
+    from trl import SFTTrainer
+
+    datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory() as tmp:
+        view = dataclasses.replace(
+            args,
+            output_dir=tmp,
+            max_length=None,
+            packing=False,
+            padding_free=False,
+            report_to="none",
+            eval_strategy="no",
+            dataset_num_proc=args.dataset_num_proc,
+        )
+        quiet = logging.getLogger("trl")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            trainer = SFTTrainer(
+                model=_carrier_model(tokenizer),
+                args=view,
+                train_dataset=dataset["train"],
+                processing_class=tokenizer,
+            )
+        except Exception as exc:
+            raise QtuneError(
+                f"data: TRL could not prepare the rows: {first_line(exc)}",
+                "run `qtune data RECIPE` to see the rows; check data.chat_template and data.train_on",
+            ) from None
+        finally:
+            quiet.setLevel(level)
+        prepared = trainer.train_dataset
+        out = PreparedRows(prepared["input_ids"], prepared["labels"], trainer.data_collator)
+        out.cache_files = [f["filename"] for f in prepared.cache_files]
+    out.eval_size = len(dataset["eval"]) if "eval" in dataset else 0
+    out.stats = token_stats(recipe, out, end_of_turn_id(tokenizer, _schema_of_dataset(dataset["train"])))
+    return out
+
+
+def _schema_of_dataset(ds) -> str:
+    plain = "text" in ds.column_names or ("prompt" in ds.column_names and isinstance(ds[0]["prompt"], str))
+    return "text" if plain else "messages"
+
+
+def end_of_turn_id(tokenizer, schema: str) -> int | None:
+    """The token that ends an answer: what the chat template writes right after an assistant message's text,
+    or eos for text and plain prompt/completion rows (TRL appends it)."""
+    if schema == "text" or not tokenizer.chat_template:
+        return tokenizer.eos_token_id
+    marker = "qtunemarker"
+    try:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception:
+        return tokenizer.eos_token_id
+    after = rendered.split(marker, 1)[-1].strip(" ")
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    for i in ids:
+        if i in tokenizer.all_special_ids:
+            return i
+    return ids[0] if ids else tokenizer.eos_token_id
+
+
+def _percentiles(values: list[int]) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    pick = {p: ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))] for p in (50, 90, 99)}
+    return {"min": ordered[0], "p50": pick[50], "p90": pick[90], "p99": pick[99], "max": ordered[-1]}
+
+
+def token_stats(recipe: Recipe, prepared: PreparedRows, eot: int | None) -> dict:
+    """Lengths, truncation and masking, as TRL's truncation (keep_start) and packing will see them."""
+    limit = recipe.data.max_length
+    lengths, truncated, answer_lost, dropped, untrained = [], 0, 0, 0, 0
+    trained_tokens = total_tokens = 0
+    eot_trained = 0
+    for ids, labels in zip(prepared.input_ids, prepared.labels, strict=True):
+        lengths.append(len(ids))
+        kept = labels[:limit]
+        trained = sum(1 for x in labels if x != -100)
+        trained_kept = sum(1 for x in kept if x != -100)
+        if len(ids) > limit:
+            truncated += 1
+            answer_lost += trained - trained_kept
+        if trained and not trained_kept and not recipe.data.packing:
+            dropped += 1
+        if not trained_kept:
+            untrained += 1
+        if eot is not None and any(x == eot for x in kept):
+            eot_trained += 1
+        trained_tokens += trained_kept
+        total_tokens += min(len(ids), limit)
+    n = len(lengths)
+    return {
+        "examples": n,
+        "eval_examples": prepared.eval_size,
+        "length": _percentiles(lengths),
+        "max_length": limit,
+        "truncated": truncated,
+        "answer_tokens_lost": answer_lost,
+        "dropped": dropped,
+        "untrained": untrained,
+        "trained_tokens": trained_tokens,
+        "tokens": total_tokens,
+        "end_of_turn": eot,
+        "end_of_turn_trained": eot_trained,
+    }
+
+
+def check_training_data(
+    recipe: Recipe, tokenizer, fmt: str, rows: list[dict], args, sample: int | None = CHECK_SAMPLE, loud: bool = True
+) -> PreparedRows:
+    """Before any model loads: render every chat, prepare (a sample of) the rows through TRL exactly as
+    training will, and fail loudly on the silent killers. Returns the preparation (for `qtune data`)."""
+    from datasets import DatasetDict
+
+    require_chat_template(recipe, tokenizer, fmt, rows)
+    if isinstance(rows, Rows) and is_conversational(fmt, rows):
+        check_chats_render(rows, tokenizer, recipe.data.on_bad_row)
+    built = build_dataset(recipe, tokenizer, fmt, rows, args)  # the cache entry training reuses
+    train_rows = built["train"]
+    if sample is not None and len(train_rows) > sample:
+        train_rows = train_rows.select(range(sample))
+    held_out = {"eval": built["eval"]} if "eval" in built else {}  # counted (for `qtune data`), not prepared
+    prepared = prepare_with_trl(recipe, tokenizer, DatasetDict(train=train_rows, **held_out), args)
+    if loud:
+        check_trainable(recipe, tokenizer, prepared)
+    return prepared
+
+
+def check_trainable(recipe: Recipe, tokenizer, prepared: PreparedRows) -> None:
+    """Fail on the silent killers: end-of-turn never trained (pad == eos masking it included), and too many
+    examples with no trained token (truncation, a template that marks nothing)."""
+    s = prepared.stats
+    answered = s["examples"] - s["untrained"]
+    eot = s["end_of_turn"]
+    if answered and s["end_of_turn_trained"] == 0:
+        name = tokenizer.convert_ids_to_tokens(eot) if eot is not None else "eos"
+        pad_is_eos = tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id
+        raise QtuneError(
+            f"data: the end-of-turn token {name!r} carries no loss in any example"
+            + (" (pad == eos, and eos is masked with the padding)" if pad_is_eos else "")
+            + ": the model would never learn to stop",
+            "use a chat template whose {% generation %} block includes the end-of-turn token (the built-ins "
+            "do), or give the tokenizer a pad token distinct from eos",
+        )
+    if s["examples"] and s["untrained"] / s["examples"] > recipe.data.max_untrained_share:
+        raise QtuneError(
+            f"data: {s['untrained']} of {s['examples']} examples ({100 * s['untrained'] / s['examples']:.1f}%) have "
+            f"no trained token after truncation to data.max_length {recipe.data.max_length}"
+            + (f" ({s['answer_tokens_lost']} answer tokens lost to truncation)" if s["answer_tokens_lost"] else ""),
+            "raise data.max_length, shorten the prompts, check data.train_on / the chat template, or raise "
+            "data.max_untrained_share",
+        )

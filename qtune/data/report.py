@@ -1,0 +1,112 @@
+"""What `qtune data` prints: the sources as read, the token statistics, and samples with masked tokens marked."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from qtune.config import Recipe
+from qtune.data.formats import Rows
+from qtune.data.preparation import PreparedRows
+from qtune.data.sources import skipped_text
+
+
+def describe_sources(rows: Rows) -> list[str]:
+    """One line per source: what was read, detected, kept, skipped, ignored."""
+    lines = []
+    for r in rows.sources:
+        how = "detected" if r["detected"] else "set"
+        line = f"{r['source']} [{r['split']}]: format {r['format']} ({how}), {r['kept']} rows"
+        if r.get("used") is not None and r["used"] != r["kept"]:
+            line += f", {r['used']} used after samples/weight"
+        if r.get("eval_rows") is not None:
+            line += f", {r['eval_rows']} eval rows"
+        if r["skipped"]:
+            line += (
+                f"; skipped {sum(r['skipped'].values())} ({skipped_text(r['skipped'])}), first: {r['first_skipped']}"
+            )
+        if r["ignored_columns"]:
+            line += f"; ignored columns: {', '.join(r['ignored_columns'])}"
+        lines.append(line)
+    return lines + rows.notes
+
+
+def warn_skipped(rows: Rows) -> None:
+    """Counted warnings for skipped rows (on_bad_row: skip), on stderr."""
+    for r in rows.sources:
+        if r["skipped"]:
+            n = sum(r["skipped"].values())
+            print(
+                f"qtune: warning: {r['source']}: skipped {n} bad row(s) ({skipped_text(r['skipped'])}); "
+                f"first: {r['first_skipped']}",
+                file=sys.stderr,
+            )
+
+
+def render_example(tokenizer, input_ids: list[int], labels: list[int], dim: bool = False) -> str:
+    """One example's tokens, masked ones (no loss) in [brackets] (or dimmed on a terminal)."""
+    out, masked_run = [], []
+
+    def flush():
+        if masked_run:
+            text = tokenizer.decode(masked_run)
+            out.append(f"\x1b[2m{text}\x1b[0m" if dim else f"[{text}]")
+            masked_run.clear()
+
+    trained_run: list[int] = []
+    for token, label in zip(input_ids, labels, strict=True):
+        if label == -100:
+            if trained_run:
+                out.append(tokenizer.decode(trained_run))
+                trained_run.clear()
+            masked_run.append(token)
+        else:
+            flush()
+            trained_run.append(token)
+    flush()
+    if trained_run:
+        out.append(tokenizer.decode(trained_run))
+    return "".join(out)
+
+
+def render_summary(
+    recipe: Recipe, tokenizer, fmt: str, rows: Rows, prepared: PreparedRows, settings: dict, samples: int, dim: bool
+) -> str:
+    s = prepared.stats
+    lines = ["sources:"] + [f"  {line}" for line in describe_sources(rows)] if isinstance(rows, Rows) else []
+    loss = (
+        "every token"
+        if recipe.data.train_on == "all"
+        else "assistant turns (TRL assistant_only_loss, {% generation %} markers)"
+        if settings.get("assistant_only_loss")
+        else "the last answer only (template has no {% generation %} markers; earlier answers are context)"
+        if fmt == "messages"
+        else "completions (TRL completion_only_loss)"
+        if fmt == "prompt_completion"
+        else "every token"
+    )
+    length = s["length"]
+    eot = s["end_of_turn"]
+    lines += [
+        f"schema: {fmt}; loss on {loss}",
+        f"examples: {s['examples']} train" + (f", {s['eval_examples']} eval" if s["eval_examples"] else ""),
+        f"tokens per example: min {length.get('min')}, p50 {length.get('p50')}, p90 {length.get('p90')}, "
+        f"p99 {length.get('p99')}, max {length.get('max')} (max_length {s['max_length']})",
+        f"truncated: {s['truncated']} examples, {s['answer_tokens_lost']} answer tokens lost; "
+        f"dropped (no answer left): {s['dropped']}",
+        f"trained tokens: {s['trained_tokens']} of {s['tokens']} "
+        f"({100 * s['trained_tokens'] / max(1, s['tokens']):.1f}%); examples with none: {s['untrained']}",
+        f"end of turn {tokenizer.convert_ids_to_tokens(eot) if eot is not None else None!r} trained in "
+        f"{s['end_of_turn_trained']} of {s['examples']} examples; pad {tokenizer.pad_token!r}, eos "
+        f"{tokenizer.eos_token!r}",
+        f"packing: {'on (TRL bfd, padding-free position ids)' if recipe.data.packing else 'off'}",
+    ]
+    if prepared.cache_files:
+        lines.append(f"cache: {Path(prepared.cache_files[0]).parent.parent} (reused by the next run on the same data)")
+    for i in range(min(samples, s["examples"])):
+        limit = recipe.data.max_length
+        lines += [
+            f"--- sample {i + 1} ([masked: no loss]) ---",
+            render_example(tokenizer, prepared.input_ids[i][:limit], prepared.labels[i][:limit], dim=dim),
+        ]
+    return "\n".join(lines)
