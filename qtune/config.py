@@ -7,6 +7,7 @@ must not import torch or transformers: `qtune --help` and recipe validation stay
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import types
 import typing
@@ -21,8 +22,28 @@ from qtune.errors import QtuneError
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 
 
+# Upper bounds that keep a value inside what the libraries downstream can hold (a 400-digit step count is a
+# typo, not a plan, and would end in an OverflowError deep inside transformers after the model loaded).
+INT32_MAX = 2**31 - 1
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: inf / nan (YAML .inf, .nan, 1e999) pass `gt=0` and would fail only after the model loads.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _local_path(value: str) -> str:
+    """A path as every library must get it: `~` expanded once, here (hub ids never start with `~`)."""
+    if not value.strip():
+        raise ValueError("must not be empty")
+    if value.startswith("~"):
+        expanded = os.path.expanduser(value)
+        if expanded.startswith("~"):
+            raise ValueError(
+                f"cannot expand {value.split('/', 1)[0]} (no such user, or HOME is unset); give the full path"
+            )
+        return expanded
+    return value
 
 
 class ModelSection(Section):
@@ -48,6 +69,11 @@ class ModelSection(Section):
         None, description='Per-device cap for device_map auto, e.g. {"0": "20GiB", "1": "20GiB", "cpu": "60GiB"}.'
     )
     trust_remote_code: bool = Field(False, description="Run model code from the hub repo. Off unless you trust it.")
+
+    @field_validator("name", "tokenizer")
+    @classmethod
+    def _expand_user(cls, v: str | None) -> str | None:
+        return None if v is None else _local_path(v)
 
     @model_validator(mode="after")
     def _max_memory_needs_device_map(self) -> ModelSection:
@@ -107,7 +133,7 @@ class QuantizationSection(Section):
 class LoraSection(Section):
     """The trainable low-rank adapter (peft LoraConfig)."""
 
-    r: int = Field(16, gt=0, description="Rank of the update matrices.")
+    r: int = Field(16, gt=0, le=65536, description="Rank of the update matrices.")
     alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
@@ -152,12 +178,18 @@ class DatasetSource(Section):
     name: str | None = Field(None, description="Dataset configuration (subset) name, for Hub or folder datasets.")
     split: str = Field("train", description="Split to train on.")
     revision: str | None = Field(None, description="Hub branch, tag or commit.")
+    # The mixed rows are held in memory: the caps keep a typo from asking for billions of them.
     samples: int | None = Field(
-        None, gt=0, description="Take exactly this many rows (repeating the source if it has fewer)."
+        None, gt=0, le=100_000_000, description="Take exactly this many rows (repeating the source if it has fewer)."
     )
     weight: float | None = Field(
-        None, gt=0, description="Take this multiple of the source's rows (0.5 = half, 2 = twice over)."
+        None, gt=0, le=1000, description="Take this multiple of the source's rows (0.5 = half, 2 = twice over)."
     )
+
+    @field_validator("path")
+    @classmethod
+    def _expand_user(cls, v: str) -> str:
+        return _local_path(v)
 
     @model_validator(mode="after")
     def _one_amount(self) -> DatasetSource:
@@ -172,7 +204,7 @@ class DataSection(Section):
     datasets: list[DatasetSource] = Field(
         min_length=1, description="Data sources, mixed (per samples/weight) and shuffled by training.seed."
     )
-    max_length: int = Field(2048, gt=0, description="Longest tokenized example; longer ones are truncated.")
+    max_length: int = Field(2048, gt=0, le=2**24, description="Longest tokenized example; longer ones are truncated.")
     packing: bool = Field(
         False, description="Pack several examples into each row (TRL packing, padding-free position ids)."
     )
@@ -196,12 +228,19 @@ class DataSection(Section):
     max_untrained_share: float = Field(
         0.05, ge=0, le=1, description="Fail when more than this share of examples has no trained token."
     )
-    num_proc: int | None = Field(None, gt=0, description="Processes for tokenizing (datasets num_proc).")
+    num_proc: int | None = Field(None, gt=0, le=1024, description="Processes for tokenizing (datasets num_proc).")
 
-    @field_validator("eval_split")
+    @field_validator("eval_split", mode="before")
     @classmethod
     def _fraction_or_name(cls, v: Any) -> Any:
-        if isinstance(v, float) and not 0 < v < 1:
+        if isinstance(v, str):
+            try:  # YAML 1.1 reads 1e-1 (no dot) as a string: it is still a fraction, not a split's name
+                v = float(v)
+            except ValueError:
+                return v
+        if isinstance(v, bool):
+            raise ValueError("give a fraction between 0 and 1 (exclusive) or a split name")
+        if isinstance(v, int | float) and not (math.isfinite(v) and 0 < v < 1):
             raise ValueError("a fraction must be between 0 and 1 (exclusive), or give a split name")
         return v
 
@@ -209,20 +248,21 @@ class DataSection(Section):
 class TrainingSection(Section):
     """The optimisation (TRL SFTConfig)."""
 
-    epochs: float = Field(1, gt=0, description="Passes over the data (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
-    micro_batch_size: int = Field(4, gt=0, description="Examples per device per forward pass.")
-    grad_accum: int = Field(4, gt=0, description="Micro-batches per optimizer step.")
+    epochs: float = Field(1, gt=0, le=10_000, description="Passes over the data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, le=INT32_MAX, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(4, gt=0, le=65536, description="Examples per device per forward pass.")
+    grad_accum: int = Field(4, gt=0, le=65536, description="Micro-batches per optimizer step.")
     global_batch_size: int | None = Field(
         None,
         gt=0,
+        le=INT32_MAX,
         description="Examples per optimizer step over all processes, the same whatever the launch: replaces grad_accum "
         "with global_batch_size / (micro_batch_size x processes), which must divide evenly. null: grad_accum "
         "as given (the step then grows with the number of processes).",
     )
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate (2e-4 or 2.0e-4).")
+    lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (2e-4 or 2.0e-4).")
     scheduler: str = Field("cosine", description="transformers SchedulerType: linear, cosine, constant …")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of the steps spent warming up.")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of the steps spent warming up.")
     optimizer: str = Field(
         "adamw_torch", description="transformers OptimizerNames: adamw_torch, paged_adamw_32bit, paged_adamw_8bit …"
     )
@@ -232,11 +272,15 @@ class TrainingSection(Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Mixed precision; auto: bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on CPU."
     )
-    logging_steps: int = Field(10, gt=0, description="Log loss, lr and grad norm every N steps.")
-    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (needs data.eval_split).")
-    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (null: no mid-run checkpoints).")
-    save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints.")
-    seed: int = Field(42, description="Seed for weights init, data order and dropout.")
+    logging_steps: int = Field(10, gt=0, le=INT32_MAX, description="Log loss, lr and grad norm every N steps.")
+    eval_steps: int | None = Field(
+        None, gt=0, le=INT32_MAX, description="Evaluate every N steps (needs data.eval_split)."
+    )
+    save_steps: int | None = Field(
+        None, gt=0, le=INT32_MAX, description="Checkpoint every N steps (null: no mid-run checkpoints)."
+    )
+    save_total_limit: int | None = Field(2, gt=0, le=INT32_MAX, description="Keep at most this many checkpoints.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for weights init, data order and dropout.")
     resume: bool | Literal["auto"] = Field(
         False,
         description="true: continue from the latest checkpoint in output_dir/checkpoints; "
@@ -289,6 +333,11 @@ class Recipe(Section):
     hub: HubSection = HubSection()
     output_dir: str = Field(description="The run directory: adapter/, checkpoints/, recipe.yaml.")
 
+    @field_validator("output_dir")
+    @classmethod
+    def _expand_user(cls, v: str) -> str:
+        return _local_path(v)
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
         if self.training.eval_steps and self.data.eval_split is None:
@@ -303,15 +352,75 @@ class Recipe(Section):
 # --------------------------------------------------------------------------- loading
 
 
-def _line_map(text: str) -> dict[tuple, int]:
-    """Map each key path in a YAML document to its 1-based line."""
+# A recipe is a few kB; a file far larger is the wrong file (a dataset, a checkpoint) and is not read whole.
+MAX_RECIPE_BYTES = 10 * 2**20
+# Python refuses to turn a string of more digits than this into an int (sys.get_int_max_str_digits).
+MAX_NUMBER_CHARS = 4000
+# PyYAML composes nested collections recursively: deeper than this, Python's recursion limit is near.
+MAX_DEPTH = 100
+
+
+class _YamlProblem(Exception):
+    """A refusal found while reading the YAML: message, 1-based line, hint (the file is added by the caller)."""
+
+    def __init__(self, message: str, line: int | None, hint: str | None = None):
+        super().__init__(message)
+        self.message, self.line, self.hint = message, line, hint
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases and without numbers Python cannot convert.
+
+    Aliases are refused, not expanded: a few hundred bytes of nested aliases (`b: [*a, *a, …]`) expand to
+    billions of nodes in whatever walks the result, and no shipped recipe uses them."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _YamlProblem(
+                f"YAML alias *{_abbrev(str(event.anchor))} (recipes refuse anchors and aliases)",
+                event.start_mark.line + 1,
+                "write the values out in full; an alias can expand a small file into gigabytes",
+            )
+        # Counted on the composer's own stack of open collections: deeper nesting ends in a RecursionError.
+        depth = getattr(self, "_depth", 0)
+        if depth >= MAX_DEPTH:
+            raise _YamlProblem(
+                f"nested more than {MAX_DEPTH} levels deep", self.peek_event().start_mark.line + 1, "a recipe is flat"
+            )
+        self._depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth
+
+    def construct_scalar(self, node: yaml.ScalarNode) -> Any:
+        if len(node.value) > MAX_NUMBER_CHARS and node.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+            raise _YamlProblem(f"a number of {len(node.value)} characters", node.start_mark.line + 1)
+        return super().construct_scalar(node)
+
+
+def _parse_yaml(text: str) -> tuple[Any, dict[tuple, int]]:
+    """The document and the 1-based line of each key path; duplicate keys refused (YAML would keep the last)."""
+    loader = _RecipeLoader(text)
     lines: dict[tuple, int] = {}
 
     def walk(node: yaml.Node, path: tuple) -> None:
         if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
             for key_node, value_node in node.value:
+                line = key_node.start_mark.line + 1
+                if isinstance(key_node, yaml.ScalarNode):
+                    key = loader.construct_object(key_node)  # so `on:` and `yes:` (both true) count as one key
+                    if key in first:
+                        raise _YamlProblem(
+                            f"duplicate key '{_abbrev(_dotted((*path, key_node.value)))}' (first on line {first[key]})",
+                            line,
+                            "YAML would silently keep only the last one: remove one of them",
+                        )
+                    first[key] = line
                 sub = (*path, key_node.value)
-                lines[sub] = key_node.start_mark.line + 1
+                lines[sub] = line
                 walk(value_node, sub)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
@@ -319,12 +428,71 @@ def _line_map(text: str) -> dict[tuple, int]:
                 walk(item, (*path, i))
 
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
-    if root is not None:
+        root = loader.get_single_node()
+        if root is None:
+            return None, lines
         walk(root, ())
-    return lines
+        return loader.construct_document(root), lines
+    finally:
+        loader.dispose()
+
+
+def _read_yaml(file: Path) -> tuple[Any, dict[tuple, int]]:
+    """A recipe file's document and line map; every way it cannot be read is one QtuneError naming the file."""
+    try:
+        size = file.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise QtuneError(
+                f"{file}: {size} bytes is not a recipe (at most {MAX_RECIPE_BYTES // 2**20} MiB)",
+                "give the recipe's .yaml file",
+            )
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise QtuneError(f"cannot read recipe {file}: {exc.strerror or exc}") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise QtuneError(
+            f"{file}: is UTF-16 text, not UTF-8", "save it as UTF-8 (Windows PowerShell's > writes UTF-16)"
+        )
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise QtuneError(f"{file}: is a binary file, not a YAML recipe (NUL byte at offset {nul})")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise QtuneError(
+            f"{file}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
+            "save the recipe as UTF-8",
+        ) from None
+    try:
+        return _parse_yaml(text)
+    except _YamlProblem as exc:
+        where = f"{file}:{exc.line}" if exc.line else str(file)
+        raise QtuneError(f"{where}: {exc.message}", exc.hint) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        code = ord(exc.character) if isinstance(exc.character, str) else exc.character
+        raise QtuneError(
+            f"{file}:{line}: invalid YAML: control character {code:#06x} is not allowed in YAML",
+            "remove the control character (a recipe is plain text)",
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}" if mark else str(file)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context, opened = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context == "expected a single document in the stream":
+            raise QtuneError(
+                f"{where}: a second YAML document starts here (a recipe is one document)",
+                "remove this `---` and what follows, or split the file into two recipes",
+            ) from None
+        if context and opened and (not mark or opened.line != mark.line):
+            # e.g. an unclosed quote or bracket: the parser fails at the end, the fix is where it opened
+            problem += f" ({context} that starts on line {opened.line + 1})"
+        hint = "check indentation and quoting on that line"
+        if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in str(problem):
+            hint = "a recipe holds plain values: no YAML tags (!!python/…, !custom)"
+        raise QtuneError(f"{where}: invalid YAML: {_abbrev(problem, 200)}", hint) from None
 
 
 def _model_at(path: tuple) -> type[BaseModel] | None:
@@ -374,23 +542,64 @@ def _dotted(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
+def _abbrev(text: str, limit: int = 80) -> str:
+    """Text short enough for one error line: a 10 kB key or override shows its start and its length."""
+    return text if len(text) <= limit else f"{text[: limit // 2]}… ({len(text)} chars)"
+
+
+def _shown(value: Any) -> str:
+    """A bad value as an error line shows it (repr), abbreviated; a 400-digit number shows its first digits."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**80:
+        digits = str(value)
+        return f"{digits[:40]}… ({len(digits)} chars)"
+    if isinstance(value, str) and len(value) > 80:
+        return f"{value[:40]!r}… ({len(value)} chars)"
+    return _abbrev(repr(value))
+
+
+def _valid_range(loc: tuple) -> str | None:
+    """A numeric key's bounds as a reader writes them, e.g. `0 < training.lr ≤ 1`, for hints."""
+    owner = _model_at(loc[:-1])
+    if owner is None or not loc or loc[-1] not in owner.model_fields:
+        return None
+    low = high = ""
+    for bound in owner.model_fields[loc[-1]].metadata:
+        for attr, low_text, high_text in (("gt", "<", None), ("ge", "≤", None), ("lt", None, "<"), ("le", None, "≤")):
+            value = getattr(bound, attr, None)
+            if value is not None:
+                if low_text:
+                    low = f"{value} {low_text} "
+                else:
+                    high = f" {high_text} {value}"
+    if not (low or high):
+        return None
+    annotation = owner.model_fields[loc[-1]].annotation
+    kind = "a whole number" if int in (annotation, *typing.get_args(annotation)) else "a finite number"
+    return f"valid: {low}{_dotted(loc)}{high}, {kind}"
+
+
 def _format_error(err: dict, source: str, lines: dict[tuple, int], overrides: dict[tuple, str]) -> QtuneError:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    key = _dotted(loc) or "(top level)"
+    key = _abbrev(_dotted(loc)) or "(top level)"
     where = source
-    for i in range(len(loc), 0, -1):
-        if loc[:i] in overrides:
-            where = f"override '{overrides[loc[:i]]}'"
-            break
-        if loc[:i] in lines:
-            where = f"{source}:{lines[loc[:i]]}"
-            break
+    # An override below the key (`lora.r.x=1` makes lora.r a section) is still where the bad value came from.
+    deeper = [text for path, text in overrides.items() if loc and len(path) > len(loc) and path[: len(loc)] == loc]
+    if deeper:
+        where = f"override '{_abbrev(deeper[-1])}'"
+    else:
+        for i in range(len(loc), 0, -1):
+            if loc[:i] in overrides:
+                where = f"override '{_abbrev(overrides[loc[:i]])}'"
+                break
+            if loc[:i] in lines:
+                where = f"{source}:{lines[loc[:i]]}"
+                break
     hint = None
     if err["type"] == "extra_forbidden":
         owner = _model_at(loc[:-1])
         valid = sorted(owner.model_fields) if owner else []
         alias = KEY_ALIASES.get(str(loc[-1]))
-        close = [alias] if alias in valid else difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        close = [alias] if alias in valid else difflib.get_close_matches(str(loc[-1])[:100], valid, n=1)
         msg = f"unknown key '{key}'"
         hint = (f"did you mean '{_dotted((*loc[:-1], close[0]))}'? " if close else "") + (
             f"valid keys here: {', '.join(valid)}" if valid else ""
@@ -404,87 +613,116 @@ def _format_error(err: dict, source: str, lines: dict[tuple, int], overrides: di
             hint = owner.model_fields[loc[-1]].description
     else:
         got = err.get("input")
-        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-        msg = f"{key}: {err['msg'].removeprefix('Value error, ')}{got_text}"
+        got_text = "" if isinstance(got, dict) else f" (got {_shown(got)})"
+        msg = f"{key}: {_abbrev(err['msg'].removeprefix('Value error, '), 300)}{got_text}"
+        hint = _valid_range(loc)
     return QtuneError(f"{where}: {msg}", hint)
 
 
 def parse_override(text: str) -> tuple[tuple, Any]:
     """`lora.r=8` → (("lora", "r"), 8); the value is read as YAML (numbers, booleans, lists)."""
     if "=" not in text:
-        raise QtuneError(f"override '{text}' is not key.sub=value", "e.g. training.lr=1e-4 lora.r=8")
+        raise QtuneError(f"override '{_abbrev(text)}' is not key.sub=value", "e.g. training.lr=1e-4 lora.r=8")
     key, _, raw = text.partition("=")
-    parts = tuple(int(p) if p.isdigit() else p for p in key.strip().split("."))
+    # A list index is a short run of ASCII digits (int() of 5000 digits, or of '²', would raise).
+    parts = tuple(int(p) if p.isascii() and p.isdigit() and len(p) < 10 else p for p in key.strip().split("."))
     if not key.strip() or any(p == "" for p in parts):
-        raise QtuneError(f"override '{text}' has an empty key", "e.g. training.lr=1e-4")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        raise QtuneError(f"override '{_abbrev(text)}' has an empty key", "e.g. training.lr=1e-4")
+    try:  # the recipe's own YAML rules: no aliases, no numbers Python cannot hold
+        value = _parse_yaml(raw)[0] if raw.strip() else None
+    except _YamlProblem as exc:
+        raise QtuneError(f"override '{_abbrev(text)}': {exc.message}", exc.hint) from None
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return parts, value
 
 
 def _apply_override(data: dict, path: tuple, value: Any, text: str) -> None:
     node: Any = data
-    for i, part in enumerate(path[:-1]):
-        if isinstance(part, int):
-            if not isinstance(node, list) or part >= len(node):
-                raise QtuneError(f"override '{text}': {_dotted(path[: i + 1])} does not exist")
-            node = node[part]
-            continue
-        if not isinstance(node, dict):
-            raise QtuneError(f"override '{text}': {_dotted(path[:i])} is not a section")
-        if node.get(part) is None:
+    for i, part in enumerate(path):
+        here = _abbrev(_dotted(path[: i + 1]))
+        if isinstance(node, list):
+            if not isinstance(part, int) or part >= len(node):
+                raise QtuneError(
+                    f"override '{_abbrev(text)}': {here} does not exist",
+                    f"{_abbrev(_dotted(path[:i]))} is a list of {len(node)}, numbered from 0",
+                )
+        elif not isinstance(node, dict):
+            raise QtuneError(f"override '{_abbrev(text)}': {_abbrev(_dotted(path[:i]))} is not a section")
+        if i == len(path) - 1:
+            node[part] = value
+        elif isinstance(node, dict) and node.get(part) is None:
             node[part] = {}
-        node = node[part]
-    last = path[-1]
-    if isinstance(last, int):
-        if not isinstance(node, list) or last >= len(node):
-            raise QtuneError(f"override '{text}': {_dotted(path)} does not exist")
-    elif not isinstance(node, dict):
-        raise QtuneError(f"override '{text}': {_dotted(path[:-1])} is not a section")
-    node[last] = value
+            node = node[part]
+        else:
+            node = node[part]
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe; every problem is a QtuneError naming file, key and line."""
     file = Path(path)
     if not file.is_file():
+        what = "is not a file" if file.exists() else "not found"
         raise QtuneError(
-            f"recipe file not found: {file}", "give the path of a .yaml recipe, e.g. recipes/llama2-qlora.yaml"
+            f"recipe file {what}: {file}", "give the path of a .yaml recipe, e.g. recipes/llama2-qlora.yaml"
         )
-    text = file.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{file}:{mark.line + 1}" if mark else str(file)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        context, opened = getattr(exc, "context", None), getattr(exc, "context_mark", None)
-        if context and opened and (not mark or opened.line != mark.line):
-            # e.g. an unclosed quote or bracket: the parser fails at the end, the fix is where it opened
-            problem += f" ({context} that starts on line {opened.line + 1})"
-        raise QtuneError(f"{where}: invalid YAML: {problem}", "check indentation and quoting on that line") from None
+    data, lines = _read_yaml(file)
     if data is None:
-        data = {}
+        raise QtuneError(
+            f"{file}: the recipe is empty",
+            "a recipe needs at least model.name and data.datasets (see recipes/, or `qtune recipe-reference`)",
+        )
     if not isinstance(data, dict):
-        raise QtuneError(f"{file}: a recipe is a mapping of sections (model:, data:, …), not {type(data).__name__}")
+        raise QtuneError(
+            f"{file}: a recipe is a mapping of sections (model:, data:, …), not {type(data).__name__}",
+            "start from one of the recipes in recipes/",
+        )
     data.setdefault("output_dir", f"runs/{file.stem}")
 
     applied: dict[tuple, str] = {}
+    values: dict[tuple, Any] = {}
     for text_override in overrides:
         key_path, value = parse_override(text_override)
+        if key_path in values and values[key_path] != value:
+            # --resume / --overwrite arrive here as overrides too: a contradiction must not be settled by order
+            raise QtuneError(
+                f"override '{_abbrev(text_override)}' contradicts '{_abbrev(applied[key_path])}'",
+                "give each key once",
+            )
         _apply_override(data, key_path, value, text_override)
-        applied[key_path] = text_override
+        applied[key_path], values[key_path] = text_override, value
 
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
-        error = _format_error(errors[0], str(file), _line_map(text), applied)
+        error = _format_error(errors[0], str(file), lines, applied)
         if len(errors) > 1:
             error.message += f" (+{len(errors) - 1} more)"
         raise error from None
+    _check_output_dir(recipe, str(file), lines, applied)
+    return recipe
+
+
+def _check_output_dir(recipe: Recipe, source: str, lines: dict[tuple, int], overrides: dict[tuple, str]) -> None:
+    """output_dir must not lie inside a data folder: the next run would read its outputs as training rows."""
+    out = Path(recipe.output_dir).resolve()
+    for i, dataset in enumerate(recipe.data.datasets):
+        folder = Path(dataset.path)
+        if not folder.is_dir():
+            continue
+        folder = folder.resolve()
+        if out == folder or folder in out.parents:
+            if ("output_dir",) in overrides:
+                where = f"override '{_abbrev(overrides[('output_dir',)])}'"
+            else:
+                where = f"{source}:{lines[('output_dir',)]}" if ("output_dir",) in lines else source
+            raise QtuneError(
+                f"{where}: output_dir {_abbrev(recipe.output_dir)} is inside the data folder "
+                f"data.datasets.{i}.path {_abbrev(dataset.path)}",
+                "qtune reads every file under a data folder as training data, its own outputs too: "
+                "put output_dir outside it",
+            )
 
 
 SECRET_WORDS = ("token", "key", "secret", "password")
@@ -505,12 +743,20 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     return _redact(recipe.model_dump(mode="json"))
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes a value seen twice out twice: load_recipe refuses aliases, and must read what qtune wrote."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def dump_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
     """Write the resolved recipe (defaults filled in, overrides applied) atomically."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")
+    text = yaml.dump(recipe_to_dict(recipe), Dumper=_NoAliasDumper, sort_keys=False)
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(target)
 
 
@@ -531,7 +777,7 @@ def _type_text(annotation: Any) -> str:
 
 
 def recipe_reference() -> str:
-    """The recipe's keys, types, defaults and descriptions as a Markdown table (for --help-recipe / README)."""
+    """The recipe's keys, types, defaults and descriptions as a Markdown table (`qtune recipe-reference`, README)."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
 
     def add(cls: type[BaseModel], prefix: str) -> None:

@@ -131,6 +131,13 @@ def check_architecture(recipe: Recipe) -> None:
 
     config, meta = _meta_model(recipe)
     check_not_prequantized(config, recipe)  # first: installing an extra would not fix the wrong checkpoint
+    positions = getattr(config, "max_position_embeddings", None)  # gpt2's n_positions maps to it too
+    if isinstance(positions, int) and recipe.data.max_length > positions:
+        raise QtuneError(
+            f"data.max_length: {recipe.data.max_length} is more than the {positions} positions of "
+            f"{recipe.model.name} ({config.model_type})",
+            f"set data.max_length to at most {positions}",
+        )
     q = recipe.quantization
     if q.backend == "gptq" and q.bits is not None and recipe.lora.use_dora:
         raise QtuneError(
