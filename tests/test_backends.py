@@ -124,9 +124,60 @@ def test_backend_layers_are_quantized_under_lora(make_recipe, backend, bits, mod
         assert [n.rsplit(".", 1)[-1] for n in plain] == ["lm_head"]
 
 
+PROMPT = "spell 1 2 3 4"
+
+
+def adapter_on_quantized_base(run):
+    """The reference built here, apart from qtune's merge: the run's base loaded quantized with plain transformers
+    (the recipe's quantization config from qtune's builder, hqq quantized after loading as training does), the
+    adapter attached with plain peft. Returns its logits on PROMPT with and without the adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qtune.quant import quantization_config, quantize_after_load, resolve_dtype
+
+    recipe = load_recipe(run / "recipe.yaml")
+    base = AutoModelForCausalLM.from_pretrained(
+        recipe.model.name, quantization_config=quantization_config(recipe), dtype=resolve_dtype(recipe.model.dtype)
+    )
+    base = quantize_after_load(recipe, base)
+    for module in base.modules():  # bitsandbytes' CPU repack on a no-grad forward would change the 4-bit constants
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    model = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
+    ids = AutoTokenizer.from_pretrained(run / "adapter")(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        with_adapter = model(**ids).logits[0].float()
+        with model.disable_adapter():
+            without = model(**ids).logits[0].float()
+    return with_adapter, without
+
+
+def check_merged_independently(run, rel_tol: float, min_top1: float) -> None:
+    """The saved merged folder, loaded with plain transformers, against `adapter_on_quantized_base`: within
+    rel_tol × max(1, max|logit|) and min_top1 agreement, and well inside what the adapter changes (else it moved
+    nothing and the check would be vacuous)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reference, without = adapter_on_quantized_base(run)
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
+    ids = AutoTokenizer.from_pretrained(run / "merged")(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        logits = merged(**ids).logits[0].float()
+    diff = (logits - reference).abs().max().item()
+    effect = (reference - without).abs().max().item()
+    top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    print(f"{run}: merged vs adapter on the quantized base {diff:.3g}, adapter effect {effect:.3g}, top-1 {top1}")
+    assert diff <= rel_tol * max(1.0, reference.abs().max().item()), (diff, effect)
+    assert top1 >= min_top1
+    # bf16 rounding (~3e-3 on this model) is close to the effect of 2 steps (~4e-2): a quarter of it is the margin.
+    assert diff < effect / 4, f"the adapter moved the logits by {effect:.3g} only: the check is vacuous"
+
+
 def merge_and_check(run):
     """`qtune merge RUN` (onto the dequantized base, fp32): exit 0, merged equals the adapter on the quantized base
-    to 1e-4 × max|logit| with the same top-1, plain fp32 weights. Returns the report and the merged tensors."""
+    to 1e-4 × max|logit| with the same top-1, plain fp32 weights (by qtune's report, and independently). Returns
+    the report and the merged tensors."""
     result = run_qtune("merge", run)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((run / "merged" / "qtune_merge.json").read_text())
@@ -137,6 +188,7 @@ def merge_and_check(run):
     assert "quantization_config" not in config, "the merged model is plain weights"
     merged = load_file(next((run / "merged").glob("*.safetensors")))
     assert all(t.dtype == torch.float32 for t in merged.values())
+    check_merged_independently(run, rel_tol=1e-4, min_top1=1.0)
     return report, merged
 
 
@@ -177,6 +229,7 @@ def test_trains_and_merges_from_a_bf16_load(make_recipe, tmp_path, backend, bits
     report = json.loads((tmp_path / "run" / "merged" / "qtune_merge.json").read_text())
     assert report["dtype"] == "float32" and report["tolerance"]["relative_max_diff"] == 5e-2
     assert report["vs_trained"]["top1"] >= 0.95
+    check_merged_independently(tmp_path / "run", rel_tol=5e-2, min_top1=0.95)
 
 
 # --------------------------------------------------------------------------- GPTQ / AWQ checkpoints as the base
