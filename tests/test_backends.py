@@ -29,6 +29,32 @@ RUNNABLE = [
 ]
 
 
+def test_the_backend_table_is_the_one_place_that_names_backends():
+    """quant.BACKENDS has one consistent entry per quantization.backend the recipe accepts, and no other module
+    tests a backend's name (they ask the table)."""
+    import re
+    import typing
+    from pathlib import Path
+
+    from qtune.config import QuantizationSection
+    from qtune.quant import BACKENDS, offered_bits
+
+    assert typing.get_args(QuantizationSection.model_fields["backend"].annotation) == tuple(BACKENDS)
+    for name, backend in BACKENDS.items():
+        assert backend.name == name and backend.doc.startswith(name) and offered_bits(backend)
+        assert backend.doc in QuantizationSection.model_fields["backend"].description
+        if backend.refused:
+            continue
+        assert backend.config is not None and backend.dequantize is not None, name
+        assert bool(backend.modules) == (backend.extra is not None), name
+        assert backend.kbit_prepare or not backend.upcast, name  # the upcast is prepare_model_for_kbit_training's
+    names = "|".join(BACKENDS)
+    test = re.compile(rf"backend\s*(==|!=)\s*\"({names})\"|backend\s+(not\s+)?in\s*\(\"({names})\"")
+    for path in (Path(__file__).parent.parent / "qtune").glob("*.py"):
+        if path.name != "quant.py":
+            assert not test.search(path.read_text(encoding="utf-8")), f"{path.name} tests a backend's name"
+
+
 def _refused(make_recipe, tmp_path, quantization: dict, *needles: str):
     recipe = make_recipe(quantization=quantization)
     result = run_qtune("train", recipe)
