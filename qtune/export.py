@@ -295,6 +295,8 @@ def merge(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from qtune.quant import backend_of
+
     run = open_run(run_dir)
     recipe = run.recipe
     if onto not in ("dequantized", "original"):
@@ -307,8 +309,6 @@ def merge(
     base_name = base or recipe.model.name
     check_no_pickle(base_name, allow_pickle=False)
     base_key = "--base" if base else f"model.name (in {run.path / 'recipe.yaml'})"
-    from qtune.quant import backend_of
-
     backend = backend_of(recipe)
     if backend.checkpoint and onto == "dequantized":
         # The run trained on a GPTQ checkpoint as it was saved: the merge dequantizes that checkpoint.
@@ -360,9 +360,8 @@ def merge(
     if onto == "dequantized" and quantized_in_training:
         model = trained.unload()  # the 4-bit base again, LoRA layers removed; reuse it (no second load)
         del trained
-        model = backend.dequantize(
-            model, torch_dtype
-        )  # its entry: transformers' bnb dequantize, or quant.dequantize_layers
+        # the backend's entry: transformers' dequantize for bnb, quant.dequantize_layers for the others
+        model = backend.dequantize(model, torch_dtype)
     else:
         del trained
         model = AutoModelForCausalLM.from_pretrained(

@@ -522,11 +522,6 @@ def lora_targets(recipe: Recipe, model):
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, quantized)})
 
 
-def dequantize(recipe: Recipe, model, dtype):
-    """The quantized base (LoRA layers removed) with plain layers holding the weights training multiplied with."""
-    return backend_of(recipe).dequantize(model, dtype)
-
-
 def describe(recipe: Recipe) -> str:
     """One phrase for logs and the model card: how the base is quantized."""
     q = recipe.quantization
