@@ -356,6 +356,19 @@ def _fake_run(tmp_path, make_recipe, **sections):
     return run
 
 
+def test_merge_onto_dequantized_of_an_8bit_bnb_run_refused(make_recipe, tmp_path):
+    """bnb's table entry dequantizes 4-bit weights exactly, not LLM.int8 ones: said before anything loads."""
+    from qtune.export import merge
+
+    run = _fake_run(tmp_path, make_recipe, quantization={"bits": 8})
+    with pytest.raises(QtuneError) as info:
+        merge(run)
+    assert info.value.message == (
+        "merge --onto dequantized: the run trained on an 8-bit base; only 4-bit bases are dequantized exactly"
+    )
+    assert info.value.hint == "use --onto original" and not (run / "merged").exists()
+
+
 def test_merge_of_a_gptq_run_needs_its_gptq_checkpoint(make_recipe, prequantized, tiny_llama, tmp_path):
     """--onto dequantized dequantizes the GPTQ checkpoint the run trained on: plain weights, another method or
     other bits as --base are refused; --onto original needs the unquantized checkpoint as --base."""
