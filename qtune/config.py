@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qtune.errors import QtuneError
+from qtune.quant import BACKENDS, offered_bits
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -82,19 +83,11 @@ class ModelSection(Section):
         return self
 
 
-# Bit widths each quantization backend offers for LoRA training here (see quant.check_backend for the rest).
-BACKEND_BITS = {"bnb": (4, 8), "hqq": (4, 8), "quanto": (4, 8), "torchao": (8,), "gptq": (4, 8), "awq": (4,)}
-
-
 class QuantizationSection(Section):
     """How the frozen base weights are stored (bitsandbytes by default, or another backend)."""
 
-    backend: Literal["bnb", "hqq", "quanto", "torchao", "gptq", "awq"] = Field(
-        "bnb",
-        description="Quantization library: bnb (bitsandbytes, default); quanto (optimum-quanto int8/int4 "
-        "weights, extra qtune[quanto]); torchao (int8 weight-only, extra qtune[torchao]); hqq (4/8-bit HQQ, "
-        "groups of 64, extra qtune[hqq]); gptq (model.name is a pre-quantized 4/8-bit GPTQ checkpoint, loaded as "
-        "saved, extra qtune[gptq]); awq: refused at start with the reason (see the README's backend table).",
+    backend: Literal[tuple(BACKENDS)] = Field(
+        "bnb", description="Quantization library: " + "; ".join(b.doc for b in BACKENDS.values()) + "."
     )
     bits: Literal[4, 8] | None = Field(4, description="4 (QLoRA), 8 (LLM.int8) or null (plain LoRA, no quantization).")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 is the QLoRA paper's.")
@@ -106,25 +99,31 @@ class QuantizationSection(Section):
 
     @model_validator(mode="after")
     def _backend_offers_bits(self) -> QuantizationSection:
-        if self.backend == "bnb":
-            return self
-        offered = BACKEND_BITS[self.backend]
-        if self.bits is None:
+        backend = BACKENDS[self.backend]
+        offered = offered_bits(backend)
+        if self.bits is None and None not in backend.bits:
+            plain = " or ".join(b.name for b in BACKENDS.values() if None in b.bits)
             raise ValueError(
                 f"quantization.backend {self.backend} needs quantization.bits ({' or '.join(map(str, offered))}); "
-                "bits: null means no quantization (leave backend at bnb)"
+                f"bits: null means no quantization (leave backend at {plain})"
             )
-        if self.bits not in offered:
+        if self.bits not in backend.bits:
             raise ValueError(
                 f"quantization.backend {self.backend} does not offer quantization.bits {self.bits} for LoRA training "
                 "here; "
                 f"it offers: {', '.join(map(str, offered))}"
             )
         # Values other than the defaults (a resolved recipe.yaml writes the defaults back, so they must pass).
-        bnb_only = [k for k, default in (("quant_type", "nf4"), ("quant_storage", None)) if getattr(self, k) != default]
-        if bnb_only:
+        unread = [
+            k
+            for k, default in (("quant_type", "nf4"), ("quant_storage", None))
+            if getattr(self, k) != default and k not in backend.keys
+        ]
+        if unread:
+            readers = [b for b in BACKENDS.values() if all(k in b.keys for k in unread)]
             raise ValueError(
-                f"quantization.{', quantization.'.join(bnb_only)} only apply to backend bnb (bitsandbytes), "
+                f"quantization.{', quantization.'.join(unread)} only apply to "
+                f"{' or '.join(f'backend {b.name} ({b.library})' for b in readers)}, "
                 f"not quantization.backend {self.backend}"
             )
         return self

@@ -2,7 +2,8 @@
 
 Parameters are counted exactly by building the model on the meta device and splitting the layers
 bitsandbytes quantizes (every nn.Linear but the output layer: `qtune.model.linear_modules`) from the rest
-(embeddings, norms, lm_head, biases). The byte figures per term:
+(embeddings, norms, lm_head, biases). The byte figures per term (each backend's weight figure is the
+`Sizing` of its entry in `qtune.quant.BACKENDS`):
 
 - NF4/FP4 weights: n/2 bytes packed + per tensor the absmax constants, one per block of 64 values:
   fp32 without double quant; with double quant one uint8 per block plus one fp32 per 256 of those, a
@@ -34,14 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qtune.errors import QtuneError
-from qtune.quant import HQQ_GROUP_SIZE
+from qtune.quant import BACKENDS, Storage, offered_bits
 
 GiB = 1024**3
 CUDA_CONTEXT = int(0.5 * GiB)
-BLOCK_4BIT = 64  # bitsandbytes' 4-bit blocksize (transformers' default)
-BLOCK_DQ = 256  # blocksize of the second quantization of the absmax constants
-MODELLED = ("bnb", "quanto", "torchao", "hqq")  # backends whose weight bytes quantized_bytes knows
-NO_UPCAST = ("quanto", "torchao", "hqq", "gptq")  # other parts stay as loaded (peft's choice; quanto: qtune.model)
 
 # Offline configs of common base models, addressed by hub id. Instruct/chat variants share the shape.
 _LLAMA = {"model_type": "llama", "rms_norm_eps": 1e-5}
@@ -237,52 +234,17 @@ def model_shape(config, trust_remote_code: bool = False) -> Shape:
     )
 
 
-def quanto_group(in_features: int) -> int:
-    """optimum-quanto's int4 group along the input (QModuleMixin): 128, else 96, 64 or 32 when that divides the
-    input; the whole row when the input is ≤ 128 or none divides."""
-    if in_features > 128:
-        for group in (128, 96, 64, 32):
-            if in_features % group == 0:
-                return group
-    return in_features
-
-
 def quantized_bytes(shape: Shape, bits: int | None, double_quant: bool = True, load_bytes: int = 2,
                     backend: str = "bnb", group_size: int | None = None) -> int | None:  # fmt: skip
-    """Bytes of the quantizable linears' weights as the backend stores them (constants included); None for a
-    backend that is not modelled."""
-    if bits is not None and backend not in MODELLED:
+    """Bytes of the quantizable linears' weights as the backend stores them (constants included; its `Sizing` in
+    qtune.quant); None for a backend that is not modelled."""
+    if bits is None:
+        return sum(i * o * load_bytes for _, i, o in shape.linears)
+    sizing = BACKENDS[backend].sizing
+    if sizing is None:
         return None
-    total = 0
-    for _, i, o in shape.linears:
-        n = i * o
-        if bits is None:
-            total += n * load_bytes
-        elif backend == "quanto":
-            total += 2 * 4  # the QLinear's fp32 input_scale and output_scale
-            if bits == 8:
-                total += n + o * load_bytes  # int8 values + a scale per output row
-            else:
-                group = quanto_group(i)
-                groups = n // group  # packed two per byte along the groups (an odd count pads one group)
-                total += math.ceil(groups / 2) * group + 2 * groups * load_bytes  # + scale and shift per group
-        elif backend == "torchao":
-            total += n + o * (4 + 1)  # int8 values + fp32 scale and int8 zero point per output row
-        elif backend == "hqq":
-            groups = n // (group_size or HQQ_GROUP_SIZE)
-            total += n * bits // 8 + 2 * groups * load_bytes  # packed values + scale and zero per group
-        elif bits == 4:
-            blocks = math.ceil(n / BLOCK_4BIT)
-            total += math.ceil(n / 2) + 16 * 4  # packed values + the 16-entry fp32 NF4/FP4 code
-            if double_quant:
-                total += (
-                    blocks + math.ceil(blocks / BLOCK_DQ) * 4 + 256 * 4 + 4
-                )  # uint8 absmax, fp32 scales, code, offset
-            else:
-                total += blocks * 4
-        else:
-            total += n + o * 4  # int8 values + fp32 row scales (SCB)
-    return total
+    storage = Storage(bits, double_quant, load_bytes, group_size)
+    return sum(sizing.layer_bytes(i, o, storage) for _, i, o in shape.linears)
 
 
 OPTIMIZER_BYTES = (  # optimizer state bytes per trainable parameter, by optimizer name (first match)
@@ -366,8 +328,8 @@ class Estimate:
         self.quantized = quantized or 0
         self.other_loaded = s.other_params * self.load_bytes + s.buffer_bytes
         # prepare_model_for_kbit_training casts the non-quantized parameters to fp32 (quantized models only, and
-        # not under torchao / hqq / gptq, which peft leaves in the load dtype).
-        self.upcast = bool(self.bits) and self.backend not in NO_UPCAST
+        # only where the backend's entry says the cast runs: bnb; peft leaves torchao / hqq / gptq as loaded).
+        self.upcast = bool(self.bits) and BACKENDS[self.backend].upcast
         self.other_training = s.other_params * (4 if self.upcast else self.load_bytes) + s.buffer_bytes
         self.lora = lora_params(s, self.lora_r, self.lora_targets)
         self.opt_per_param, self.opt_what = optimizer_state(self.optimizer)
@@ -442,7 +404,10 @@ class Estimate:
         if top == "optimizer state":
             return "use an 8-bit optimizer (training.optimizer: paged_adamw_8bit) or a smaller lora.r"
         if self.bits != 4:
-            backend = " with backend bnb or quanto" if self.backend == "torchao" else ""  # torchao offers 8 only
+            backend = ""
+            if 4 not in BACKENDS[self.backend].bits:  # e.g. torchao (8 only): name those that offer 4 and are sized
+                four = [b.name for b in BACKENDS.values() if 4 in b.bits and b.sizing and not b.refused]
+                backend = f" with backend {', '.join(four[:-1])} or {four[-1]}"
             return f"quantize to 4 bits (quantization.bits: 4{backend}), or shard over several GPUs (FSDP)"
         return "a smaller model, or shard the weights over several GPUs (FSDP-QLoRA)"
 
@@ -525,41 +490,25 @@ class Estimate:
     def _targets(self) -> str:
         return "all linear layers" if self.lora_targets == "all-linear" else ", ".join(self.lora_targets)
 
+    def _storage(self) -> Storage:
+        return Storage(self.bits, self.double_quant, self.load_bytes, self.group_size)
+
     def quant_name(self) -> str:
         """The quantization sized, naming its backend."""
         if self.bits is None:
             return "bf16/fp16 (no quantization)"
-        if self.backend == "bnb":
-            dq = " + double quant" if self.double_quant else ""
-            return (f"4-bit NF4{dq}" if self.bits == 4 else "8-bit LLM.int8") + " (bitsandbytes)"
-        return {
-            "quanto": f"int{self.bits} weights (quanto)",
-            "torchao": "int8 weight-only (torchao)",
-            "hqq": f"{self.bits}-bit (hqq, groups of {self.group_size or HQQ_GROUP_SIZE})",
-        }.get(self.backend, f"{self.bits}-bit {self.backend} (its weight bytes are not modelled)")
+        sizing = BACKENDS[self.backend].sizing
+        if sizing is None:
+            return f"{self.bits}-bit {self.backend} (its weight bytes are not modelled)"
+        return sizing.name(self._storage())
 
     def _quant_how(self) -> str:
         n = self.shape.quantizable
         if not self.modelled:
             return f"{n:,} params: qtune does not model {self.backend} checkpoints' storage (no figure)"
-        if self.bits and self.backend == "quanto":
-            if self.bits == 8:
-                return f"{n:,} x 1 B + a {self.load_bytes} B scale per output row + 2 fp32 scalars per layer"
-            return (
-                f"{n:,} x 0.5 B + a {self.load_bytes} B scale and shift per group of 128 inputs (fewer where 128 "
-                "does not divide the input) + 2 fp32 scalars per layer"
-            )
-        if self.bits and self.backend == "torchao":
-            return f"{n:,} x 1 B + fp32 scale and int8 zero point per output row"
-        if self.bits and self.backend == "hqq":
-            group = self.group_size or HQQ_GROUP_SIZE
-            return f"{n:,} x {self.bits / 8:g} B + a {self.load_bytes} B scale and zero per group of {group}"
-        if self.bits == 4:
-            consts = "uint8 absmax per 64 + fp32 per 256 absmax" if self.double_quant else "fp32 absmax per 64"
-            return f"{n:,} x 0.5 B + {consts}"
-        if self.bits == 8:
-            return f"{n:,} x 1 B + fp32 scale per output row"
-        return f"{n:,} x {self.load_bytes} B"
+        if self.bits is None:
+            return f"{n:,} x {self.load_bytes} B"
+        return BACKENDS[self.backend].sizing.how(n, self._storage())
 
 
 def _gib(n: float) -> str:
@@ -594,14 +543,13 @@ def estimate(
     group_size: int | None = None,
 ) -> Estimate:
     """The estimate for a model name / folder / config.json and the run's settings (GPU training figures)."""
-    from qtune.config import BACKEND_BITS
-
     if batch < 1 or length < 1 or lora_r < 1 or gpus < 1:
         raise QtuneError("--micro-batch, --max-length, --lora-r and --gpus must be positive")
-    if bits is not None and bits not in BACKEND_BITS[backend]:
+    offered = offered_bits(BACKENDS[backend])
+    if bits is not None and bits not in offered:
         raise QtuneError(
             f"quantization.backend {backend} does not offer {bits}-bit weights",
-            f"it offers: {', '.join(map(str, BACKEND_BITS[backend]))}",
+            f"it offers: {', '.join(map(str, offered))}",
         )
     load_bytes = 4 if dtype in ("float32", "fp32") else 2
     shape = model_shape(model_config(name, trust_remote_code), trust_remote_code)
@@ -638,7 +586,8 @@ def from_recipe(recipe, **overrides) -> Estimate:
     """The estimate for a recipe's model and settings; keyword overrides (from the command line) win."""
     q = recipe.quantization
     dtype = recipe.model.dtype if recipe.model.dtype != "auto" else "bfloat16"  # the GPU figure
-    if q.backend == "hqq" and q.compute_dtype != "auto":
+    sizing = BACKENDS[q.backend].sizing
+    if sizing and sizing.compute_dtype_casts_all and q.compute_dtype != "auto":
         dtype = q.compute_dtype  # hqq casts the whole model (its scales and zeros too) to the compute dtype
     settings = dict(
         bits=q.bits,

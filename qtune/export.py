@@ -104,51 +104,6 @@ def check_gptq_checkpoint(model: str, key: str, recipe: Recipe, revision=None) -
 # --------------------------------------------------------------------------- loading
 
 
-def _dequantized_weight(module):
-    """The weight a weight-only quantized layer multiplies with (its own `dequantize()`), None for other modules."""
-    import torch
-
-    if hasattr(module, "W_q") and hasattr(module, "dequantize"):  # hqq's HQQLinear (not an nn.Linear)
-        return module.dequantize()
-    if hasattr(module, "qweight") and hasattr(module, "dequantize_weight"):  # GPT-QModel's QuantLinear (GPTQ)
-        weight = module.dequantize_weight()  # [in_features, out_features], what forward multiplies x with
-        if weight.shape != (module.in_features, module.out_features):
-            raise QtuneError(
-                f"{type(module).__name__}.dequantize_weight() gave shape {tuple(weight.shape)}, not "
-                f"(in {module.in_features}, out {module.out_features}): this GPT-QModel release is not supported"
-            )
-        return weight.t()
-    weight = getattr(module, "weight", None)
-    if not isinstance(module, torch.nn.Linear) or weight is None:
-        return None
-    data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
-    return None if type(data) is torch.Tensor else data.dequantize()
-
-
-def dequantize_layers(model, dtype):
-    """Replace every weight-only quantized linear (optimum-quanto QLinear, torchao Int8Tensor weights, hqq's
-    HQQLinear, GPT-QModel's GPTQ QuantLinear) by a plain nn.Linear holding the dequantized weight: the weights
-    those layers multiply with, so the adapter merges onto exactly what it was trained against."""
-    import torch
-
-    for name, module in list(model.named_modules()):
-        weight = _dequantized_weight(module)
-        if weight is None:
-            continue
-        dense = torch.nn.Linear(
-            module.in_features, module.out_features, bias=module.bias is not None, device="meta", dtype=dtype
-        )
-        dense.weight = torch.nn.Parameter(weight.to(dtype).clone(), requires_grad=False)
-        if module.bias is not None:
-            dense.bias = torch.nn.Parameter(module.bias.detach().to(dtype).clone(), requires_grad=False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-    return model.to(dtype)
-
-
 # --------------------------------------------------------------------------- merge
 
 
@@ -226,6 +181,7 @@ def merge(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qtune.model import attach_adapter, load_trained, single_process_device_map
+    from qtune.quant import backend_of
 
     run = RunDir.open(run_dir)
     recipe = run.recipe
@@ -239,7 +195,8 @@ def merge(
     base_name = base or recipe.model.name
     check_no_pickle(base_name, allow_pickle=False)
     base_key = "--base" if base else f"model.name (in {run.recipe_file})"
-    if recipe.quantization.backend == "gptq" and onto == "dequantized":
+    backend = backend_of(recipe)
+    if backend.checkpoint and onto == "dequantized":
         # The run trained on a GPTQ checkpoint as it was saved: the merge dequantizes that checkpoint.
         check_gptq_checkpoint(base_name, base_key, recipe, revision=None if base else recipe.model.revision)
     else:
@@ -258,9 +215,11 @@ def merge(
         from qtune.quant import check_backend
 
         check_backend(recipe)  # the run's backend is installed here (else: the extra to install)
-    if onto == "dequantized" and recipe.quantization.bits == 8 and recipe.quantization.backend == "bnb":
+    exact = backend.merge_bits
+    if onto == "dequantized" and quantized_in_training and exact is not None and recipe.quantization.bits not in exact:
         raise QtuneError(
-            "merge --onto dequantized: the run trained on an 8-bit base; only 4-bit bases are dequantized exactly",
+            f"merge --onto dequantized: the run trained on an {recipe.quantization.bits}-bit base; only "
+            f"{' or '.join(map(str, exact))}-bit bases are dequantized exactly",
             "use --onto original",
         )
     tokenizer = AutoTokenizer.from_pretrained(str(run.adapter))
@@ -270,7 +229,7 @@ def merge(
     # 1. The reference: the adapter on the base as it was trained (4-bit), on fixed prompts.
     m = recipe.model
     # gptq --onto original: --base is the unquantized checkpoint; training's base is the recipe's GPTQ one.
-    gptq_original = recipe.quantization.backend == "gptq" and onto == "original"
+    gptq_original = backend.checkpoint is not None and onto == "original"
     trained = load_trained(recipe, run.adapter, base=None if gptq_original else base)
     reference = _logits(trained, tokenizer, prompts)
 
@@ -278,10 +237,8 @@ def merge(
     if onto == "dequantized" and quantized_in_training:
         model = trained.unload()  # the 4-bit base again, LoRA layers removed; reuse it (no second load)
         del trained
-        if recipe.quantization.backend == "bnb":
-            model = model.dequantize(dtype=torch_dtype).to(torch_dtype)  # transformers: bnb.dequantize_4bit per layer
-        else:
-            model = dequantize_layers(model, torch_dtype)  # quanto / torchao / hqq / gptq: no transformers dequantize
+        # the backend's entry: transformers' dequantize for bnb, quant.dequantize_layers for the others
+        model = backend.dequantize(model, torch_dtype)
     else:
         del trained
         model = AutoModelForCausalLM.from_pretrained(
@@ -399,31 +356,15 @@ def _footprint_of_original(model: str, dtype, trust_remote_code: bool) -> tuple[
     return meta.get_memory_footprint(), str(dtype).replace("torch.", "")
 
 
-def quantize_config(bits: int, quant_type: str = "nf4", double_quant: bool = False, compute_dtype=None):
-    """The BitsAndBytesConfig the seed tutorial builds: load_in_8bit, or load_in_4bit with its options."""
-    from transformers import BitsAndBytesConfig
-
-    if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    if bits == 4:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant_type,
-            bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
-    raise QtuneError(f"--bits: {bits} is not supported", "4 or 8")
-
-
 def load_quantized(model: str, bits: int, quant_type="nf4", double_quant=False, dtype=None, allow_pickle=False):
     """`from_pretrained(model, quantization_config=...)` as in the seed, safetensors only unless allowed."""
     from transformers import AutoModelForCausalLM
 
     from qtune.model import single_process_device_map
-    from qtune.quant import resolve_dtype
+    from qtune.quant import bnb_config, resolve_dtype
 
     check_no_pickle(model, allow_pickle)
-    config = quantize_config(bits, quant_type, double_quant, compute_dtype=dtype or resolve_dtype("auto"))
+    config = bnb_config(bits, quant_type, double_quant, compute_dtype=dtype or resolve_dtype("auto"))
     try:
         return AutoModelForCausalLM.from_pretrained(
             model,
@@ -589,6 +530,7 @@ def model_card(recipe: Recipe, repo_id: str, merged: bool, summary: dict | None,
     from huggingface_hub import ModelCardData
 
     from qtune.config import recipe_to_dict
+    from qtune.quant import describe as describe_quantization
 
     base = recipe.model.name
     base_id = _hub_id(base)
@@ -601,12 +543,7 @@ def model_card(recipe: Recipe, repo_id: str, merged: bool, summary: dict | None,
         datasets=datasets or None,
         pipeline_tag="text-generation",
     )
-    q = recipe.quantization
-    quant = "no quantization" if q.bits is None else ("8-bit" if q.bits == 8 else f"4-bit {q.quant_type}")
-    if q.bits == 4 and q.double_quant and q.backend == "bnb":
-        quant += " + double quant"
-    if q.bits is not None and q.backend != "bnb":
-        quant = f"{q.bits}-bit {q.backend}"
+    quant = describe_quantization(recipe)
     figures = []
     for key, label in [
         ("steps", "steps"),

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from qtune.config import Recipe
 from qtune.errors import QtuneError
+from qtune.quant import BACKENDS, backend_of, offered_bits
 from qtune.quant import describe as describe_quantization
 
 
@@ -139,9 +140,10 @@ def check_architecture(recipe: Recipe) -> None:
             f"set data.max_length to at most {positions}",
         )
     q = recipe.quantization
-    if q.backend == "gptq" and q.bits is not None and recipe.lora.use_dora:
+    backend = backend_of(recipe)
+    if backend.dora and q.bits is not None and recipe.lora.use_dora:
         raise QtuneError(
-            "lora.use_dora: peft's LoRA layer for GPTQ weights (GPTQLoraLinear) does not support DoRA",
+            f"lora.use_dora: {backend.dora}",
             "set lora.use_dora: false, or train DoRA on an unquantized checkpoint with quantization.backend bnb",
         )
     check_backend(recipe)  # the backend is installed and works here (names quantization.backend / the extra)
@@ -152,9 +154,10 @@ def check_architecture(recipe: Recipe) -> None:
             f"quantization.bits: model_type '{config.model_type}' has no nn.Linear layers for bitsandbytes to quantize",
             "set quantization.bits: null to train plain LoRA on it",
         )
-    if q.backend == "hqq" and any(type(meta.get_submodule(name)) is not torch.nn.Linear for name in linears):
+    if backend.linear_only and any(type(meta.get_submodule(name)) is not torch.nn.Linear for name in linears):
         raise QtuneError(
-            f"quantization.backend: hqq quantizes nn.Linear layers only; model_type '{config.model_type}' has Conv1D",
+            f"quantization.backend: {q.backend} quantizes nn.Linear layers only; model_type '{config.model_type}' "
+            "has Conv1D",
             "use quantization.backend bnb (default)",
         )
     targets = recipe.lora.target_modules
@@ -195,21 +198,29 @@ def check_not_prequantized(config, recipe: Recipe) -> None:
     method = prequantized_method(config)
     q = recipe.quantization
     name = recipe.model.name
-    if q.backend == "gptq" and q.bits is not None:
-        if method != "gptq":
+    backend = backend_of(recipe)
+    if backend.refused:
+        return  # check_backend says why
+    takers = [b for b in BACKENDS.values() if b.checkpoint and not b.refused]  # backends that train on one as it is
+    if backend.checkpoint and q.bits is not None:
+        kind = backend.checkpoint.upper()
+        if method != backend.checkpoint:
             what = f"is quantized with {method}" if method else "has no quantization_config (plain weights)"
+            quantizers = [b.name for b in BACKENDS.values() if not b.checkpoint and not b.refused]
             raise QtuneError(
-                f"quantization.backend: gptq trains on a pre-quantized GPTQ checkpoint; '{name}' {what}",
-                "give a GPTQ checkpoint as model.name (its config.json has quantization_config.quant_method: gptq), "
-                "or quantize this one with quantization.backend bnb, quanto, torchao or hqq",
+                f"quantization.backend: {q.backend} trains on a pre-quantized {kind} checkpoint; '{name}' {what}",
+                f"give a {kind} checkpoint as model.name (its config.json has quantization_config.quant_method: "
+                f"{backend.checkpoint}), or quantize this one with quantization.backend "
+                f"{', '.join(quantizers[:-1])} or {quantizers[-1]}",
             )
         bits = prequantized_bits(config)
         if bits != q.bits:
+            offered = offered_bits(backend)
             raise QtuneError(
-                f"quantization.bits: {q.bits}, but '{name}' is a {bits}-bit GPTQ checkpoint",
-                f"set quantization.bits: {bits} (backend gptq loads the checkpoint as it was saved)"
-                if bits in (4, 8)
-                else "qtune trains on 4- or 8-bit GPTQ checkpoints",
+                f"quantization.bits: {q.bits}, but '{name}' is a {bits}-bit {kind} checkpoint",
+                f"set quantization.bits: {bits} (backend {q.backend} loads the checkpoint as it was saved)"
+                if bits in offered
+                else f"qtune trains on {'- or '.join(map(str, offered))}-bit {kind} checkpoints",
             )
         return
     if method:
@@ -218,17 +229,19 @@ def check_not_prequantized(config, recipe: Recipe) -> None:
             "use the unquantized checkpoint it was made from (quantization.bits: null does not load saved "
             f"{method} weights either)"
         )
-        if method == "gptq":
+        taker = next((b for b in takers if b.checkpoint == method), None)
+        if taker is not None:
             bits = prequantized_bits(config)
-            hint += f", or set quantization.backend: gptq and quantization.bits: {bits} to train LoRA on it as it is"
+            hint += f", or set quantization.backend: {taker.name} and quantization.bits: {bits} to train LoRA on it as it is"
         why = (
             "quantization.bits: null trains plain LoRA on unquantized weights"
             if q.bits is None
             else f"quantization.backend {q.backend} quantizes an unquantized checkpoint itself"
         )
         raise QtuneError(
-            f"{key}: '{name}' is already quantized ({method}); {why} (only quantization.backend gptq takes a "
-            "checkpoint saved quantized: a GPTQ one, as it is)",
+            f"{key}: '{name}' is already quantized ({method}); {why} (only quantization.backend "
+            f"{' or '.join(b.name for b in takers)} takes a checkpoint saved quantized: "
+            f"{' or '.join(f'a {b.checkpoint.upper()} one' for b in takers)}, as it is)",
             hint,
         )
 
@@ -335,10 +348,8 @@ def load_for_training(recipe: Recipe, launch: Launch, tokenizer, verbose: bool =
     checkpointing = recipe.training.gradient_checkpointing
     ckpt_kwargs = {"use_reentrant": False}
     quantized = recipe.quantization.bits is not None
-    # peft's fp32 upcast of the non-quantized parts cannot skip quanto's weights (they report the load dtype and
-    # refuse a cast: "The dtype of a weights Tensor cannot be changed"), so a quanto base keeps the load dtype,
-    # as peft itself does for torchao and hqq bases.
-    if quantized and not launch.sharded and recipe.quantization.backend != "quanto":
+    # kbit_prepare: False where peft's fp32 upcast would break the backend's weights (quanto: see its entry).
+    if quantized and not launch.sharded and backend_of(recipe).kbit_prepare:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
         )

@@ -29,6 +29,32 @@ RUNNABLE = [
 ]
 
 
+def test_the_backend_table_is_the_one_place_that_names_backends():
+    """quant.BACKENDS has one consistent entry per quantization.backend the recipe accepts, and no other module
+    tests a backend's name (they ask the table)."""
+    import re
+    import typing
+    from pathlib import Path
+
+    from qtune.config import QuantizationSection
+    from qtune.quant import BACKENDS, offered_bits
+
+    assert typing.get_args(QuantizationSection.model_fields["backend"].annotation) == tuple(BACKENDS)
+    for name, backend in BACKENDS.items():
+        assert backend.name == name and backend.doc.startswith(name) and offered_bits(backend)
+        assert backend.doc in QuantizationSection.model_fields["backend"].description
+        if backend.refused:
+            continue
+        assert backend.config is not None and backend.dequantize is not None, name
+        assert bool(backend.modules) == (backend.extra is not None), name
+        assert backend.kbit_prepare or not backend.upcast, name  # the upcast is prepare_model_for_kbit_training's
+    names = "|".join(BACKENDS)
+    test = re.compile(rf"backend\s*(==|!=)\s*\"({names})\"|backend\s+(not\s+)?in\s*\(\"({names})\"")
+    for path in (Path(__file__).parent.parent / "qtune").glob("*.py"):
+        if path.name != "quant.py":
+            assert not test.search(path.read_text(encoding="utf-8")), f"{path.name} tests a backend's name"
+
+
 def _refused(make_recipe, tmp_path, quantization: dict, *needles: str):
     recipe = make_recipe(quantization=quantization)
     result = run_qtune("train", recipe)
@@ -124,9 +150,60 @@ def test_backend_layers_are_quantized_under_lora(make_recipe, backend, bits, mod
         assert [n.rsplit(".", 1)[-1] for n in plain] == ["lm_head"]
 
 
+PROMPT = "spell 1 2 3 4"
+
+
+def adapter_on_quantized_base(run):
+    """The reference built here, apart from qtune's merge: the run's base loaded quantized with plain transformers
+    (the recipe's quantization config from qtune's builder, hqq quantized after loading as training does), the
+    adapter attached with plain peft. Returns its logits on PROMPT with and without the adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qtune.quant import quantization_config, quantize_after_load, resolve_dtype
+
+    recipe = load_recipe(run / "recipe.yaml")
+    base = AutoModelForCausalLM.from_pretrained(
+        recipe.model.name, quantization_config=quantization_config(recipe), dtype=resolve_dtype(recipe.model.dtype)
+    )
+    base = quantize_after_load(recipe, base)
+    for module in base.modules():  # bitsandbytes' CPU repack on a no-grad forward would change the 4-bit constants
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    model = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
+    ids = AutoTokenizer.from_pretrained(run / "adapter")(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        with_adapter = model(**ids).logits[0].float()
+        with model.disable_adapter():
+            without = model(**ids).logits[0].float()
+    return with_adapter, without
+
+
+def check_merged_independently(run, rel_tol: float, min_top1: float) -> None:
+    """The saved merged folder, loaded with plain transformers, against `adapter_on_quantized_base`: within
+    rel_tol × max(1, max|logit|) and min_top1 agreement, and well inside what the adapter changes (else it moved
+    nothing and the check would be vacuous)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reference, without = adapter_on_quantized_base(run)
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
+    ids = AutoTokenizer.from_pretrained(run / "merged")(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        logits = merged(**ids).logits[0].float()
+    diff = (logits - reference).abs().max().item()
+    effect = (reference - without).abs().max().item()
+    top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    print(f"{run}: merged vs adapter on the quantized base {diff:.3g}, adapter effect {effect:.3g}, top-1 {top1}")
+    assert diff <= rel_tol * max(1.0, reference.abs().max().item()), (diff, effect)
+    assert top1 >= min_top1
+    # bf16 rounding (~3e-3 on this model) is close to the effect of 2 steps (~4e-2): a quarter of it is the margin.
+    assert diff < effect / 4, f"the adapter moved the logits by {effect:.3g} only: the check is vacuous"
+
+
 def merge_and_check(run):
     """`qtune merge RUN` (onto the dequantized base, fp32): exit 0, merged equals the adapter on the quantized base
-    to 1e-4 × max|logit| with the same top-1, plain fp32 weights. Returns the report and the merged tensors."""
+    to 1e-4 × max|logit| with the same top-1, plain fp32 weights (by qtune's report, and independently). Returns
+    the report and the merged tensors."""
     result = run_qtune("merge", run)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((run / "merged" / "qtune_merge.json").read_text())
@@ -137,6 +214,7 @@ def merge_and_check(run):
     assert "quantization_config" not in config, "the merged model is plain weights"
     merged = load_file(next((run / "merged").glob("*.safetensors")))
     assert all(t.dtype == torch.float32 for t in merged.values())
+    check_merged_independently(run, rel_tol=1e-4, min_top1=1.0)
     return report, merged
 
 
@@ -177,6 +255,7 @@ def test_trains_and_merges_from_a_bf16_load(make_recipe, tmp_path, backend, bits
     report = json.loads((tmp_path / "run" / "merged" / "qtune_merge.json").read_text())
     assert report["dtype"] == "float32" and report["tolerance"]["relative_max_diff"] == 5e-2
     assert report["vs_trained"]["top1"] >= 0.95
+    check_merged_independently(tmp_path / "run", rel_tol=5e-2, min_top1=0.95)
 
 
 # --------------------------------------------------------------------------- GPTQ / AWQ checkpoints as the base
@@ -275,6 +354,19 @@ def _fake_run(tmp_path, make_recipe, **sections):
     (run / "adapter" / "adapter_config.json").write_text("{}")
     (run / "adapter" / "adapter_model.safetensors").write_bytes(b"")
     return run
+
+
+def test_merge_onto_dequantized_of_an_8bit_bnb_run_refused(make_recipe, tmp_path):
+    """bnb's table entry dequantizes 4-bit weights exactly, not LLM.int8 ones: said before anything loads."""
+    from qtune.export import merge
+
+    run = _fake_run(tmp_path, make_recipe, quantization={"bits": 8})
+    with pytest.raises(QtuneError) as info:
+        merge(run)
+    assert info.value.message == (
+        "merge --onto dequantized: the run trained on an 8-bit base; only 4-bit bases are dequantized exactly"
+    )
+    assert info.value.hint == "use --onto original" and not (run / "merged").exists()
 
 
 def test_merge_of_a_gptq_run_needs_its_gptq_checkpoint(make_recipe, prequantized, tiny_llama, tmp_path):

@@ -20,7 +20,7 @@ from qtune import model as qmodel
 from qtune import train
 from qtune.config import load_recipe
 from qtune.model import Launch, detect_launch, device_map_for
-from qtune.quant import bnb_config
+from qtune.quant import quantization_config
 
 ROOT = Path(__file__).parent.parent
 CONFIGS = ROOT / "recipes" / "accelerate"
@@ -118,10 +118,12 @@ def test_launch_reads_engine_details(monkeypatch):
 
 def test_sharded_launch_stores_4bit_in_the_param_dtype_and_places_nothing(make_recipe, monkeypatch):
     recipe = load_recipe(make_recipe(model={"dtype": "bfloat16"}))
-    assert bnb_config(recipe, Launch(1, 0, 0, "NO")).bnb_4bit_quant_storage == torch.uint8  # bitsandbytes' default
-    assert bnb_config(recipe, ZERO2).bnb_4bit_quant_storage == torch.uint8
+    assert (
+        quantization_config(recipe, Launch(1, 0, 0, "NO")).bnb_4bit_quant_storage == torch.uint8
+    )  # bitsandbytes' default
+    assert quantization_config(recipe, ZERO2).bnb_4bit_quant_storage == torch.uint8
     for launch in (FSDP, ZERO3):
-        assert bnb_config(recipe, launch).bnb_4bit_quant_storage == torch.bfloat16
+        assert quantization_config(recipe, launch).bnb_4bit_quant_storage == torch.bfloat16
     monkeypatch.setattr(qmodel, "_cuda_available", lambda: True)
     assert device_map_for(recipe, FSDP) is None and device_map_for(recipe, ZERO3) is None  # the engine shards
     assert device_map_for(recipe, ZERO2) == {"": 0}

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import run_qtune
 from qtune import estimate as E
+from qtune.quant import BACKENDS
 
 
 def real_weight_bytes(model) -> int:
@@ -46,6 +47,28 @@ def real_weight_bytes(model) -> int:
     return sum(seen.values())
 
 
+def load_as_qtune_does(path, dtype: str, **quantization):
+    """PATH loaded quantized the way training loads it: qtune's own builders (quant.quantization_config, then
+    quant.quantize_after_load for a backend that quantizes after loading), not a config rebuilt here."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qtune.config import Recipe
+    from qtune.quant import quantization_config, quantize_after_load
+
+    recipe = Recipe.model_validate(
+        {
+            "model": {"name": str(path), "dtype": dtype},
+            "quantization": quantization,
+            "data": {"datasets": [{"path": "unused.jsonl"}]},
+            "output_dir": "unused",
+        }
+    )
+    quant = quantization_config(recipe)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=getattr(torch, dtype))
+    return quantize_after_load(recipe, model)
+
+
 @pytest.fixture(scope="module")
 def tiny_256(tmp_path_factory):
     from qtune.tiny import build_tiny_model
@@ -57,18 +80,10 @@ def tiny_256(tmp_path_factory):
 
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen", "tiny_256"])
 def test_weight_figure_matches_real_quantized_footprint(which, request):
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     path = request.getfixturevalue(which)
-    configs = {
-        (4, False): BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False),
-        (4, True): BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
-        (8, False): BitsAndBytesConfig(load_in_8bit=True),
-    }
     figures = {}
-    for (bits, dq), quant in configs.items():
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32)
+    for bits, dq in [(4, False), (4, True), (8, False)]:
+        model = load_as_qtune_does(path, "float32", bits=bits, quant_type="nf4", double_quant=dq)
         real = real_weight_bytes(model)
         est = E.estimate(str(path), bits=bits, double_quant=dq, dtype="float32").weights_loaded
         assert abs(est - real) / real < 0.01, (which, bits, dq, est, real)  # measured: byte-exact
@@ -100,17 +115,13 @@ def test_weight_figure_matches_real_quantized_footprint(which, request):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_quanto_and_torchao_weight_figures_are_byte_exact(which, dtype, request):
     import torch
-    from torchao.quantization import Int8WeightOnlyConfig
-    from transformers import AutoModelForCausalLM, QuantoConfig, TorchAoConfig
 
     path = request.getfixturevalue(which)
-    configs = {  # as qtune.quant.quantization_config builds them
-        ("quanto", 8): QuantoConfig(weights="int8"),
-        ("quanto", 4): QuantoConfig(weights="int4"),
-        ("torchao", 8): TorchAoConfig(Int8WeightOnlyConfig()),
-    }
-    for (backend, bits), quant in configs.items():
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=getattr(torch, dtype))
+    for backend, bits in [("quanto", 8), ("quanto", 4), ("torchao", 8)]:
+        model = load_as_qtune_does(path, dtype, backend=backend, bits=bits)
+        assert type(model.hf_quantizer.quantization_config).__name__ == {"quanto": "QuantoConfig"}.get(
+            backend, "TorchAoConfig"
+        )
         # The output layer stays a plain nn.Linear (transformers' default skip list) and the embeddings are not
         # quantized: exactly the linears the estimate counts are quantized.
         assert type(model.lm_head) is torch.nn.Linear and type(model.lm_head.weight) is torch.nn.Parameter
@@ -137,9 +148,12 @@ def test_hqq_weight_figure_matches_quantize_model(which, dtype, request):
     path = request.getfixturevalue(which)
     rotary = {"float32": 0, "bfloat16": 64 if which == "tiny_256" else 32}[dtype]
     for bits, group in [(8, None), (4, None), (4, 128)]:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-        config = BaseQuantizeConfig(nbits=bits, group_size=group or E.HQQ_GROUP_SIZE)
-        AutoHQQHFModel.quantize_model(model, quant_config=config, compute_dtype=model.dtype, device="cpu")
+        if group is None:  # qtune's own hqq path (the recipe has no group key: hqq's default, 64)
+            model = load_as_qtune_does(path, dtype, backend="hqq", bits=bits, compute_dtype=dtype)
+        else:  # a group the estimate models but a recipe cannot ask for yet: hqq's helper called directly
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+            config = BaseQuantizeConfig(nbits=bits, group_size=group)
+            AutoHQQHFModel.quantize_model(model, quant_config=config, compute_dtype=model.dtype, device="cpu")
         assert type(model.lm_head) is torch.nn.Linear  # hqq skips lm_head, quantizes every other linear
         assert sum(isinstance(m, HQQLinear) for m in model.modules()) == len(E.estimate(str(path)).shape.linears)
         real = real_weight_bytes(model)
@@ -152,32 +166,28 @@ def test_hqq_weight_figure_matches_quantize_model(which, dtype, request):
 def test_non_quantized_parts_stay_in_load_dtype_where_peft_does_not_upcast(backend, tiny_qwen):
     """prepare_model_for_kbit_training (as qtune.model.load calls it) casts the non-quantized parts to fp32 for
     bitsandbytes, but leaves torchao and hqq models as loaded: the training figure follows it."""
-    import torch
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
 
-    if backend == "torchao":
-        from torchao.quantization import Int8WeightOnlyConfig
-        from transformers import TorchAoConfig
-
-        quant = TorchAoConfig(Int8WeightOnlyConfig())
-        model = AutoModelForCausalLM.from_pretrained(tiny_qwen, quantization_config=quant, dtype=torch.bfloat16)
-    else:
-        from hqq.core.quantize import BaseQuantizeConfig
-        from hqq.models.hf.base import AutoHQQHFModel
-
-        model = AutoModelForCausalLM.from_pretrained(tiny_qwen, dtype=torch.bfloat16)
-        AutoHQQHFModel.quantize_model(
-            model, quant_config=BaseQuantizeConfig(nbits=4), compute_dtype=torch.bfloat16, device="cpu"
-        )
+    bits = 8 if backend == "torchao" else 4
+    model = load_as_qtune_does(tiny_qwen, "bfloat16", backend=backend, bits=bits, compute_dtype="bfloat16")
     loaded = real_weight_bytes(model)
     prepare_model_for_kbit_training(model)
     assert real_weight_bytes(model) == loaded
-    est = E.estimate(str(tiny_qwen), bits=8 if backend == "torchao" else 4, dtype="bfloat16", backend=backend)
+    assert not BACKENDS[backend].upcast  # the backend table says so too
+    est = E.estimate(str(tiny_qwen), bits=bits, dtype="bfloat16", backend=backend)
     assert est.other_training == est.other_loaded
     bnb = E.estimate(str(tiny_qwen), bits=4, dtype="bfloat16")
     assert bnb.other_training > bnb.other_loaded  # the fp32 cast
     assert est.terms["activations (layers)"] < bnb.terms["activations (layers)"]  # a bf16 residual stream
+
+
+def test_bnb_non_quantized_parts_are_upcast_as_its_table_entry_says(tiny_qwen):
+    from peft import prepare_model_for_kbit_training
+
+    model = load_as_qtune_does(tiny_qwen, "bfloat16", bits=4)
+    loaded = real_weight_bytes(model)
+    prepare_model_for_kbit_training(model)
+    assert BACKENDS["bnb"].upcast and real_weight_bytes(model) > loaded
 
 
 def test_output_names_the_backend_and_says_what_is_not_modelled(make_recipe):

@@ -151,7 +151,8 @@ def test_overwrite_keeps_files_qtune_did_not_write_and_never_follows_a_link(fini
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run / "notes.txt").read_text() == "mine"
     assert _snapshot(outside) == kept_outside  # the link was moved aside and removed, not what it points to
-    assert not (run / "checkpoints").exists() and not (run / PREVIOUS).exists()
+    assert not (run / "checkpoints").is_symlink() and not list((run / "checkpoints").glob("checkpoint-*"))
+    assert not (run / PREVIOUS).exists()
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
 
     foreign = tmp_path / "not-a-run"
