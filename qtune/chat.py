@@ -16,8 +16,7 @@ def load_for_chat(target: str, merged: bool = False, allow_pickle: bool = False)
     """(model, tokenizer, description) for a run directory (adapter on the trained base, or its merged/) or a model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qtune.export import check_no_pickle
-    from qtune.model import load_trained, single_process_device_map
+    from qtune.model import check_no_pickle, load_trained, single_process_device_map
     from qtune.rundir import RunDir
 
     path = Path(target)

@@ -200,7 +200,7 @@ def cmd_recipe_reference(_: argparse.Namespace) -> int:
 
 
 def _export_parsers(sub) -> None:
-    """merge / push / chat / quantize (qtune/export.py, qtune/chat.py)."""
+    """merge / push / chat / quantize (qtune/merge.py, publish.py, chat.py, quantize.py)."""
     debug = {"action": "store_true", "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
     allow_pickle = {"action": "store_true", "help": "accept .bin/.pt (pickle) weights: loading a pickle can run code"}
 
@@ -305,9 +305,9 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from qtune import export
+    from qtune.merge import merge
 
-    export.merge(
+    merge(
         args.run_dir,
         out=args.out,
         dtype=args.dtype,
@@ -321,9 +321,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from qtune import export
+    from qtune.publish import push
 
-    export.push(
+    push(
         args.run_dir, args.repo_id, merged=args.merged, private=args.private, dry_run=args.dry_run, license=args.license
     )
     return 0
@@ -348,14 +348,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from qtune import export
+    from qtune import publish
+    from qtune.quantize import quantize
 
     if args.push:  # before the work: a bad repo id or a missing token costs seconds
-        export.check_repo_id(args.push)
-        token = export.hub_token()
-    export.quantize(args.model, args.bits, args.out, args.quant_type, args.double_quant, args.dtype, args.allow_pickle)
+        publish.check_repo_id(args.push)
+        token = publish.hub_token()
+    quantize(args.model, args.bits, args.out, args.quant_type, args.double_quant, args.dtype, args.allow_pickle)
     if args.push:
-        url = export.upload(Path(args.out), args.push, not args.public, token, f"qtune quantize: {args.bits}-bit")
+        url = publish.upload(Path(args.out), args.push, not args.public, token, f"qtune quantize: {args.bits}-bit")
         print(f"qtune: pushed {args.out} to https://huggingface.co/{args.push} ({url})")
     return 0
 

@@ -357,16 +357,16 @@ def write_gguf(model, tokenizer, path: Path, qtype: str, name: str) -> list[str]
 # --------------------------------------------------------------------------- verification
 
 
-def verify(path: Path, merged, tokenizer, qtype: str, prompts) -> dict:
+def read_back_with_transformers(path: Path, merged, tokenizer, qtype: str, prompts) -> dict:
     """Load `path` back with transformers' GGUF support; compare tokenizer ids and logits with `merged`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qtune.export import compare
+    from qtune.logits import compare_logits
 
     folder, file = str(path.parent), path.name
     # transformers' reader ignores rope_freqs: a RoPE-scaled file is read with the merged model's config (its
-    # weights and tokenizer checked here), and the scaling by llama.cpp itself (verify_llama_cpp).
+    # weights and tokenizer checked here), and the scaling by llama.cpp itself (read_back_with_llama_cpp).
     config = {"config": merged.config} if rope_freq_factors(merged.config) is not None else {}
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32, **config).eval()
     gguf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
@@ -383,7 +383,7 @@ def verify(path: Path, merged, tokenizer, qtype: str, prompts) -> dict:
             ids = tokenizer(p, return_tensors="pt")["input_ids"]
             ours.append(merged(input_ids=ids).logits[0].float())
             theirs.append(loaded(input_ids=ids).logits[0].float())
-    result = compare(theirs, ours)
+    result = compare_logits(theirs, ours)
     tolerance = _check_tolerance(result, qtype, "transformers'")
     return {"type": qtype, "comparison": result.__dict__, "tolerance": tolerance, "text": result.text()}
 
@@ -401,7 +401,7 @@ def _check_tolerance(result, qtype: str, reader: str) -> str:
     return tolerance
 
 
-def verify_llama_cpp(path: Path, merged, tokenizer, qtype: str, prompts) -> dict | None:
+def read_back_with_llama_cpp(path: Path, merged, tokenizer, qtype: str, prompts) -> dict | None:
     """Read `path` with llama.cpp itself (llama-cpp-python), when installed: it must encode the prompts to the
     same ids and its logits must meet the same tolerance. None when llama-cpp-python is not installed."""
     if not llama_cpp_available():
@@ -409,7 +409,7 @@ def verify_llama_cpp(path: Path, merged, tokenizer, qtype: str, prompts) -> dict
     import llama_cpp
     import torch
 
-    from qtune.export import compare
+    from qtune.logits import compare_logits
 
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     llm = llama_cpp.Llama(str(path), n_ctx=max(map(len, encoded)) + 8, logits_all=True, verbose=False)
@@ -431,7 +431,7 @@ def verify_llama_cpp(path: Path, merged, tokenizer, qtype: str, prompts) -> dict
                 ours.append(merged(input_ids=torch.tensor([ids])).logits[0].float())
     finally:
         llm.close()
-    result = compare(theirs, ours)
+    result = compare_logits(theirs, ours)
     _check_tolerance(result, qtype, "llama.cpp's")
     return {"version": llama_cpp.__version__, "comparison": result.__dict__, "text": result.text()}
 
@@ -448,7 +448,7 @@ def export_gguf(
     log=print,
 ) -> dict:
     """RUN_DIR (merged first, onto the dequantized base) or MERGED_DIR → one verified GGUF file at `out`."""
-    from qtune.export import VERIFY_PROMPTS
+    from qtune.logits import VERIFY_PROMPTS
 
     src, dest = Path(source), Path(out)
     if qtype not in TYPES:
@@ -468,10 +468,10 @@ def export_gguf(
         with tempfile.TemporaryDirectory(
             prefix=".qtune-gguf-merge-", dir=dest.parent if dest.parent.exists() else None
         ) as tmp:
-            from qtune import export
+            from qtune.merge import merge
 
             log(f"qtune: {src} is a run directory: merging its adapter onto the dequantized base first")
-            export.merge(src, out=Path(tmp) / "merged", dtype="fp32", onto="dequantized", log=log)
+            merge(src, out=Path(tmp) / "merged", dtype="fp32", onto="dequantized", log=log)
             return _export_folder(Path(tmp) / "merged", dest, qtype, prompts, name=src.name, log=log)
     if not (src / "config.json").is_file():
         raise QtuneError(
@@ -487,7 +487,7 @@ def _export_folder(folder: Path, dest: Path, qtype: str, prompts, name: str, log
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qtune.export import check_no_pickle
+    from qtune.model import check_no_pickle
 
     check_no_pickle(str(folder), allow_pickle=False)
     merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval()
@@ -499,8 +499,8 @@ def _export_folder(folder: Path, dest: Path, qtype: str, prompts, name: str, log
     try:
         for note in write_gguf(merged, tokenizer, tmp, qtype, name):
             log(f"qtune: note: {note}")
-        report = verify(tmp, merged, tokenizer, qtype, prompts)
-        report["llama_cpp"] = verify_llama_cpp(tmp, merged, tokenizer, qtype, prompts)
+        report = read_back_with_transformers(tmp, merged, tokenizer, qtype, prompts)
+        report["llama_cpp"] = read_back_with_llama_cpp(tmp, merged, tokenizer, qtype, prompts)
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)

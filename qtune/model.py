@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from qtune.config import Recipe
 from qtune.errors import QtuneError
 from qtune.quant import BACKENDS, backend_of, offered_bits
 from qtune.quant import describe as describe_quantization
+from qtune.rundir import PICKLE_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,68 @@ def check_not_prequantized(config, recipe: Recipe) -> None:
             f"{' or '.join(f'a {b.checkpoint.upper()} one' for b in takers)}, as it is)",
             hint,
         )
+
+
+def check_no_pickle(model: str, allow_pickle: bool) -> None:
+    """A local model folder must hold safetensors weights unless the user accepts pickle's risk."""
+    folder = Path(model)
+    if allow_pickle or not folder.is_dir():
+        return
+    names = [p.name for p in folder.iterdir()]
+    if not any(n.endswith(".safetensors") for n in names) and any(n.endswith(PICKLE_SUFFIXES) for n in names):
+        raise QtuneError(
+            f"{folder}: weights are pickle files ({', '.join(n for n in names if n.endswith(PICKLE_SUFFIXES))}); "
+            "loading a pickle can run arbitrary code",
+            "convert them to safetensors, or pass --allow-pickle if you trust where they came from",
+        )
+
+
+def read_checkpoint_config(model: str, revision=None, trust_remote_code=False):
+    """MODEL's config, None when it cannot be read (loading the model then reports why)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+
+
+def check_unquantized_checkpoint(model: str, key: str, command: str, fix: str, revision=None, trust_remote_code=False):
+    """Before loading: MODEL's config.json carries no quantization_config (GPTQ, AWQ, bitsandbytes, …)."""
+    config = read_checkpoint_config(model, revision, trust_remote_code)
+    method = prequantized_method(config) if config is not None else None
+    if method:
+        raise QtuneError(
+            f"{key}: '{model}' is already quantized ({method}); {command} needs unquantized weights "
+            "(bf16 / fp16 / fp32)",
+            f"{fix} the unquantized checkpoint it was made from",
+        )
+
+
+def check_prequantized_base(model: str, key: str, recipe: Recipe, revision=None) -> None:
+    """Before loading: MODEL is a checkpoint saved quantized the way the run's backend trains on one (backend gptq:
+    a GPTQ checkpoint), with the bits the run trained on."""
+    from qtune.quant import backend_of
+
+    kind = backend_of(recipe).checkpoint
+    config = read_checkpoint_config(model, revision, recipe.model.trust_remote_code)
+    if config is None:
+        return
+    method, bits = prequantized_method(config), prequantized_bits(config)
+    if method == kind and bits == recipe.quantization.bits:
+        return
+    found = (
+        f"a {method} checkpoint" + (f" ({bits}-bit)" if bits else "")
+        if method
+        else "plain weights (no quantization_config)"
+    )
+    name = kind.upper()
+    raise QtuneError(
+        f"{key}: '{model}' is {found}; the run trained LoRA on a {recipe.quantization.bits}-bit {name} checkpoint "
+        f"(quantization.backend: {recipe.quantization.backend}), which merge --onto dequantized dequantizes",
+        f"pass --base the {name} checkpoint the run trained on, or --onto original --base the unquantized "
+        "checkpoint it was made from",
+    )
 
 
 def load_tokenizer(recipe: Recipe):

@@ -287,12 +287,17 @@ class RunDir:
     def lock(self, command: str):
         """Hold the run dir for one writer until the block ends (any exit: the OS drops a dead process's flock,
         so a lock file left by a killed process is free). A second `train`, `merge` or `push` on the same run
-        dir is refused with the holder's pid, host and start time."""
+        dir is refused with the holder's pid, host and start time. Re-entrant within one process (`train` with
+        hub.push pushes under its own lock)."""
         import fcntl
         import socket
         import time
 
         self.path.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        if key in _HELD:
+            yield self
+            return
         handle = open(self.path / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 (held for the block)
         try:
             try:
@@ -305,7 +310,11 @@ class RunDir:
             info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
             handle.write(json.dumps({**info, "command": command}) + "\n")
             handle.flush()
-            yield self
+            _HELD.add(key)
+            try:
+                yield self
+            finally:
+                _HELD.discard(key)
         finally:
             handle.close()  # releases the flock
 
@@ -405,6 +414,7 @@ class RunDir:
 
 
 _BUSY_HINT = "wait for it to finish (or stop it), or use another run directory"
+_HELD: set[str] = set()  # run dirs whose lock this process holds
 
 
 class RunFinished(QtuneError):
@@ -518,7 +528,7 @@ def check_output_dir(out: Path, overwrite: bool = False) -> None:
     if out.exists() and not out.is_dir():
         raise QtuneError(f"{out}: exists and is not a directory", "choose another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise QtuneError(f"{out}: output directory is not empty", "choose another --out, or pass --overwrite")
+        raise QtuneError(f"{out}: output directory is not empty", "choose another --out, or remove this one first")
     probe = writable_ancestor(out.parent if out.parent != Path("") else Path("."))
     if probe is not None:
         raise QtuneError(f"{out}: cannot write to {probe}", "choose a writable --out")

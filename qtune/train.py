@@ -184,7 +184,7 @@ def check_launch(recipe: Recipe, launch: Launch) -> None:
                 "remove it (qtune sets it to false), or set training.gradient_checkpointing: false",
             )
     if recipe.hub.push:  # the upload comes after training: its repo id, token and network switch are checked now
-        from qtune.export import check_push_after_training
+        from qtune.publish import check_push_after_training
 
         check_push_after_training(recipe.hub.repo_id, recipe.output_dir)
 
@@ -674,7 +674,7 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
         tracker.finish()
     state.wait_for_everyone()
     if recipe.hub.push and launch.is_main:  # after every rank is done: a failed upload leaves the adapter saved
-        from qtune.export import push_after_training
+        from qtune.publish import push_after_training
 
         push_after_training(run.path, recipe.hub.repo_id, private=recipe.hub.private)
     return run

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from conftest import run_qtune
 from qtune.config import load_recipe
 from qtune.errors import QtuneError
-from qtune.export import quantize
 from qtune.model import Launch, check_architecture, load
 from qtune.quant import check_backend, quantization_config
+from qtune.quantize import quantize
 
 SINGLE = Launch(world_size=1, rank=0, local_rank=0, distributed_type="NO")
 # backend, bits, module that must import (the dev extra installs both)
@@ -358,7 +358,7 @@ def _fake_run(tmp_path, make_recipe, **sections):
 
 def test_merge_onto_dequantized_of_an_8bit_bnb_run_refused(make_recipe, tmp_path):
     """bnb's table entry dequantizes 4-bit weights exactly, not LLM.int8 ones: said before anything loads."""
-    from qtune.export import merge
+    from qtune.merge import merge
 
     run = _fake_run(tmp_path, make_recipe, quantization={"bits": 8})
     with pytest.raises(QtuneError) as info:

@@ -14,9 +14,12 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import run_qtune, spell_rows, write_jsonl
-from qtune import export
+from qtune import merge as qmerge
 from qtune import model as qmodel
+from qtune import publish, quantize
 from qtune.config import load_recipe
+from qtune.errors import QtuneError
+from qtune.rundir import PICKLE_SUFFIXES
 
 PROMPT = "spell 1 2 3 4"
 FAKE_TOKEN = "hf_fakeTokenThatMustNeverBePrinted789"
@@ -90,7 +93,7 @@ def test_merge_onto_dequantized_reproduces_the_adapter_on_the_4bit_base(run_dir,
 
     names = {p.name for p in merged.iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= names
-    assert not [n for n in names if n.endswith(export.PICKLE_SUFFIXES)]
+    assert not [n for n in names if n.endswith(PICKLE_SUFFIXES)]
     assert "quantization_config" not in json.loads((merged / "config.json").read_text())
     report = json.loads((merged / "qtune_merge.json").read_text())
     assert report["onto"] == "dequantized" and report["vs_trained"]["top1"] == 1.0
@@ -142,9 +145,9 @@ def test_merge_refuses_bad_input_and_writes_nothing(run_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_failed_verification_writes_nothing(run_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(export.TOLERANCE, "float32", (0.0, 1.0))  # nothing passes a zero tolerance
-    with pytest.raises(export.QtuneError, match="merge verification failed"):
-        export.merge(run_dir, out=tmp_path / "m", log=lambda *_: None)
+    monkeypatch.setitem(qmerge.TOLERANCE, "float32", (0.0, 1.0))  # nothing passes a zero tolerance
+    with pytest.raises(QtuneError, match="merge verification failed"):
+        qmerge.merge(run_dir, out=tmp_path / "m", log=lambda *_: None)
     assert not (tmp_path / "m").exists() and not _no_leftovers(tmp_path)
 
 
@@ -157,15 +160,15 @@ def test_quantize_round_trip(tiny_llama, tmp_path, args, capsys):
     code, stdout, err = qtune_main(capsys, "quantize", tiny_llama, *args, "--out", out)
     assert code == 0, err[-3000:]
     names = sorted(p.name for p in out.iterdir())
-    assert "model.safetensors" in names and not [n for n in names if n.endswith(export.PICKLE_SUFFIXES)]
+    assert "model.safetensors" in names and not [n for n in names if n.endswith(PICKLE_SUFFIXES)]
 
     bits, dq = int(args[1]), "--double-quant" in args
-    in_memory = export.load_quantized(str(tiny_llama), bits, double_quant=dq)
+    in_memory = quantize.load_quantized(str(tiny_llama), bits, double_quant=dq)
     before = AutoModelForCausalLM.from_pretrained(tiny_llama).get_memory_footprint()
     after = in_memory.get_memory_footprint()
     assert f"float32 model: {before / 2**20:.3f} MiB" in stdout
     assert f"model: {after / 2**20:.3f} MiB (get_memory_footprint)" in stdout and after < before / 2
-    constants = export.quant_constants_bytes(in_memory)
+    constants = quantize.quant_constants_bytes(in_memory)
     assert constants > 0 and f"+{constants / 2**20:.3f} MiB" in stdout
 
     loaded = AutoModelForCausalLM.from_pretrained(out)
@@ -257,7 +260,7 @@ def test_push_errors_are_clear_and_never_leak_the_token(run_dir, tmp_path, capsy
 @pytest.mark.slow
 def test_model_card_names_a_hub_base_model(run_dir):
     recipe = load_recipe(run_dir / "recipe.yaml", ["model.name=meta-llama/Llama-2-7b-hf"])
-    card = export.model_card(recipe, "me/x", merged=False, summary={"eval_loss": 1.25}, license="llama2")
+    card = publish.model_card(recipe, "me/x", merged=False, summary={"eval_loss": 1.25}, license="llama2")
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["base_model"] == "meta-llama/Llama-2-7b-hf" and meta["license"] == "llama2"
     assert "| eval loss | 1.25 |" in card

@@ -93,6 +93,6 @@ def test_llama_cpp_check_catches_a_file_without_the_rope_scaling(sources, tmp_pa
     plain = AutoModelForCausalLM.from_pretrained(src, config=config, dtype=torch.float32).eval()
     path = tmp_path / "no-rope-freqs.gguf"
     gguf_export.write_gguf(plain, tokenizer, path, "f16", "plain")
-    assert gguf_export.verify_llama_cpp(path, plain, tokenizer, "f16", TEXTS)  # right against the plain model
+    assert gguf_export.read_back_with_llama_cpp(path, plain, tokenizer, "f16", TEXTS)  # right against the plain model
     with pytest.raises(gguf_export.QtuneError, match="llama.cpp's logits are off"):
-        gguf_export.verify_llama_cpp(path, model, tokenizer, "f16", TEXTS)
+        gguf_export.read_back_with_llama_cpp(path, model, tokenizer, "f16", TEXTS)
