@@ -161,8 +161,8 @@ def test_overwrite_keeps_files_qtune_did_not_write_and_never_follows_a_link(fini
     refused = run_qtune("train", recipe, f"output_dir={foreign}", "--overwrite")
     assert "loss.png, which qtune did not write" in _one_error(refused)
     assert (foreign / "loss.png").read_bytes() == b"my plot" and sorted(os.listdir(foreign)) == ["loss.png"]
-    for empty in ("output_dir=", "output_dir=."):
-        assert "current directory" in _one_error(run_qtune("train", recipe, empty, "--check"))
+    assert "current directory" in _one_error(run_qtune("train", recipe, "output_dir=.", "--check"))
+    assert "output_dir" in _one_error(run_qtune("train", recipe, "output_dir=", "--check"))
 
 
 @pytest.mark.parametrize(
