@@ -43,7 +43,7 @@ def _supported_text() -> str:
     return ", ".join(sorted(ARCHES))
 
 
-def check_architecture(config: dict, source: str) -> str:
+def check_gguf_architecture(config: dict, source: str) -> str:
     model_type = config.get("model_type")
     if model_type not in ARCHES:
         raise QtuneError(
@@ -96,7 +96,7 @@ def rope_freq_factors(cfg):
     if rope_type in (None, "default"):
         return None
     inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu")
-    assert attention_factor == 1.0, rope_type  # check_architecture admits only such types
+    assert attention_factor == 1.0, rope_type  # check_gguf_architecture admits only such types
     dim = 2 * inv_freq.shape[0]
     default = 1.0 / _rope_theta(cfg) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
     return (default / inv_freq.float()).numpy()
@@ -459,11 +459,13 @@ def export_gguf(
         run = RunDir.open(src)  # no adapter → error before anything loads
         base = run.recipe.model.name
         if Path(base).is_dir():
-            check_architecture(_read_config(Path(base)), base)
+            check_gguf_architecture(_read_config(Path(base)), base)
         else:
             from transformers import AutoConfig
 
-            check_architecture(AutoConfig.from_pretrained(base, revision=run.recipe.model.revision).to_dict(), base)
+            check_gguf_architecture(
+                AutoConfig.from_pretrained(base, revision=run.recipe.model.revision).to_dict(), base
+            )
         _import_gguf()
         with tempfile.TemporaryDirectory(
             prefix=".qtune-gguf-merge-", dir=dest.parent if dest.parent.exists() else None
@@ -478,7 +480,7 @@ def export_gguf(
             f"{src}: neither a run directory (recipe.yaml) nor a model folder (config.json)",
             "give the output_dir of `qtune train`, or a merged model folder (`qtune merge --out`)",
         )
-    check_architecture(_read_config(src), str(src))
+    check_gguf_architecture(_read_config(src), str(src))
     _import_gguf()
     return _export_folder(src, dest, qtype, prompts, name=src.name, log=log)
 

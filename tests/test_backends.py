@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import run_qtune
 from qtune.config import load_recipe
 from qtune.errors import QtuneError
-from qtune.model import Launch, check_architecture, load
+from qtune.model import Launch, check_architecture, load_for_training, load_tokenizer
 from qtune.quant import check_backend, quantization_config
 from qtune.quantize import quantize
 
@@ -129,7 +129,7 @@ def test_missing_gptq_extra_names_it(make_recipe, monkeypatch, missing):
 def test_backend_layers_are_quantized_under_lora(make_recipe, backend, bits, module):
     pytest.importorskip(module)
     recipe = load_recipe(make_recipe(quantization={"backend": backend, "bits": bits}))
-    model, _ = load(recipe, SINGLE, verbose=False)
+    model = load_for_training(recipe, SINGLE, load_tokenizer(recipe), verbose=False)
     lora_layers = [m for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
     assert len(lora_layers) == 2 * 7  # 2 decoder layers x (q, k, v, o, gate, up, down)
     for layer in lora_layers:
@@ -463,7 +463,7 @@ def test_gptq_layers_are_quantized_under_lora(make_recipe, tiny_gptq, bits):
         make_recipe(model={"name": str(tiny_gptq(bits))}, quantization={"backend": "gptq", "bits": bits})
     )
     check_architecture(recipe)
-    model, _ = load(recipe, SINGLE, verbose=False)
+    model = load_for_training(recipe, SINGLE, load_tokenizer(recipe), verbose=False)
     lora_layers = [m for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
     assert len(lora_layers) == 2 * 7  # all-linear: every quantized layer by name (peft's all-linear misses them)
     for layer in lora_layers:

@@ -10,7 +10,7 @@ import torch
 
 from qtune.config import load_recipe
 from qtune.errors import QtuneError
-from qtune.model import Launch, check_architecture, load
+from qtune.model import Launch, check_architecture, load_for_training, load_tokenizer
 
 SINGLE = Launch(world_size=1, rank=0, local_rank=0, distributed_type="NO")
 
@@ -18,7 +18,8 @@ SINGLE = Launch(world_size=1, rank=0, local_rank=0, distributed_type="NO")
 def _load(make_recipe, *overrides: str, model_path=None):
     extra = {"model": {"name": str(model_path)}} if model_path else {}
     recipe = load_recipe(make_recipe(**extra), overrides)
-    return recipe, *load(recipe, SINGLE, verbose=False)
+    tokenizer = load_tokenizer(recipe)
+    return recipe, load_for_training(recipe, SINGLE, tokenizer, verbose=False), tokenizer
 
 
 def _linear_layers(model):
