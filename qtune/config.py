@@ -259,7 +259,11 @@ class TrainingSection(Section):
         "with global_batch_size / (micro_batch_size x processes), which must divide evenly. null: grad_accum "
         "as given (the step then grows with the number of processes).",
     )
-    lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (2e-4 or 2.0e-4).")
+    lr: float = Field(
+        2e-4,
+        gt=0,
+        description="Peak learning rate (2e-4 or 2.0e-4); any finite positive number (a huge one forces divergence in tests).",
+    )
     scheduler: str = Field("cosine", description="transformers SchedulerType: linear, cosine, constant …")
     warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of the steps spent warming up.")
     optimizer: str = Field(
