@@ -24,7 +24,7 @@ def load_for_chat(target: str, merged: bool = False, allow_pickle: bool = False)
         run = RunDir.open(path)
         if not merged:
             recipe = run.recipe
-            model = load_trained(recipe, run.adapter)
+            model = load_trained(recipe, run.adapter, allow_pickle=allow_pickle)
             tokenizer = AutoTokenizer.from_pretrained(str(run.adapter))
             return model, tokenizer, f"adapter {run.adapter} on {recipe.model.name} ({describe_quantization(recipe)})"
         path = run.require_merged()

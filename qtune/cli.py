@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--quiet", action="store_true", help="no progress bars: one line per log step (for log files and CI)"
     )
+    train.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept a base with .bin/.pt (pickle) weights only: loading a pickle can run code",
+    )
     train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     sub.add_parser("recipe-reference", help="print every recipe key with its type, default and meaning")
@@ -96,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from qtune.rundir import RunFinished
 
     try:
-        prepared = pipeline.prepare(_recipe_with_flags(args))
+        prepared = pipeline.prepare(_recipe_with_flags(args), allow_pickle=args.allow_pickle)
     except RunFinished as done:  # a restarted job (--resume, training.resume: auto) after the last step
         print(f"qtune: {done.message}")
         return 0
@@ -226,6 +231,7 @@ def _export_parsers(sub) -> None:
     )
     p.add_argument("--prompt", action="append", default=[], help="a verification prompt (repeatable)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
+    p.add_argument("--allow-pickle", **allow_pickle)
     p.add_argument("--debug", **debug)
 
     p = sub.add_parser(
@@ -316,6 +322,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         quantize_bits=args.quantize,
         prompts=tuple(args.prompt),
         max_shard_size=args.max_shard_size,
+        allow_pickle=args.allow_pickle,
     )
     return 0
 

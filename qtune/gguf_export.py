@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from qtune.errors import QtuneError
-from qtune.rundir import RunDir
+from qtune.rundir import RunDir, current_umask
 
 # transformers model_type → the GGUF architecture llama.cpp (and transformers' GGUF loader) knows it by.
 # Mistral is written as "llama", as llama.cpp writes it (Mistral is Llama plus an optional sliding window,
@@ -491,11 +491,12 @@ def _export_folder(folder: Path, dest: Path, qtype: str, prompts, name: str, log
 
     from qtune.model import check_no_pickle
 
-    check_no_pickle(str(folder), allow_pickle=False)
+    check_no_pickle(str(folder), allow_pickle=False, flag=None)
     merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", suffix=".gguf", dir=dest.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it private (0600); the file follows the umask
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from qtune.errors import QtuneError
 from qtune.logits import VERIFY_PROMPTS, compare_logits, prompt_logits
-from qtune.model import check_no_pickle, check_prequantized_base, check_unquantized_checkpoint
+from qtune.model import base_fingerprint, check_no_pickle, check_prequantized_base, check_unquantized_checkpoint
 from qtune.quantize import DTYPES, quantize
 from qtune.rundir import RunDir, check_no_pickle_files, check_output_dir, staged_output
 
@@ -25,6 +25,18 @@ def _peak_gib() -> float:
 
     peak = peak_memory_bytes()
     return peak.get("allocated", peak.get("rss", 0)) / 2**30
+
+
+def check_base_unchanged(run: RunDir, base: str, key: str) -> None:
+    """The base folder holds the weights the run trained on (summary.json's base_fingerprint), when both are known."""
+    recorded = (run.summary() or {}).get("base_fingerprint")
+    now = base_fingerprint(base)
+    if recorded and now and recorded != now:
+        raise QtuneError(
+            f"{key}: the weights in '{base}' differ from those the run trained on (fingerprint {now}, the run's "
+            f"{recorded} in {run.summary_file}); the adapter would be merged onto another model",
+            "pass --base the folder holding the base the run was trained on",
+        )
 
 
 def merge_tolerance(saved_dtype: str, load_dtype: str) -> tuple[float, float]:
@@ -55,6 +67,7 @@ def merge_locked(
     prompts: tuple[str, ...] = (),
     max_shard_size: str = "5GB",
     overwrite: bool = False,
+    allow_pickle: bool = False,
     log=print,
 ) -> dict:
     """Merge the run's adapter into its base, verify the logits, save safetensors + tokenizer, return the report.
@@ -77,7 +90,7 @@ def merge_locked(
     dest = Path(out) if out else run.merged
     check_output_dir(dest, overwrite)
     base_name = base or recipe.model.name
-    check_no_pickle(base_name, allow_pickle=False)
+    check_no_pickle(base_name, allow_pickle)
     base_key = "--base" if base else f"model.name (in {run.recipe_file})"
     backend = backend_of(recipe)
     if backend.checkpoint and onto == "dequantized":
@@ -114,7 +127,9 @@ def merge_locked(
     m = recipe.model
     # gptq --onto original: --base is the unquantized checkpoint; training's base is the recipe's GPTQ one.
     gptq_original = backend.checkpoint is not None and onto == "original"
-    trained = load_trained(recipe, run.adapter, base=None if gptq_original else base)
+    trained_base = None if gptq_original else base
+    check_base_unchanged(run, trained_base or m.name, "--base" if trained_base else base_key)
+    trained = load_trained(recipe, run.adapter, base=trained_base, allow_pickle=allow_pickle)
     reference = prompt_logits(trained, tokenizer, prompts)
 
     # 2. The base to merge into, in the requested dtype.
@@ -131,7 +146,7 @@ def merge_locked(
             dtype=torch_dtype,
             trust_remote_code=m.trust_remote_code,
             device_map=single_process_device_map(),
-            use_safetensors=True,
+            use_safetensors=None if allow_pickle else True,
         )
     peft_model = attach_adapter(model, run.adapter, base_name)
     unmerged = prompt_logits(peft_model, tokenizer, prompts) if onto == "original" else None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qtune.config import Recipe
-from qtune.errors import QtuneError
+from qtune.errors import QtuneError, first_line
 from qtune.quant import BACKENDS, backend_of, offered_bits
 from qtune.quant import describe as describe_quantization
 from qtune.rundir import PICKLE_SUFFIXES
@@ -248,8 +248,9 @@ def check_not_prequantized(config, recipe: Recipe) -> None:
         )
 
 
-def check_no_pickle(model: str, allow_pickle: bool) -> None:
-    """A local model folder must hold safetensors weights unless the user accepts pickle's risk."""
+def check_no_pickle(model: str, allow_pickle: bool, flag: str | None = "--allow-pickle") -> None:
+    """A local model folder must hold safetensors weights unless the user accepts pickle's risk (`flag`: the
+    option of the command at hand that does, named in the hint; None where the command has none)."""
     folder = Path(model)
     if allow_pickle or not folder.is_dir():
         return
@@ -258,8 +259,30 @@ def check_no_pickle(model: str, allow_pickle: bool) -> None:
         raise QtuneError(
             f"{folder}: weights are pickle files ({', '.join(n for n in names if n.endswith(PICKLE_SUFFIXES))}); "
             "loading a pickle can run arbitrary code",
-            "convert them to safetensors, or pass --allow-pickle if you trust where they came from",
+            "convert them to safetensors" + (f", or pass {flag} if you trust where they came from" if flag else ""),
         )
+
+
+def base_fingerprint(model: str) -> str | None:
+    """A short fingerprint of a local model folder's weights and config (each file's name, size and the SHA-256 of
+    its first and last MiB; whole small files), so a merge can tell that the base changed since training without
+    reading gigabytes. None for a hub id (its revision names its weights)."""
+    import hashlib
+
+    folder = Path(model)
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    weights = ("config.json", ".safetensors", *PICKLE_SUFFIXES)
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(weights)):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as handle:
+            digest.update(handle.read(2**20))
+            if size > 2**21:
+                handle.seek(-(2**20), os.SEEK_END)
+                digest.update(handle.read())
+    return digest.hexdigest()[:16]
 
 
 def read_checkpoint_config(model: str, revision=None, trust_remote_code=False):
@@ -315,9 +338,17 @@ def load_tokenizer(recipe: Recipe):
     from transformers import AutoTokenizer
 
     m = recipe.model
-    tokenizer = AutoTokenizer.from_pretrained(
-        m.tokenizer or m.name, revision=m.revision, trust_remote_code=m.trust_remote_code
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            m.tokenizer or m.name, revision=m.revision, trust_remote_code=m.trust_remote_code
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        key = "model.tokenizer" if m.tokenizer else "model.name"
+        raise QtuneError(
+            f"{key}: cannot load a tokenizer from '{m.tokenizer or m.name}': {first_line(exc)}",
+            "the folder needs tokenizer.json or tokenizer.model (+ tokenizer_config.json); set model.tokenizer to "
+            "the folder or hub id that has them",
+        ) from None
     if tokenizer.pad_token is None:
         # A distinct pad keeps generation and attention masks unambiguous: unk, else a special token the
         # vocabulary reserves and nothing writes (Llama-3's <|finetune_right_pad_id|>, Qwen's <|endoftext|>).
@@ -366,7 +397,7 @@ def _keep_cpu_4bit_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_base(recipe: Recipe, launch: Launch | None = None, base: str | None = None, safetensors_only: bool = False):
+def load_base(recipe: Recipe, launch: Launch | None = None, base: str | None = None, allow_pickle: bool = False):
     """The base exactly as training loads it: the recipe's quantization config, dtype, attention and placement for
     the launch (one process when none is given). `base` loads the same model from another path (merge --base).
 
@@ -379,33 +410,43 @@ def load_base(recipe: Recipe, launch: Launch | None = None, base: str | None = N
     m = recipe.model
     launch = launch if launch is not None else Launch(1, 0, 0, "NO")
     kwargs = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
-    if safetensors_only:
-        kwargs["use_safetensors"] = True
-    with checkpoint_config_notice_silenced():  # backend gptq: the checkpoint's own config, our kernel
-        model = AutoModelForCausalLM.from_pretrained(
-            base or m.name,
-            revision=None if base else m.revision,
-            trust_remote_code=m.trust_remote_code,
-            quantization_config=quantization_config(recipe, launch),
-            dtype=resolve_dtype(m.dtype),
-            device_map=device_map_for(recipe, launch),
-            max_memory=_max_memory(recipe),
-            **kwargs,
-        )
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True  # a hub repo with .bin weights only fails to load: the hint says why
+    check_no_pickle(base or m.name, allow_pickle)
+    try:
+        with checkpoint_config_notice_silenced():  # backend gptq: the checkpoint's own config, our kernel
+            model = AutoModelForCausalLM.from_pretrained(
+                base or m.name,
+                revision=None if base else m.revision,
+                trust_remote_code=m.trust_remote_code,
+                quantization_config=quantization_config(recipe, launch),
+                dtype=resolve_dtype(m.dtype),
+                device_map=device_map_for(recipe, launch),
+                max_memory=_max_memory(recipe),
+                **kwargs,
+            )
+    except OSError as exc:
+        raise QtuneError(
+            f"{'--base' if base else 'model.name'}: cannot load the base model '{base or m.name}': {first_line(exc)}",
+            "the folder must still hold the weights the run trained on (or pass --base where it moved to)"
+            if base is None and Path(m.name).is_absolute()
+            else "give a local model folder with safetensors weights (or pass --allow-pickle for .bin weights you "
+            "trust), or a hub id with network access",
+        ) from None
     model = quantize_after_load(recipe, model)  # hqq on transformers 5.x: quantized here, not while loading
     if recipe.quantization.bits is not None:
         _keep_cpu_4bit_trainable(model)
     return model
 
 
-def load_for_training(recipe: Recipe, launch: Launch, tokenizer, verbose: bool = True):
+def load_for_training(recipe: Recipe, launch: Launch, tokenizer, verbose: bool = True, allow_pickle: bool = False):
     """The base (load_base), prepared for k-bit training, with a fresh LoRA adapter attached: a PeftModel."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from qtune.quant import lora_targets
 
     m = recipe.model
-    model = load_base(recipe, launch)
+    model = load_base(recipe, launch, allow_pickle=allow_pickle)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 

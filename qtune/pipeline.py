@@ -39,9 +39,12 @@ class PreparedRun:
     args: object  # the trainer's config (TRL SFTConfig)
     examples: object  # TRL's preparation of (a sample of) the rows, with their statistics
     resume_from: str | None = None  # the checkpoint a resumed run continues from
+    allow_pickle: bool = False  # --allow-pickle: a base with pickle weights only may load
 
 
-def prepare(recipe: Recipe, launch: Launch | None = None, *, training: bool = True) -> PreparedRun:
+def prepare(
+    recipe: Recipe, launch: Launch | None = None, *, training: bool = True, allow_pickle: bool = False
+) -> PreparedRun:
     """Check everything that can be checked before any weight loads, in the order that fails fastest.
 
     training=False (`qtune data`): no launch, run-directory or model-shape checks; every row goes through TRL's
@@ -61,6 +64,7 @@ def prepare(recipe: Recipe, launch: Launch | None = None, *, training: bool = Tr
     fmt, rows = load_rows(recipe)
     if training:
         model.check_architecture(recipe)
+        model.check_no_pickle(recipe.model.name, allow_pickle)
     tokenizer = model.load_tokenizer(recipe)
     use_chat_template(recipe, tokenizer)
     loss = loss_settings(recipe, tokenizer, fmt)
@@ -72,7 +76,7 @@ def prepare(recipe: Recipe, launch: Launch | None = None, *, training: bool = Tr
     )
     if training and launch.is_main:
         warn_skipped(rows)
-    return PreparedRun(recipe, launch, run, fmt, rows, tokenizer, loss, args, examples, resume_from)
+    return PreparedRun(recipe, launch, run, fmt, rows, tokenizer, loss, args, examples, resume_from, allow_pickle)
 
 
 def train(prepared: PreparedRun, quiet: bool = False) -> RunDir:
@@ -102,7 +106,9 @@ def train(prepared: PreparedRun, quiet: bool = False) -> RunDir:
             if recovered:
                 print(f"qtune: note: {p.run.path}: {recovered}", file=sys.stderr)
             p.run.check_can_start()  # again, under the lock: nothing changed since prepare()
-        peft_model = model.load_for_training(p.recipe, p.launch, p.tokenizer, verbose=False)  # summary says it
+        peft_model = model.load_for_training(
+            p.recipe, p.launch, p.tokenizer, verbose=False, allow_pickle=p.allow_pickle
+        )
         dataset = build_dataset(p.recipe, p.tokenizer, p.fmt, p.rows, p.args)  # main first; others reuse its cache
         check_free_space(p.run.path, peft_model.get_nb_trainable_parameters()[0], p.recipe)
         set_aside = p.run.set_aside_previous() if main and p.recipe.training.overwrite and not p.resume_from else []

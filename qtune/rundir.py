@@ -540,6 +540,7 @@ def staged_output(out: Path):
     one rename; when it fails it is removed. `out` is never half-written."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private (0700); outputs follow the umask
     try:
         yield staging
         fsync_tree(staging)
@@ -553,6 +554,13 @@ def staged_output(out: Path):
     _fsync_dir(out.parent)
     if old.exists():
         shutil.rmtree(old)
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: Path, text: str) -> None:

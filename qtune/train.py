@@ -556,6 +556,7 @@ def _save_adapter(trainer, tokenizer, run: RunDir, full_state: dict | None) -> P
 def _summary(trainer, result, watcher, final_eval: dict, wall: float, launch: Launch, checkpoint, fingerprints) -> dict:
     """The figures of summary.json."""
     from qtune import monitor
+    from qtune.model import base_fingerprint
 
     tokens = trainer.state.num_input_tokens_seen
     session_tokens = tokens - watcher.tokens_at_start
@@ -577,6 +578,7 @@ def _summary(trainer, result, watcher, final_eval: dict, wall: float, launch: La
         "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
         "backend": trainer.accelerator.state.backend,
         "adapter_fingerprint_per_rank": fingerprints,
+        "base_fingerprint": base_fingerprint(watcher.recipe.model.name),  # merge checks the base is still it,
     }
 
 

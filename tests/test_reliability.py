@@ -257,3 +257,80 @@ def test_safetensors_check_reads_only_the_header(tmp_path):
     for cut in (4, 40, len(data) - 1):
         path.write_bytes(data[:cut])
         assert safetensors_problem(path) is not None
+
+
+def test_merge_and_push_wait_their_turn_and_merged_follows_the_umask(finished_run, tmp_path):
+    _, finished = finished_run
+    run = _copy(finished, tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom qtune.rundir import RunDir\n"
+         f"with RunDir({str(run)!r}).lock('train'):\n    print('held', flush=True)\n    time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for args in (("merge", run), ("push", run, "--repo-id", "me/x", "--dry-run", tmp_path / "s")):
+            line = _one_error(run_qtune(*args))
+            assert f"is in use by qtune train (pid {holder.pid} " in line, line
+        assert not (run / "merged").exists() and not (tmp_path / "s").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    previous_mask = os.umask(0o022)  # inherited by the subprocess
+    try:
+        merged = run_qtune("merge", run)
+    finally:
+        os.umask(previous_mask)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert (run / "merged").stat().st_mode & 0o777 == 0o755  # not mkdtemp's private 0700
+    assert "merged" in json.loads((run / ".qtune-manifest.json").read_text())["written"]
+
+
+def test_merge_refuses_a_base_whose_weights_changed_or_vanished(finished_run, tmp_path, tiny_llama):
+    _, finished = finished_run
+    run = _copy(finished, tmp_path)
+    moved = tmp_path / "base"
+    shutil.copytree(tiny_llama, moved)
+    recipe_file = run / "recipe.yaml"
+    recipe_file.write_text(recipe_file.read_text().replace(str(tiny_llama), str(moved)))
+    weights = moved / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # the last byte of the last tensor: same shapes, other weights
+    weights.write_bytes(bytes(data))
+    assert "differ from those the run trained on" in _one_error(run_qtune("merge", run))
+    shutil.rmtree(moved)
+    assert "cannot load the base model" in _one_error(run_qtune("merge", run))
+    assert not (run / "merged").exists()
+
+
+def test_unlucky_model_folders_end_in_one_error_line(make_recipe, tiny_llama, tmp_path):
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_llama / name, no_tokenizer / name)
+    assert "cannot load a tokenizer" in _one_error(run_qtune("train", make_recipe(model={"name": str(no_tokenizer)}),
+                                                                  "--check"))  # fmt: skip
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_llama, pickled)
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    recipe = make_recipe(model={"name": str(pickled)})
+    line = _one_error(run_qtune("train", recipe, "--check"))
+    assert "weights are pickle files" in line
+    assert "--allow-pickle" in run_qtune("train", recipe, "--check").stderr
+    accepted = run_qtune("train", recipe, "--check", "--allow-pickle")
+    assert accepted.returncode == 0, accepted.stderr[-2000:]
+    neither = tmp_path / "neither"
+    neither.mkdir()
+    (neither / "notes.txt").write_text("x")
+    assert "neither a run directory" in _one_error(run_qtune("export-gguf", neither, "--out", tmp_path / "x.gguf"))
+    assert "not a qtune run directory" in _one_error(run_qtune("merge", neither))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(make_recipe().parent / "train.jsonl", mixed / "a.jsonl")
+    (mixed / "b.csv").write_text("text\nhello\n")
+    line = _one_error(run_qtune("train", make_recipe(data={"datasets": [{"path": str(mixed)}]}), "--check"))
+    assert "mixes data formats" in line and "b.csv" in line

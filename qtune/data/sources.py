@@ -170,6 +170,8 @@ def read_source(source: DatasetSource, split: str, on_bad_row: str):
                 "give a .jsonl, .json, .csv, .parquet or .txt file, a folder, or a Hub dataset name "
                 "(paths are relative to where you run qtune)",
             )
+        if path.is_dir():
+            check_one_format(path, where)
         try:
             ds = datasets.load_dataset(source.path, source.name, split=split, revision=source.revision)
         except Exception as exc:
@@ -182,6 +184,29 @@ def read_source(source: DatasetSource, split: str, on_bad_row: str):
     finally:
         if not bars_were_off:
             datasets.enable_progress_bars()
+
+
+def check_one_format(folder: Path, where: str) -> None:
+    """A folder of data files is read whole: `datasets` reads only the files of its most common format and would
+    leave the others out silently, so a folder that mixes formats (or holds files of no data format) is refused,
+    naming the files that would be left out."""
+    files = [p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)]
+    data = [
+        p for p in files if p.suffix.lower() in LOCAL_SUFFIXES or p.name.lower().endswith((".jsonl.gz", ".json.gz"))
+    ]
+    kinds: dict[str, list[Path]] = {}
+    for p in data:
+        kinds.setdefault(LOCAL_SUFFIXES.get(p.suffix.lower(), "json"), []).append(p)
+    if len(kinds) <= 1:
+        return
+    main = max(kinds, key=lambda k: len(kinds[k]))
+    left = sorted(str(p.relative_to(folder)) for k, ps in kinds.items() if k != main for p in ps)
+    raise QtuneError(
+        f"{where}: the folder mixes data formats ({', '.join(sorted(kinds))}); these files would be left out: "
+        + ", ".join(left[:5])
+        + (f" … ({len(left)} files)" if len(left) > 5 else ""),
+        "keep one format per folder, or list the files as separate data.datasets entries",
+    )
 
 
 def skipped_text(counts: Counter | dict) -> str:
