@@ -105,6 +105,30 @@ def run_qtune(*args: str, cwd: Path | None = None, env: dict | None = None, time
     )
 
 
+def start_qtune(*args: str) -> subprocess.Popen:
+    """Start the real CLI in the background (python -m qtune …), output captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "qtune", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until PATH exists; fails with the process's stderr if it ends first."""
+    import time
+
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            _, err = proc.communicate()
+            raise AssertionError(f"run ended (rc {proc.returncode}) before {path} appeared:\n{err[-3000:]}")
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests need CUDA: skipped (not failed) on the CPU-only CI machine."""
     import torch

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_qtune
+from conftest import run_qtune, start_qtune, wait_for
 from qtune.rundir import LOCK, PREVIOUS, RunDir, checkpoint_problem, safetensors_problem
 
 pytestmark = pytest.mark.slow
@@ -27,25 +27,6 @@ pytestmark = pytest.mark.slow
 def _snapshot(folder: Path) -> dict:
     """Every file's bytes (the lock file's holder line aside: it says who wrote last, not what)."""
     return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != LOCK}
-
-
-def _start(*args) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "qtune", *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=os.environ.copy(),
-    )
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended (rc {proc.returncode}) before {path} appeared:\n{proc.stderr.read()}")
-        assert time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
 
 
 def _one_error(result) -> str:
@@ -89,9 +70,9 @@ def _copy(run: Path, tmp_path: Path, name: str = "run") -> Path:
 
 def test_second_train_is_refused_while_the_first_holds_the_run(make_recipe, tmp_path):
     recipe = make_recipe(training={"max_steps": 500, "logging_steps": 1})
-    first = _start("train", recipe, "--quiet")
+    first = start_qtune("train", recipe, "--quiet")
     try:
-        _wait_for(tmp_path / "run" / "metrics.jsonl", first)
+        wait_for(tmp_path / "run" / "metrics.jsonl", first)
         for args in (("train", recipe, "--overwrite"), ("train", recipe, "--resume")):
             second = run_qtune(*args)
             line = _one_error(second)
@@ -123,9 +104,9 @@ def test_overwrite_killed_midway_is_rolled_back_by_the_next_command(finished_run
     recipe, finished = finished_run
     run = _copy(finished, tmp_path)
     before = _snapshot(run)
-    proc = _start("train", recipe, f"output_dir={run}", "--overwrite", "training.max_steps=500",
+    proc = start_qtune("train", recipe, f"output_dir={run}", "--overwrite", "training.max_steps=500",
                   "training.save_steps=null", "training.logging_steps=1", "--quiet")  # fmt: skip
-    _wait_for(run / PREVIOUS, proc)
+    wait_for(run / PREVIOUS, proc)
     deadline = time.time() + 300
     while not (run / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.05)

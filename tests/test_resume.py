@@ -4,40 +4,21 @@ a checkpoint from another recipe is refused, a NaN loss stops the run at its las
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_qtune
+from conftest import run_qtune, start_qtune, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 def _start(*args) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "qtune", "train", *map(str, args), "--quiet"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=os.environ.copy(),
-    )
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"run ended (rc {proc.returncode}) before {path} appeared:\n{err[-3000:]}")
-        assert time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
+    return start_qtune("train", *args, "--quiet")
 
 
 def _steps(run_dir: Path) -> list[int]:
@@ -49,7 +30,7 @@ def test_killed_run_resumes_to_the_same_adapter_and_step_count(make_recipe, tmp_
     recipe = make_recipe(training={"max_steps": 8, "save_steps": 2, "save_total_limit": 2, "logging_steps": 2})
     reference = _start(recipe, f"output_dir={tmp_path / 'ref'}")  # uninterrupted, same seed, in parallel
     crashed = _start(recipe, f"output_dir={tmp_path / 'crash'}")
-    _wait_for(tmp_path / "crash" / "checkpoints" / "checkpoint-2" / "trainer_state.json", crashed)
+    wait_for(tmp_path / "crash" / "checkpoints" / "checkpoint-2" / "trainer_state.json", crashed)
     assert crashed.poll() is None, "the run should still be training when it is killed"
     crashed.send_signal(signal.SIGKILL)
     crashed.communicate()
@@ -85,7 +66,7 @@ def test_sigterm_saves_a_checkpoint_other_recipes_are_refused_resume_auto_finish
     recipe = make_recipe(training={"max_steps": 200, "logging_steps": 1})  # no periodic checkpoints at all
     run_dir = tmp_path / "run"
     proc = _start(recipe)
-    _wait_for(run_dir / "metrics.jsonl", proc)
+    wait_for(run_dir / "metrics.jsonl", proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err[-3000:]
