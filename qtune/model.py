@@ -513,8 +513,7 @@ def attach_adapter(model, adapter: os.PathLike, base_name: str):
         ) from None
 
 
-def load_trained(recipe: Recipe, adapter: os.PathLike, base: str | None = None):
-    """A trained adapter on its base loaded as in training (load_base, safetensors only), frozen, eval mode."""
-    return attach_adapter(
-        load_base(recipe, base=base, safetensors_only=True).eval(), adapter, base or recipe.model.name
-    )
+def load_trained(recipe: Recipe, adapter: os.PathLike, base: str | None = None, allow_pickle: bool = False):
+    """A trained adapter on its base loaded as in training (load_base), frozen, eval mode."""
+    model = load_base(recipe, base=base, allow_pickle=allow_pickle).eval()
+    return attach_adapter(model, adapter, base or recipe.model.name)
