@@ -91,6 +91,15 @@ def format_line(record: dict, max_steps: int) -> str:
     return " | ".join(parts)
 
 
+def _logged_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line a kill cut short (or anything else unreadable)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("step", 0) if isinstance(record, dict) else None
+
+
 class RunMonitor(TrainerCallback):
     """Adds throughput, memory and time figures to every training log (so every tracker gets them), writes
     each log step to `metrics.jsonl` on the main process, and prints the start summary.
@@ -121,8 +130,8 @@ class RunMonitor(TrainerCallback):
             # Resumed: lines logged after the checkpoint are redone by this session; keep one line per step.
             kept = [
                 line
-                for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= state.global_step
+                for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
+                if _logged_step(line) is not None and _logged_step(line) <= state.global_step
             ]
             write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
         elif not state.global_step and self.metrics_path.exists():
@@ -307,9 +316,9 @@ def plot_loss(metrics_path: Path, png_path: Path) -> bool:
     if not metrics_path.is_file():
         return False
     train, evals = [], []
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
+    for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if _logged_step(line) is None:
+            continue  # a line a kill cut short
         record = json.loads(line)
         if isinstance(record.get("loss"), (int, float)):
             train.append((record["step"], record["loss"]))
