@@ -162,6 +162,8 @@ def test_damaged_latest_checkpoint_is_named_and_passed_over(finished_run, tmp_pa
     data = target.read_bytes()
     target.write_bytes(data[: len(data) // 2] if damage.startswith("truncated") else b"{not json")
     assert checkpoint_problem(latest) is not None and checkpoint_problem(run / "checkpoints" / "checkpoint-2") is None
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+        metrics.write('{"step": 5, "lo')  # a kill while a log line was being written
     resumed = run_qtune("train", recipe, f"output_dir={run}", "--resume", "training.max_steps=6", "--quiet")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{latest} is damaged" in resumed.stderr
