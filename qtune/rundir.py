@@ -202,7 +202,7 @@ class RunDir:
         if t.resume is True and not checkpoint:
             damaged = [p.name for p in self.checkpoint_steps()]
             raise QtuneError(
-                f"training.resume: no intact checkpoint in {self.checkpoints}"
+                f"training.resume: no checkpoint in {self.checkpoints}"
                 + (f" (damaged or incomplete: {', '.join(damaged)})" if damaged else ""),
                 "set training.save_steps so runs leave checkpoints, or start without --resume",
             )
@@ -422,9 +422,10 @@ class RunFinished(QtuneError):
 
     def __init__(self, run: RunDir):
         summary = run.summary() or {}
+        target = summary.get("max_steps") or run.recipe.training.max_steps
         super().__init__(
-            f"{run.path}: the run is finished ({summary.get('steps')} of {summary.get('max_steps')} steps, adapter "
-            "saved); nothing was changed",
+            f"{run.path}: the run is finished ({summary.get('steps')} of {target} steps, adapter saved); nothing "
+            "was changed",
             "raise training.max_steps to train further, or start a new run with output_dir=<new dir> (or --overwrite)",
         )
 

@@ -161,7 +161,7 @@ ROWS = [
         "lr-zero",
         edit("  lr: 1e-3", "  lr: 0"),
         ["training.lr: Input should be greater than 0"],
-        ["0 < training.lr ≤ 1"],
+        ["0 < training.lr, a finite number"],
     ),
     Row("lr-negative", edit("  lr: 1e-3", "  lr: -2e-4"), ["training.lr: Input should be greater than 0", "-2e-4"]),
     Row("dropout-one", edit("  dropout: 0.0", "  dropout: 1"), ["lora.dropout"], ["0 ≤ lora.dropout < 1"]),

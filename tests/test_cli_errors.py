@@ -421,7 +421,7 @@ def output_dir_not_empty(c: Ctx) -> Bad:
 
 def resume_without_checkpoint(c: Ctx) -> Bad:
     return Bad(
-        [str(c.recipe())],
+        [str(c.recipe()), "training.max_steps=8"],  # more steps than the earlier run's 4: not a finished run
         ["training.resume", "no checkpoint", str(c.run_dir / "checkpoints")],
         ["training.save_steps"],
         flags=("--resume",),
