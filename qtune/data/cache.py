@@ -31,8 +31,8 @@ def build_dataset(recipe: Recipe, tokenizer, fmt: str, rows: list[dict], args=No
 
     require_chat_template(recipe, tokenizer, fmt, rows)
     eval_rows = getattr(rows, "eval_rows", None)
-    train_rows = list(rows)
-    eval_shaped = list(eval_rows) if eval_rows else None
+    train_rows = _same_columns(list(rows))
+    eval_shaped = _same_columns(list(eval_rows)) if eval_rows else None
     if not eval_shaped and isinstance(recipe.data.eval_split, float) and len(train_rows) < 2:
         raise QtuneError(f"data.eval_split: {len(train_rows)} row(s) cannot be split", "add rows or drop eval_split")
     first = args.main_process_first(local=False, desc="qtune data cache") if args is not None else nullcontext()
@@ -47,6 +47,13 @@ def build_dataset(recipe: Recipe, tokenizer, fmt: str, rows: list[dict], args=No
         if per_turn_masks(recipe, tokenizer, fmt):
             built = _tokenize_turns(recipe, tokenizer, built, stats)
     return built
+
+
+def _same_columns(rows: list[dict]) -> list[dict]:
+    """Rows with a `tools` column among rows without: every row gets the key (Arrow takes one schema)."""
+    if any("tools" in r for r in rows) and not all("tools" in r for r in rows):
+        return [r if "tools" in r else {**r, "tools": None} for r in rows]
+    return rows
 
 
 def per_turn_masks(recipe: Recipe, tokenizer, fmt: str) -> bool:

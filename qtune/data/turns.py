@@ -104,11 +104,11 @@ def tokenize_row(row: dict, tokenizer, train_on: str) -> dict:
     messages = (
         row["messages"] if "messages" in row and row["messages"] is not None else row["prompt"] + row["completion"]
     )
-    messages = [_clean(m) for m in messages]
+    messages = [clean_message(m) for m in messages]
     return tokenize_turns(tokenizer, messages, tools_of(row), train_on)
 
 
-def _clean(message: dict) -> dict:
+def clean_message(message: dict) -> dict:
     """Arrow gives every message every key (None where absent): templates test `is defined`, so drop them."""
     out = {k: v for k, v in message.items() if v is not None}
     if isinstance(out.get("tool_calls"), str):
