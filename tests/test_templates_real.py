@@ -193,3 +193,40 @@ def test_multimodal_rows_are_refused_in_one_line(row, why):
 def test_text_content_parts_are_accepted():
     row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Spell 1"}]}, SINGLE[1]]}
     assert map_row(row, "messages", {})["messages"] == SINGLE
+
+
+def test_qtune_data_reports_answers_per_row_class_and_train_refuses_moved_system_prompts(corpus, tmp_path):
+    """Through `qtune data` (TRL's own preparation, a real tokenizer): every answer of every chat trains on
+    Qwen2.5's release template; on Mistral's, the system-prompt rows are said and refused."""
+    import yaml
+
+    from conftest import run_qtune, write_jsonl
+
+    rows = [{"messages": MULTI}, {"messages": SYSTEM}, {"messages": SINGLE}]
+    data = write_jsonl(tmp_path / "chats.jsonl", rows)
+    from corpus import FAMILIES as SOURCES
+
+    for family, expect in (
+        ("qwen2.5", ["multi-turn: 1 rows, 3 of 3 answers trained", "system prompt: 1 rows, 3 of 3 answers trained"]),
+        ("mistral-nemo", ["system prompt: 1 rows, 0 of 3 answers trained, 3 with moved context"]),
+    ):
+        doc = {
+            "model": {"name": str(corpus / "tokenizers" / SOURCES[family][0])},
+            "quantization": {"bits": None},
+            "data": {
+                "datasets": [{"path": str(data)}],
+                "max_length": 512,
+                "chat_template": (corpus / "templates" / f"{family}.jinja").read_text(encoding="utf-8"),
+            },
+            "output_dir": str(tmp_path / "run"),
+        }
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc), encoding="utf-8")
+        result = run_qtune("data", tmp_path / "r.yaml", "-n", "0", env={"HF_DATASETS_CACHE": str(tmp_path / "hf")})
+        for line in expect:
+            assert line in result.stdout, result.stdout
+        if family == "qwen2.5":
+            assert result.returncode == 0, result.stderr
+        else:
+            # Mistral renders the system prompt only while generating (into the last user turn): dropped from the
+            # training text, and every answer's context moved; refused above data.max_untrained_share
+            assert result.returncode == 2 and "error: data: system prompt: 1 of 1 rows lose a system" in result.stderr

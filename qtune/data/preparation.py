@@ -231,8 +231,11 @@ def check_training_data(
     prepared = prepare_with_trl(recipe, tokenizer, DatasetDict(train=train_rows, **held_out), args)
     prepared.turns = turns
     if loud:
-        check_context(recipe, prepared)
         check_trainable(recipe, tokenizer, prepared)
+        import sys
+
+        for line in context_losses(prepared.turns):  # below the refusal threshold: said, once
+            print(f"qtune: warning: data: {line}", file=sys.stderr)
     return prepared
 
 
@@ -257,8 +260,6 @@ def context_losses(turns: dict) -> list[str]:
 def check_context(recipe: Recipe, prepared: PreparedRows) -> None:
     """Refuse when the template drops content from, or moves content in, more than data.max_untrained_share of
     the rows of a class (below it, `qtune data` and `train` say so)."""
-    import sys
-
     limit = recipe.data.max_untrained_share
     for cls, c in prepared.turns.items():
         lost = [(c["dropped_rows"], "dropped_rows"), (c["moved_rows"], "moved")]
@@ -271,13 +272,13 @@ def check_context(recipe: Recipe, prepared: PreparedRows) -> None:
                 "use the template the model was trained with for these rows (or one that renders the system "
                 "prompt where it belongs), drop the system prompts, or raise data.max_untrained_share",
             )
-    for line in context_losses(prepared.turns):
-        print(f"qtune: warning: data: {line}", file=sys.stderr)
 
 
 def check_trainable(recipe: Recipe, tokenizer, prepared: PreparedRows) -> None:
     """Fail on the silent killers: end-of-turn never trained (pad == eos masking it included), and too many
-    examples with no trained token (truncation, a template that marks nothing)."""
+    examples with no trained token (truncation, a template that marks nothing), and content the chat template
+    drops or moves in too many rows of a class (check_context)."""
+    check_context(recipe, prepared)
     s = prepared.stats
     answered = s["examples"] - s["untrained"]
     eot = s["end_of_turn"]
