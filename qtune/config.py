@@ -207,8 +207,10 @@ class DataSection(Section):
     packing: bool = Field(
         False, description="Pack several examples into each row (TRL packing, padding-free position ids)."
     )
-    train_on: Literal["completions", "all"] = Field(
-        "completions", description="completions: loss on answers only; all: loss on every token."
+    train_on: Literal["completions", "last", "all"] = Field(
+        "completions",
+        description="completions: loss on every answer (each assistant turn and its end-of-turn); last: on the "
+        "last answer of each chat only; all: loss on every token.",
     )
     chat_template: str | None = Field(
         None,

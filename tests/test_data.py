@@ -311,11 +311,17 @@ def test_exactly_the_answer_tokens_and_end_of_turn_carry_loss(recipe_for, tiny_l
     assert sorted(prepared.labels) == sorted(trainer.train_dataset["labels"])
 
 
-def test_template_without_generation_markers_trains_the_last_answer(recipe_for, tiny_llama):
+def test_template_without_generation_markers_trains_every_answer_or_the_last(recipe_for, tiny_llama):
     from qtune.tiny import CHATML_TEMPLATE
 
+    # issue 15: every answer of a chat trains on a template without markers (masks derived turn by turn);
+    # train_on: last keeps what such templates trained before (the last answer only)
     plain = CHATML_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
     recipe = recipe_for([DATA / "messages.jsonl"], chat_template=plain)
+    trainer, tokenizer, _ = _trainer(recipe, tiny_llama, load_rows(recipe))
+    spans = dict(_batch_spans(trainer, tokenizer))
+    assert sorted(spans.values()) == [["eight <|im_end|>"], ["five <|im_end|>", "six seven <|im_end|>"]]
+    recipe = recipe_for([DATA / "messages.jsonl"], chat_template=plain, train_on="last")
     trainer, tokenizer, _ = _trainer(recipe, tiny_llama, load_rows(recipe))
     spans = dict(_batch_spans(trainer, tokenizer))
     assert sorted(spans.values()) == [["eight <|im_end|>"], ["six seven <|im_end|>"]]

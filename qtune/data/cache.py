@@ -12,13 +12,14 @@ from qtune.data.templates import has_generation_markers, require_chat_template
 from qtune.errors import QtuneError, first_line
 
 
-def build_dataset(recipe: Recipe, tokenizer, fmt: str, rows: list[dict], args=None):
+def build_dataset(recipe: Recipe, tokenizer, fmt: str, rows: list[dict], args=None, stats: bool = False):
     """A DatasetDict (train, and eval when data.eval_split is set) in the columns TRL trains on.
 
-    With train_on: completions, chats whose template lacks `{% generation %}` markers are split into
-    prompt (all turns before the last answer) + completion (the last answer), so TRL's completion-only
-    loss applies (earlier answers are context only); with the markers (the built-in templates), TRL's
-    assistant-only loss covers every assistant turn.
+    Chats whose template lacks `{% generation %}` markers (every released template) are tokenized here, turn by
+    turn (qtune.data.turns): `input_ids` + `assistant_masks`, which TRL takes as a pre-tokenized dataset, with
+    every answer trained (train_on: completions) or the last one (train_on: last); with the markers (the
+    built-in templates), TRL's assistant-only loss covers every assistant turn. `stats=True` keeps the per-row
+    turn counts (qtune.data.turns.STAT_COLUMNS) for the checks; training gets the dataset without them.
 
     The rows are written once (`save_to_disk`) under `<HF_DATASETS_CACHE>/qtune/<hash of the rows, the eval
     split and the seed>` and read back memory-mapped, so TRL's own `.map` steps (template, tokenization,
@@ -30,27 +31,58 @@ def build_dataset(recipe: Recipe, tokenizer, fmt: str, rows: list[dict], args=No
 
     require_chat_template(recipe, tokenizer, fmt, rows)
     eval_rows = getattr(rows, "eval_rows", None)
-    split_last = (
-        fmt == "messages"
-        and recipe.data.train_on == "completions"
-        and not has_generation_markers(tokenizer.chat_template)
-    )
-
-    def shape(batch: list[dict]) -> list[dict]:
-        return [_split_last_answer(row["messages"]) for row in batch] if split_last else list(batch)
-
-    train_rows = shape(rows)
-    eval_shaped = shape(eval_rows) if eval_rows else None
+    train_rows = _same_columns(list(rows))
+    eval_shaped = _same_columns(list(eval_rows)) if eval_rows else None
     if not eval_shaped and isinstance(recipe.data.eval_split, float) and len(train_rows) < 2:
         raise QtuneError(f"data.eval_split: {len(train_rows)} row(s) cannot be split", "add rows or drop eval_split")
-    if not datasets.is_caching_enabled():
-        return _in_memory(recipe, train_rows, eval_shaped)
-    where = _cache_dir(recipe, train_rows, eval_shaped)
     first = args.main_process_first(local=False, desc="qtune data cache") if args is not None else nullcontext()
     with first:
-        if not (where / "dataset_dict.json").is_file():
-            _write_cache(_in_memory(recipe, train_rows, eval_shaped), where)
-        return datasets.load_from_disk(str(where))
+        if not datasets.is_caching_enabled():
+            built = _in_memory(recipe, train_rows, eval_shaped)
+        else:
+            where = _cache_dir(recipe, train_rows, eval_shaped)
+            if not (where / "dataset_dict.json").is_file():
+                _write_cache(_in_memory(recipe, train_rows, eval_shaped), where)
+            built = datasets.load_from_disk(str(where))
+        if per_turn_masks(recipe, tokenizer, fmt):
+            built = _tokenize_turns(recipe, tokenizer, built, stats)
+    return built
+
+
+def _same_columns(rows: list[dict]) -> list[dict]:
+    """Rows with a `tools` column among rows without: every row gets the key (Arrow takes one schema)."""
+    if any("tools" in r for r in rows) and not all("tools" in r for r in rows):
+        return [r if "tools" in r else {**r, "tools": None} for r in rows]
+    return rows
+
+
+def per_turn_masks(recipe: Recipe, tokenizer, fmt: str) -> bool:
+    """Whether qtune tokenizes the chats turn by turn (a template without {% generation %} markers)."""
+    return fmt == "messages" and recipe.data.train_on != "all" and not has_generation_markers(tokenizer.chat_template)
+
+
+def _tokenize_turns(recipe: Recipe, tokenizer, built, stats: bool):
+    """Each split mapped to input_ids + assistant_masks (cached by datasets next to the saved rows)."""
+    import datasets
+
+    from qtune.data.turns import STAT_COLUMNS, tokenize_row
+
+    bars_were_off = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        out = {}
+        for name, split in built.items():
+            mapped = split.map(
+                tokenize_row,
+                fn_kwargs={"tokenizer": tokenizer, "train_on": recipe.data.train_on},
+                remove_columns=split.column_names,
+                num_proc=recipe.data.num_proc,
+            )
+            out[name] = mapped if stats else mapped.remove_columns(STAT_COLUMNS)
+    finally:
+        if not bars_were_off:
+            datasets.enable_progress_bars()
+    return datasets.DatasetDict(out)
 
 
 def _in_memory(recipe: Recipe, train_rows: list[dict], eval_rows: list[dict] | None):
@@ -115,8 +147,3 @@ def _write_cache(dataset, where: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)  # gone after the rename; left by an error or Ctrl-C otherwise
         if not bars_were_off:
             datasets.enable_progress_bars()
-
-
-def _split_last_answer(messages: list[dict]) -> dict:
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return {"prompt": messages[:last], "completion": [messages[last]]}

@@ -20,8 +20,8 @@ FORMAT_SCHEMA = {
 }
 FORMAT_FIELDS = {
     "alpaca": ("instruction", "input", "output", "system"),
-    "sharegpt": ("conversations",),
-    "messages": ("messages",),
+    "sharegpt": ("conversations", "tools", "system"),
+    "messages": ("messages", "tools"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
@@ -37,7 +37,10 @@ SHAREGPT_ROLES = {
     "tool": "tool",
     "observation": "tool",
     "function_response": "tool",
+    "function_call": "assistant",  # a tool call: its value is the call's JSON ({name, arguments}, or a list)
 }
+MULTIMODAL_COLUMNS = ("images", "image", "videos", "video", "audios", "audio")
+MULTIMODAL_PLACEHOLDERS = ("<image>", "<video>", "<audio>")
 
 
 class BadRow(Exception):
@@ -88,23 +91,97 @@ def _text(value, key: str, required: bool = True) -> str:
     return value
 
 
+def _multimodal(why: str) -> BadRow:
+    return BadRow(f"multimodal row ({why}): qtune trains text only; drop the row or its media")
+
+
+def _content_text(content, where: str) -> str:
+    """Text content; a list of content parts that are all text is joined; media parts are refused."""
+    if isinstance(content, list):
+        kinds = {part.get("type") if isinstance(part, dict) else type(part).__name__ for part in content}
+        if kinds - {"text"}:
+            raise _multimodal(f"{where} has {', '.join(sorted(str(k) for k in kinds - {'text'}))} content parts")
+        content = "".join(part.get("text") or "" for part in content)
+    if isinstance(content, str):
+        for placeholder in MULTIMODAL_PLACEHOLDERS:
+            if placeholder in content:
+                raise _multimodal(f"{where} has an {placeholder} placeholder")
+    return content
+
+
+def _tool_calls(value, where: str) -> str:
+    """Tool calls as the OpenAI/HF form [{type: function, function: {name, arguments: {...}}}], stored as JSON
+    text (arguments differ in shape from call to call; Arrow needs one schema)."""
+    import json
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise BadRow(f"{where}: tool call is not valid JSON") from None
+    calls = value if isinstance(value, list) else [value]
+    out = []
+    for call in calls:
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise BadRow(f"{where}: a tool call needs a function name")
+        arguments = fn.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                raise BadRow(f"{where}: tool call arguments are not valid JSON") from None
+        entry = {"type": "function", "function": {"name": fn["name"], "arguments": arguments}}
+        if isinstance(call, dict) and call.get("id"):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return json.dumps(out, ensure_ascii=False)
+
+
+def tools_column(value) -> str | None:
+    """A row's `tools` (function schemas, bare or {type: function, function: ...}) as JSON text, or None."""
+    import json
+
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise BadRow("'tools' is not valid JSON") from None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise BadRow("'tools' must be a list of function schemas")
+    wrapped = [
+        t if t.get("type") == "function" and "function" in t else {"type": "function", "function": t} for t in value
+    ]
+    return json.dumps(wrapped, ensure_ascii=False) if wrapped else None
+
+
 def _check_messages(value, key: str, need_assistant: bool) -> list[dict]:
-    """A clean copy of a role/content message list, or BadRow saying what is wrong."""
+    """A clean copy of a role/content message list (tool calls and tool results kept), or BadRow."""
     if not isinstance(value, list) or not value:
         raise BadRow(f"'{key}' must be a non-empty list of {{role, content}} messages")
     out = []
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or message.get("role") is None or "content" not in message:
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if not isinstance(message, dict) or message.get("role") is None or ("content" not in message and not calls):
             raise BadRow(f"{key}[{i}] needs 'role' and 'content'")
         role = message["role"]
         if role not in ROLES:
             raise BadRow(f"{key}[{i}].role '{role}' is not one of {sorted(ROLES)}")
-        content = message["content"]
+        content = _content_text(message.get("content"), f"{key}[{i}]")
+        if calls and role == "assistant":
+            entry = {"role": role, "content": content or "", "tool_calls": _tool_calls(calls, f"{key}[{i}]")}
+            out.append(entry)
+            continue
         if content is None or not isinstance(content, str):
             raise BadRow(f"{key}[{i}].content must be text, got {type(content).__name__}")
         if role == "assistant" and not content.strip():
             raise BadRow(f"{key}[{i}] is an empty assistant answer")
-        out.append({"role": role, "content": content})
+        entry = {"role": role, "content": content}
+        if role == "tool":
+            entry.update({k: message[k] for k in ("name", "tool_call_id") if isinstance(message.get(k), str)})
+        out.append(entry)
     if need_assistant:
         _check_order(out, key)
     return out
@@ -130,9 +207,12 @@ def _check_order(messages: list[dict], key: str) -> None:
 
 def map_row(row: dict, fmt: str, roles: dict[str, str]) -> dict:
     """One row of `fmt` mapped to its schema's columns, or BadRow."""
+    for column in MULTIMODAL_COLUMNS:
+        if row.get(column) not in (None, [], ""):
+            raise _multimodal(f"an '{column}' column")
     if fmt == "messages":
         key = "messages" if "messages" in row else "conversations"
-        return {"messages": _check_messages(row.get(key), key, need_assistant=True)}
+        return _with_tools({"messages": _check_messages(row.get(key), key, need_assistant=True)}, row)
     if fmt == "alpaca":
         instruction = _text(row.get("instruction"), "instruction")
         extra = _text(row.get("input"), "input", required=False)
@@ -154,8 +234,14 @@ def map_row(row: dict, fmt: str, roles: dict[str, str]) -> dict:
                     f"conversations[{i}].from '{turn['from']}' is not a known speaker "
                     f"(known: {', '.join(sorted(roles))}; add it with the source's roles: {{name: role}})"
                 )
-            messages.append({"role": roles[turn["from"]], "content": turn["value"]})
-        return {"messages": _check_messages(messages, "conversations", need_assistant=True)}
+            if turn["from"] == "function_call":
+                messages.append({"role": "assistant", "content": "", "tool_calls": turn["value"]})
+            else:
+                messages.append({"role": roles[turn["from"]], "content": turn["value"]})
+        system = row.get("system")
+        if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system})
+        return _with_tools({"messages": _check_messages(messages, "conversations", need_assistant=True)}, row)
     if fmt == "text":
         return {"text": _text(row.get("text"), "text")}
     prompt, completion = row.get("prompt"), row.get("completion")
@@ -169,6 +255,15 @@ def map_row(row: dict, fmt: str, roles: dict[str, str]) -> dict:
             raise BadRow("'completion' has no assistant message to learn from")
         return {"prompt": p, "completion": c}
     return {"prompt": _text(prompt, "prompt"), "completion": _text(completion, "completion")}
+
+
+def _with_tools(mapped: dict, row: dict) -> dict:
+    """The row's tools column, when there is one (a row without keeps the schema of rows without tools)."""
+    tools = tools_column(row.get("tools"))
+    has_calls = any(m.get("tool_calls") for m in mapped["messages"])
+    if has_calls and not tools:
+        raise BadRow("tool calls without a 'tools' column: the prompt would not show the functions they call")
+    return {**mapped, "tools": tools} if tools else mapped
 
 
 def rename_columns(row: dict, columns: dict[str, str] | None) -> dict:

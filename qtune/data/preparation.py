@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qtune.config import Recipe
-from qtune.data.cache import build_dataset
+from qtune.data.cache import build_dataset, per_turn_masks
 from qtune.data.formats import Rows, is_conversational
 from qtune.data.templates import (
     check_chats_render,
@@ -27,6 +27,8 @@ def loss_settings(recipe: Recipe, tokenizer, fmt: str) -> dict:
     answers_only = recipe.data.train_on == "completions"
     settings = {"dataset_num_proc": recipe.data.num_proc} if recipe.data.num_proc else {}
     if fmt == "text":
+        return {**settings, "completion_only_loss": False}
+    if per_turn_masks(recipe, tokenizer, fmt):  # pre-tokenized with assistant_masks (qtune.data.turns)
         return {**settings, "completion_only_loss": False}
     if fmt == "messages" and has_generation_markers(tokenizer.chat_template):
         return {**settings, "assistant_only_loss": answers_only}
@@ -62,6 +64,7 @@ class PreparedRows:
     eval_size: int = 0
     stats: dict = field(default_factory=dict)
     cache_files: list[str] = field(default_factory=list)  # the datasets cache files TRL's preparation read or wrote
+    turns: dict = field(default_factory=dict)  # per row class: rows, answers, trained, moved, dropped_rows
 
 
 def prepare_with_trl(recipe: Recipe, tokenizer, dataset, args) -> PreparedRows:
@@ -86,9 +89,12 @@ def prepare_with_trl(recipe: Recipe, tokenizer, dataset, args) -> PreparedRows:
             eval_strategy="no",
             dataset_num_proc=args.dataset_num_proc,
         )
-        quiet = logging.getLogger("trl")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
+        said = _TrlWarnings()
+        trl_log = logging.getLogger("trl")
+        level, propagate = trl_log.level, trl_log.propagate
+        trl_log.setLevel(logging.WARNING)
+        trl_log.propagate = False
+        trl_log.addHandler(said)
         try:
             trainer = SFTTrainer(
                 model=_carrier_model(tokenizer),
@@ -102,7 +108,10 @@ def prepare_with_trl(recipe: Recipe, tokenizer, dataset, args) -> PreparedRows:
                 "run `qtune data RECIPE` to see the rows; check data.chat_template and data.train_on",
             ) from None
         finally:
-            quiet.setLevel(level)
+            trl_log.removeHandler(said)
+            trl_log.setLevel(level)
+            trl_log.propagate = propagate
+            said.tell()
         prepared = trainer.train_dataset
         out = PreparedRows(prepared["input_ids"], prepared["labels"], trainer.data_collator)
         out.cache_files = [f["filename"] for f in prepared.cache_files]
@@ -111,29 +120,43 @@ def prepare_with_trl(recipe: Recipe, tokenizer, dataset, args) -> PreparedRows:
     return out
 
 
+class _TrlWarnings(__import__("logging").Handler):
+    """TRL's warnings during the preparation (e.g. "the tokenized prompt is not a prefix of prompt+completion"),
+    told once each, in words, instead of lost in its logger or repeated per example."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def emit(self, record) -> None:
+        text = " ".join(record.getMessage().split())
+        if text not in self.seen:
+            self.seen.append(text)
+
+    def tell(self) -> None:
+        import sys
+
+        for text in self.seen:
+            print(f"qtune: warning: TRL: {text}", file=sys.stderr)
+
+
 def _schema_of_dataset(ds) -> str:
+    if "input_ids" in ds.column_names:
+        return "messages"  # chats qtune tokenized turn by turn
     plain = "text" in ds.column_names or ("prompt" in ds.column_names and isinstance(ds[0]["prompt"], str))
     return "text" if plain else "messages"
 
 
 def end_of_turn_id(tokenizer, schema: str) -> int | None:
-    """The token that ends an answer: what the chat template writes right after an assistant message's text,
-    or eos for text and plain prompt/completion rows (TRL appends it)."""
+    """The token that closes an answer: the template's per-turn end (qtune.data.turns.end_of_turn_id: what
+    closes each assistant turn, special or added), or eos for text and plain prompt/completion rows (TRL
+    appends it) and templates where no special token closes a turn."""
+    from qtune.data.turns import end_of_turn_id as closing_token
+
     if schema == "text" or not tokenizer.chat_template:
         return tokenizer.eos_token_id
-    marker = "qtunemarker"
-    try:
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
-        )
-    except Exception:
-        return tokenizer.eos_token_id
-    after = rendered.split(marker, 1)[-1].strip(" ")
-    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
-    for i in ids:
-        if i in tokenizer.all_special_ids:
-            return i
-    return ids[0] if ids else tokenizer.eos_token_id
+    found = closing_token(tokenizer)
+    return found if found is not None else tokenizer.eos_token_id
 
 
 def _percentiles(values: list[int]) -> dict:
@@ -193,20 +216,69 @@ def check_training_data(
     require_chat_template(recipe, tokenizer, fmt, rows)
     if isinstance(rows, Rows) and is_conversational(fmt, rows):
         check_chats_render(rows, tokenizer, recipe.data.on_bad_row)
-    built = build_dataset(recipe, tokenizer, fmt, rows, args)  # the cache entry training reuses
+    built = build_dataset(recipe, tokenizer, fmt, rows, args, stats=True)  # the cache entry training reuses
     train_rows = built["train"]
+    turns = {}
+    if per_turn_masks(recipe, tokenizer, fmt):
+        from qtune.data.turns import STAT_COLUMNS, turn_report
+
+        turns = turn_report(train_rows)
+        built = DatasetDict({name: split.remove_columns(STAT_COLUMNS) for name, split in built.items()})
+        train_rows = built["train"]
     if sample is not None and len(train_rows) > sample:
         train_rows = train_rows.select(range(sample))
     held_out = {"eval": built["eval"]} if "eval" in built else {}  # counted (for `qtune data`), not prepared
     prepared = prepare_with_trl(recipe, tokenizer, DatasetDict(train=train_rows, **held_out), args)
+    prepared.turns = turns
     if loud:
         check_trainable(recipe, tokenizer, prepared)
+        import sys
+
+        for line in context_losses(prepared.turns):  # below the refusal threshold: said, once
+            print(f"qtune: warning: data: {line}", file=sys.stderr)
     return prepared
+
+
+def context_losses(turns: dict) -> list[str]:
+    """One line per row class where the template drops or moves content: what `qtune data` and `train` say."""
+    lines = []
+    for cls, c in turns.items():
+        if c["dropped_rows"]:
+            lines.append(
+                f"{cls}: {c['dropped_rows']} of {c['rows']} rows lose a system or user message the chat template "
+                "does not render (e.g. no system branch): the model never sees it"
+            )
+        if c["moved"]:
+            lines.append(
+                f"{cls}: {c['moved']} of {c['answers']} answers are not trained: the chat template places earlier "
+                "content differently once the conversation goes on (e.g. the system prompt in the last user turn), "
+                "so their training context would differ from the one at inference"
+            )
+    return lines
+
+
+def check_context(recipe: Recipe, prepared: PreparedRows) -> None:
+    """Refuse when the template drops content from, or moves content in, more than data.max_untrained_share of
+    the rows of a class (below it, `qtune data` and `train` say so)."""
+    limit = recipe.data.max_untrained_share
+    for cls, c in prepared.turns.items():
+        lost = [(c["dropped_rows"], "dropped_rows"), (c["moved_rows"], "moved")]
+        for lost_rows, key in lost:
+            if not (c["rows"] and lost_rows / c["rows"] > limit):
+                continue
+            only = {k: (v if k in ("rows", "answers", key) else 0) for k, v in c.items()}
+            raise QtuneError(
+                f"data: {context_losses({cls: only})[0]}",
+                "use the template the model was trained with for these rows (or one that renders the system "
+                "prompt where it belongs), drop the system prompts, or raise data.max_untrained_share",
+            )
 
 
 def check_trainable(recipe: Recipe, tokenizer, prepared: PreparedRows) -> None:
     """Fail on the silent killers: end-of-turn never trained (pad == eos masking it included), and too many
-    examples with no trained token (truncation, a template that marks nothing)."""
+    examples with no trained token (truncation, a template that marks nothing), and content the chat template
+    drops or moves in too many rows of a class (check_context)."""
+    check_context(recipe, prepared)
     s = prepared.stats
     answered = s["examples"] - s["untrained"]
     eot = s["end_of_turn"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from qtune.config import Recipe
 from qtune.data.formats import Rows
-from qtune.data.preparation import PreparedRows
+from qtune.data.preparation import PreparedRows, context_losses
 from qtune.data.sources import skipped_text
 
 
@@ -77,6 +77,9 @@ def render_summary(
     loss = (
         "every token"
         if recipe.data.train_on == "all"
+        else f"{'the last answer' if recipe.data.train_on == 'last' else 'every answer'} of each chat (masks "
+        "derived turn by turn from the chat template)"
+        if prepared.turns
         else "assistant turns (TRL assistant_only_loss, {% generation %} markers)"
         if settings.get("assistant_only_loss")
         else "the last answer only (template has no {% generation %} markers; earlier answers are context)"
@@ -101,6 +104,13 @@ def render_summary(
         f"{tokenizer.eos_token!r}",
         f"packing: {'on (TRL bfd, padding-free position ids)' if recipe.data.packing else 'off'}",
     ]
+    for cls, c in prepared.turns.items():
+        lines.append(
+            f"{cls}: {c['rows']} rows, {c['trained']} of {c['answers']} answers trained"
+            + (f", {c['moved']} with moved context" if c["moved"] else "")
+            + (f", {c['dropped_rows']} rows losing content" if c["dropped_rows"] else "")
+        )
+    lines += [f"warning: {line}" for line in context_losses(prepared.turns)]
     if prepared.cache_files:
         lines.append(f"cache: {Path(prepared.cache_files[0]).parent.parent} (reused by the next run on the same data)")
     for i in range(min(samples, s["examples"])):

@@ -136,15 +136,36 @@ def require_chat_template(recipe: Recipe, tokenizer, schema: str, rows: list[dic
         )
 
 
+class ToolsNotRendered(Exception):
+    """The template renders a tool-call row without its calls or its function schemas."""
+
+
+def _check_tools_rendered(conversation: list[dict], tools: list | None, rendered: str) -> None:
+    names = [c["function"]["name"] for m in conversation for c in m.get("tool_calls") or []]
+    names += [t.get("function", t).get("name", "") for t in tools or []]
+    missing = sorted({n for n in names if n and n not in rendered})
+    if missing:
+        raise ToolsNotRendered(
+            f"the chat template has no tool support: the tool calls or schemas ({', '.join(missing)}) are not rendered"
+        )
+
+
 def check_chats_render(rows: Rows, tokenizer, on_bad_row: str) -> None:
     """Render every chat once (text only): a row the template refuses (e.g. role order) is an error naming
     it, or skipped and counted. Rows are filtered in place."""
+    from qtune.data.turns import clean_message, tools_of
+
     keep, labels, failed = [], [], 0
     first = None
     for i, row in enumerate(rows):
         conversation = row["messages"] if "messages" in row else row["prompt"] + row["completion"]
+        conversation = [clean_message(m) for m in conversation]
+        tools = tools_of(row)
         try:
-            tokenizer.apply_chat_template(conversation, tokenize=False)
+            rendered = tokenizer.apply_chat_template(
+                conversation, tokenize=False, **({"tools": tools} if tools else {})
+            )
+            _check_tools_rendered(conversation, tools, rendered)
         except Exception as exc:
             where = rows.where[i] if i < len(rows.where) else f"row {i + 1}"
             if on_bad_row == "error":

@@ -1,0 +1,102 @@
+"""The real-template test corpus: release chat templates and tokenizers of the model families qtune is tested on,
+taken from the llama-cpp-python source distribution (which vendors llama.cpp's `models/ggml-vocab-*.gguf` and
+`models/templates/*.jinja`) and TRL's own template files. Built once into a cache folder and reused:
+
+    python tests/corpus.py [DIR]      (default: $XDG_CACHE_HOME/qtune-test-corpus, else ~/.cache/...)
+
+Only the few files the tests use are extracted; each GGUF vocabulary is converted once into a transformers
+tokenizer folder (loading a GGUF vocabulary takes tens of seconds, the saved folder well under one)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+SDIST = "llama-cpp-python==0.3.36"
+SDIST_FILE = "llama_cpp_python-0.3.36.tar.gz"
+MODELS = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/"
+
+# family -> (vocabulary in the sdist, release template file: "sdist:NAME" or "trl:NAME")
+FAMILIES = {
+    "llama-3.1": ("llama-bpe", "sdist:meta-llama-Llama-3.1-8B-Instruct.jinja"),
+    "llama-3.2": ("llama-bpe", "sdist:meta-llama-Llama-3.2-3B-Instruct.jinja"),
+    "qwen2.5": ("qwen2", "sdist:Qwen-Qwen2.5-7B-Instruct.jinja"),
+    "phi-3": ("phi-3", "trl:phi3.jinja"),
+    "phi-3.5": ("phi-3", "sdist:microsoft-Phi-3.5-mini-instruct.jinja"),
+    # Mistral's Nemo template (system prompt in the last user turn, [TOOL_CALLS]) on the Mistral-7B-v0.1 /
+    # Llama-2 SentencePiece vocabulary: its [INST] markers are text there, as in Mistral v0.1's vocabulary
+    "mistral-nemo": ("llama-spm", "sdist:mistralai-Mistral-Nemo-Instruct-2407.jinja"),
+    # no Gemma-2 vocabulary in the sdist (gemma-4's does not load in transformers): template only
+    "gemma-2": (None, "sdist:google-gemma-2-2b-it.jinja"),
+}
+
+
+def default_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "qtune-test-corpus"
+
+
+def _sdist(folder: Path) -> Path:
+    """The sdist: a copy already in the folder (or QTUNE_LCPP_SDIST), else `pip download` (PyPI only)."""
+    given = os.environ.get("QTUNE_LCPP_SDIST")
+    if given and Path(given).is_file():
+        return Path(given)
+    path = folder / SDIST_FILE
+    if path.is_file():
+        return path
+    for known in (Path("/tmp/lcpp-sdist") / SDIST_FILE,):
+        if known.is_file():
+            return known
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", str(folder)],
+        check=True,
+        capture_output=True,
+    )
+    return path
+
+
+def build(folder: Path | None = None) -> Path:
+    """The corpus folder: templates/<family>.jinja and tokenizers/<vocab>/ (transformers folders)."""
+    folder = Path(folder or default_dir())
+    done = folder / "complete"
+    if done.is_file():
+        return folder
+    (folder / "templates").mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizers").mkdir(exist_ok=True)
+    wanted_sdist = {t.split(":", 1)[1] for _, t in FAMILIES.values() if t.startswith("sdist:")}
+    vocabs = {v for v, _ in FAMILIES.values() if v}
+    with tarfile.open(_sdist(folder)) as tar:
+        for member in tar:
+            name = member.name
+            if not name.startswith(MODELS) or not member.isfile():
+                continue
+            rest = name[len(MODELS) :]
+            if rest.startswith("templates/") and rest.split("/", 1)[1] in wanted_sdist:
+                (folder / rest).write_bytes(tar.extractfile(member).read())
+            elif rest.startswith("ggml-vocab-") and rest.endswith(".gguf") and rest[11:-5] in vocabs:
+                (folder / "gguf").mkdir(exist_ok=True)
+                (folder / "gguf" / rest).write_bytes(tar.extractfile(member).read())
+    import trl
+
+    trl_templates = Path(trl.__file__).parent / "chat_templates"
+    for family, (_vocab, source) in FAMILIES.items():
+        kind, name = source.split(":", 1)
+        src = folder / "templates" / name if kind == "sdist" else trl_templates / name
+        (folder / "templates" / f"{family}.jinja").write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+    from transformers import AutoTokenizer
+
+    for vocab in sorted(vocabs):
+        out = folder / "tokenizers" / vocab
+        if not (out / "tokenizer_config.json").is_file():
+            tok = AutoTokenizer.from_pretrained(str(folder / "gguf"), gguf_file=f"ggml-vocab-{vocab}.gguf")
+            tok.chat_template = None  # each test sets the family's release template
+            tok.save_pretrained(str(out))
+    done.write_text("ok\n")
+    return folder
+
+
+if __name__ == "__main__":
+    print(build(Path(sys.argv[1]) if len(sys.argv) > 1 else None))
