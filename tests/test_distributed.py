@@ -104,6 +104,12 @@ def test_launch_reads_engine_details(monkeypatch):
     for name in LAUNCH_ENV:
         monkeypatch.delenv(name, raising=False)
     assert detect_launch() == Launch(1, 0, 0, "NO") and not detect_launch().sharded
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert detect_launch() == Launch(4, 3, 1, "MULTI_GPU") and not detect_launch().sharded
+    for name in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
