@@ -105,6 +105,42 @@ def run_qtune(*args: str, cwd: Path | None = None, env: dict | None = None, time
     )
 
 
+def run_qtune_in_process(*args: str, cwd: Path | None = None, env: dict | None = None):
+    """The CLI called in this process (qtune.cli.main), returned like run_qtune's CompletedProcess.
+
+    For bad inputs whose exit path is not what is tested: a subprocess pays seconds of interpreter start-up and
+    library imports per case. Exit codes come from SystemExit; any other exception propagates (a test fails
+    with the traceback a user would have seen). `env` is set for the call only. Keep the cases that depend on
+    the process itself (import-time environment, the launcher) on run_qtune."""
+    import contextlib
+    import io
+
+    from qtune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    env = {k: str(v) for k, v in (env or {}).items()}
+    saved = {k: os.environ.get(k) for k in env}
+    here = os.getcwd()
+    try:
+        os.environ.update(env)
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in args])
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        os.chdir(here)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return subprocess.CompletedProcess(["qtune", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests need CUDA: skipped (not failed) on the CPU-only CI machine."""
     import torch

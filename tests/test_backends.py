@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_qtune
+from conftest import run_qtune, run_qtune_in_process
 from qtune.config import load_recipe
 from qtune.errors import QtuneError
 from qtune.export import quantize
@@ -31,7 +31,7 @@ RUNNABLE = [
 
 def _refused(make_recipe, tmp_path, quantization: dict, *needles: str):
     recipe = make_recipe(quantization=quantization)
-    result = run_qtune("train", recipe)
+    result = run_qtune_in_process("train", recipe)
     assert result.returncode == 2, result.stderr[-2000:]
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1, result.stderr[-2000:]
