@@ -3,6 +3,8 @@ table, the verdict."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import run_qtune
@@ -280,8 +282,19 @@ def test_cli_verdict_unknown_model_and_recipe(make_recipe):
 
 
 @pytest.mark.slow
-def test_probe_runs_one_step_and_prints_measured_peak(make_recipe):
-    done = run_qtune("estimate", make_recipe(), "--probe")
+def test_probe_runs_one_step_and_prints_measured_peak(make_recipe, tmp_path):
+    recipe = make_recipe()
+    done = run_qtune("estimate", recipe, "--probe")
     assert done.returncode == 0, done.stderr
     line = next(x for x in done.stdout.splitlines() if "probe (CPU" in x)
-    assert float(line.split("peak RSS ")[1].split()[0]) > 0
+    peak = float(line.split("peak RSS ")[1].split()[0])
+    assert peak > 0
+    before = float(line.split(" GiB before the model loaded")[0].rsplit(" ", 1)[1])
+    assert 0 < before <= peak
+
+    # The same recipe trained for real: its own metrics (summary.json, the peak resident set of the whole process,
+    # GiB) say what the probe's one step should have measured, within what 4 steps instead of 1 can add.
+    trained = run_qtune("train", recipe, "--quiet")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_peak = json.loads((tmp_path / "run" / "summary.json").read_text())["peak_rss_gb"]
+    assert 0.8 * run_peak <= peak <= 1.25 * run_peak, (peak, run_peak)
