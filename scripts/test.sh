@@ -13,4 +13,7 @@ python -c "import gptqmodel, optimum.gptq" 2>/dev/null || {
   python -m pip install -q optimum threadpoolctl device-smi pypcre tokenicer logbar defuser
   python -m pip install -q --no-deps --no-build-isolation 'gptqmodel==7.7.0'
 }
-python -m pytest -q "$@"
+# Two workers (pytest-xdist): a test runs on one core (OMP_NUM_THREADS=1), so the 2-core CI machine runs two at a
+# time. loadgroup keeps the tests that share an expensive fixture on one worker (tests/conftest.py). Arguments
+# come after, so `bash scripts/test.sh -n 0` runs in one process and `-n auto` uses every core.
+python -m pytest -q -n 2 --dist loadgroup "$@"

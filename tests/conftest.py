@@ -19,7 +19,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # qtune caches prepared data under the datasets cache: keep the tests' entries out of the user's cache.
-os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="qtune-tests-datasets-"))
+# pytest-xdist workers inherit the controller's environment: each gets its own (no two processes write one).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(
+        prefix=f"qtune-tests-datasets-{os.environ['PYTEST_XDIST_WORKER']}-"
+    )
+else:
+    os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="qtune-tests-datasets-"))
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two threads per process
 # measured 263 s against 9 s for the same 400-step run (subprocesses inherit this).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -129,8 +135,62 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
+def run_qtune_in_process(*args: str, cwd: Path | None = None, env: dict | None = None):
+    """The CLI called in this process (qtune.cli.main), returned like run_qtune's CompletedProcess.
+
+    For bad inputs whose exit path is not what is tested: a subprocess pays seconds of interpreter start-up and
+    library imports per case. Exit codes come from SystemExit; any other exception propagates (a test fails
+    with the traceback a user would have seen). `env` is set for the call only. Keep the cases that depend on
+    the process itself (import-time environment, the launcher) on run_qtune."""
+    import contextlib
+    import io
+
+    from qtune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    env = {k: str(v) for k, v in (env or {}).items()}
+    saved = {k: os.environ.get(k) for k in env}
+    here = os.getcwd()
+    try:
+        os.environ.update(env)
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in args])
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        os.chdir(here)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return subprocess.CompletedProcess(["qtune", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+# Under pytest-xdist (scripts/test.sh runs `-n 2 --dist loadgroup`) every worker builds its own session and
+# module fixtures: the tests that share an expensive one (a training run, GPTQ quantization) are kept on one
+# worker, so that it is built once. Fixture → xdist group.
+SHARED_BUILDS = {
+    "trained": "export-run",
+    "tiny_gptq": "gptq-checkpoints",
+    "finished_run": "reliability-run",
+    "corpus": "real-templates",  # built once on disk (tests/corpus.py): two workers must not build it at once
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests need CUDA: skipped (not failed) on the CPU-only CI machine."""
+    """Tests sharing an expensive fixture go to one xdist worker; `gpu` tests need CUDA: skipped (not failed)
+    on the CPU-only CI machine."""
+    for item in items:
+        for fixture, group in SHARED_BUILDS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
+
     import torch
 
     if torch.cuda.is_available():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_qtune
+from conftest import run_qtune, run_qtune_in_process
 from qtune.config import load_recipe
 from qtune.errors import QtuneError
 from qtune.model import Launch, check_architecture, load_for_training, load_tokenizer
@@ -57,7 +57,7 @@ def test_the_backend_table_is_the_one_place_that_names_backends():
 
 def _refused(make_recipe, tmp_path, quantization: dict, *needles: str):
     recipe = make_recipe(quantization=quantization)
-    result = run_qtune("train", recipe)
+    result = run_qtune_in_process("train", recipe)
     assert result.returncode == 2, result.stderr[-2000:]
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1, result.stderr[-2000:]
@@ -335,7 +335,7 @@ def test_merge_quantize_onto_prequantized_base_refused(make_recipe, prequantized
     (run / "recipe.yaml").write_text(make_recipe().read_text())
     (run / "adapter" / "adapter_config.json").write_text("{}")
     (run / "adapter" / "adapter_model.safetensors").write_bytes(b"")
-    result = run_qtune("merge", run, "--base", folder, "--quantize", "4")
+    result = run_qtune_in_process("merge", run, "--base", folder, "--quantize", "4")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"error: --base: '{folder}' is already quantized ({method}" in result.stderr
     assert "merge --quantize 4 needs unquantized weights" in result.stderr
@@ -374,19 +374,19 @@ def test_merge_of_a_gptq_run_needs_its_gptq_checkpoint(make_recipe, prequantized
     other bits as --base are refused; --onto original needs the unquantized checkpoint as --base."""
     method, folder = prequantized
     run = _fake_run(tmp_path, make_recipe, model={"name": str(folder)}, quantization={"backend": "gptq", "bits": 4})
-    result = run_qtune("merge", run, "--base", tiny_llama)
+    result = run_qtune_in_process("merge", run, "--base", tiny_llama)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"error: --base: '{tiny_llama}' is plain weights (no quantization_config); the run trained LoRA on a " in (
         result.stderr
     )
     assert "4-bit GPTQ checkpoint (quantization.backend: gptq)" in result.stderr
-    result = run_qtune("merge", run, "--onto", "original")
+    result = run_qtune_in_process("merge", run, "--onto", "original")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"'{folder}' is already quantized ({method}); merge --onto original needs unquantized weights" in (
         result.stderr
     )
     if method != "gptq":
-        result = run_qtune("merge", run)
+        result = run_qtune_in_process("merge", run)
         assert result.returncode == 2, result.stderr[-2000:]
         assert f"'{folder}' is a {method} checkpoint (4-bit); the run trained LoRA on a 4-bit GPTQ" in result.stderr
     assert not (run / "merged").exists()

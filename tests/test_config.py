@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import yaml
 
@@ -29,8 +26,10 @@ def _write(tmp_path, text: str):
 
 
 def test_defaults_and_exponent_without_dot(tmp_path):
-    r = load_recipe(_write(tmp_path, BASE))
+    # YAML 1.1 reads 2e-4 (no dot) as a string; the recipe and its overrides must still take it as a number.
+    r = load_recipe(_write(tmp_path, BASE), ["training.weight_decay=1e-2"])
     assert r.training.lr == 2e-4 and isinstance(r.training.lr, float)
+    assert r.training.weight_decay == pytest.approx(1e-2) and isinstance(r.training.weight_decay, float)
     assert (r.quantization.bits, r.quantization.quant_type, r.quantization.double_quant) == (4, "nf4", True)
     assert r.lora.target_modules == "all-linear"
     assert r.output_dir == "runs/r"  # named after the recipe file
@@ -116,16 +115,6 @@ def test_reference_documents_every_section():
         "output_dir",
     ):
         assert f"`{key}`" in table
-
-
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]])
-def test_help_does_not_import_torch(argv):
-    code = (
-        f"import sys\nfrom qtune.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
-        "print('TORCH', 'torch' in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "usage: qtune" in out.stdout and out.stdout.strip().endswith("TORCH False")
 
 
 def test_readme_reference_matches_the_schema():

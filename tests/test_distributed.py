@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import qtune
-from conftest import run_qtune
+from conftest import run_qtune_in_process
 from qtune import model as qmodel
 from qtune import train
 from qtune.config import load_recipe
@@ -104,6 +104,12 @@ def test_launch_reads_engine_details(monkeypatch):
     for name in LAUNCH_ENV:
         monkeypatch.delenv(name, raising=False)
     assert detect_launch() == Launch(1, 0, 0, "NO") and not detect_launch().sharded
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert detect_launch() == Launch(4, 3, 1, "MULTI_GPU") and not detect_launch().sharded
+    for name in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
@@ -212,8 +218,10 @@ def test_bad_launch_refused_before_the_model_loads(case, make_recipe, tmp_path):
         "data": {"datasets": [{"path": str(tmp_path / "no-such-data.jsonl")}]},
     }
     recipe = make_recipe(**sections)
-    launcher = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": "", **env}
-    result = run_qtune("train", recipe, "--check", env=launcher, timeout=120)
+    # In-process (the launcher's variables are read when the command runs; test_fsdp_accelerate_launch_… below
+    # goes through the real launcher). No CUDA_VISIBLE_DEVICES here: it would hide the GPU from later tests.
+    launcher = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", **env}
+    result = run_qtune_in_process("train", recipe, "--check", env=launcher)
     assert result.returncode == 2, result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr

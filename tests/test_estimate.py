@@ -3,9 +3,11 @@ table, the verdict."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from conftest import run_qtune
+from conftest import run_qtune, run_qtune_in_process
 from qtune import estimate as E
 from qtune.quant import BACKENDS
 
@@ -269,29 +271,43 @@ def test_terms_move_the_right_way():
 
 
 def test_cli_verdict_unknown_model_and_recipe(make_recipe):
+    # One through a real process; the others in-process (the same output and exit code, without the start-up).
     fits = run_qtune("estimate", "--model", "meta-llama/Llama-2-7b-hf", "--gpu", "24GB", "--gpus", "2")
     assert fits.returncode == 0, fits.stderr
     assert "verdict: fits" in fits.stdout and "simple rule" in fits.stdout and "FSDP / ZeRO-3" in fits.stdout
 
-    tight = run_qtune("estimate", "--model", "meta-llama/Llama-2-7b-hf", "--gpu", "16GB", "--no-checkpointing")
+    tight = run_qtune_in_process(
+        "estimate", "--model", "meta-llama/Llama-2-7b-hf", "--gpu", "16GB", "--no-checkpointing"
+    )
     assert tight.returncode == 2
     error, hint = tight.stderr.strip().splitlines()[-2:]
     assert error.startswith("error:") and "largest term is activations" in error
     assert "micro_batch_size" in hint and "gradient_checkpointing" in hint
     assert "Traceback" not in tight.stderr
 
-    unknown = run_qtune("estimate", "--model", "acme/not-a-model")
+    unknown = run_qtune_in_process("estimate", "--model", "acme/not-a-model")
     assert unknown.returncode == 2
     assert "meta-llama/Llama-2-7b-hf" in unknown.stderr and "config.json" in unknown.stderr
 
-    recipe = run_qtune("estimate", make_recipe(), "training.micro_batch_size=2", "--max-length", "32")
+    recipe = run_qtune_in_process("estimate", make_recipe(), "training.micro_batch_size=2", "--max-length", "32")
     assert recipe.returncode == 0, recipe.stderr
     assert "micro-batch 2 x max_length 32" in recipe.stdout
 
 
 @pytest.mark.slow
-def test_probe_runs_one_step_and_prints_measured_peak(make_recipe):
-    done = run_qtune("estimate", make_recipe(), "--probe")
+def test_probe_runs_one_step_and_prints_measured_peak(make_recipe, tmp_path):
+    recipe = make_recipe()
+    done = run_qtune("estimate", recipe, "--probe")
     assert done.returncode == 0, done.stderr
     line = next(x for x in done.stdout.splitlines() if "probe (CPU" in x)
-    assert float(line.split("peak RSS ")[1].split()[0]) > 0
+    peak = float(line.split("peak RSS ")[1].split()[0])
+    assert peak > 0
+    before = float(line.split(" GiB before the model loaded")[0].rsplit(" ", 1)[1])
+    assert 0 < before <= peak
+
+    # The same recipe trained for real: its own metrics (summary.json, the peak resident set of the whole process,
+    # GiB) say what the probe's one step should have measured, within what 4 steps instead of 1 can add.
+    trained = run_qtune("train", recipe, "--quiet")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_peak = json.loads((tmp_path / "run" / "summary.json").read_text())["peak_rss_gb"]
+    assert 0.8 * run_peak <= peak <= 1.25 * run_peak, (peak, run_peak)

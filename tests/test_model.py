@@ -133,6 +133,25 @@ def test_eval_pass_does_not_break_training_on_cpu(make_recipe):
     assert not getattr(state, "packing_format_for_cpu", False) and state.nested
 
 
-def test_pad_token_distinct_from_eos(make_recipe):
-    _, _, tokenizer = _load(make_recipe)
+def test_pad_token_distinct_from_eos(make_recipe, tiny_llama, tmp_path):
+    """A tokenizer saved without a pad token gets one that is not eos: unk where it has one, else a pad-like
+    special token of its vocabulary (test_data covers reserved tokens and the eos fallback)."""
+    from transformers import AutoTokenizer
+
+    from qtune.model import load_tokenizer
+
+    def without(*names: str):
+        tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+        for name in names:
+            setattr(tokenizer, name, None)
+        folder = tmp_path / "-".join(names)
+        tokenizer.save_pretrained(folder)
+        assert AutoTokenizer.from_pretrained(folder).pad_token is None  # the choice is load_tokenizer's
+        return load_tokenizer(load_recipe(make_recipe(), [f"model.tokenizer={folder}"]))
+
+    tokenizer = without("pad_token")
+    assert tokenizer.pad_token == tokenizer.unk_token == "<unk>"
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    tokenizer = without("pad_token", "unk_token")
+    assert tokenizer.unk_token is None and tokenizer.pad_token == "<pad>"
     assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id

@@ -7,19 +7,7 @@ import torch
 
 from qtune import model as qmodel
 from qtune.config import load_recipe
-from qtune.model import Launch, detect_launch, device_map_for
-
-
-def test_launch_read_from_the_launcher_environment(monkeypatch):
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
-        monkeypatch.delenv(name, raising=False)
-    assert detect_launch() == Launch(1, 0, 0, "NO")
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("RANK", "3")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    assert detect_launch() == Launch(4, 3, 1, "MULTI_GPU")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert detect_launch().distributed_type == "FSDP"
+from qtune.model import Launch, device_map_for
 
 
 def test_device_map_per_launch(make_recipe, monkeypatch):
