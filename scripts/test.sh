@@ -8,7 +8,7 @@ bash scripts/setup.sh
 # GGML_NATIVE=OFF: a native build on an AMX CPU (Sapphire Rapids) segfaulted in llama_decode here; the portable one runs.
 # Its source distribution is fetched once (PyPI) and also feeds tests/corpus.py: llama.cpp's real tokenizers and
 # the released models' chat templates it vendors are the real-template tests' corpus.
-export QTUNE_LCPP_SDIST=.venv/sdist/llama_cpp_python-0.3.36.tar.gz
+export QTUNE_LCPP_SDIST="$PWD/.venv/sdist/llama_cpp_python-0.3.36.tar.gz"
 [ -f "$QTUNE_LCPP_SDIST" ] || python -m pip download -q --no-deps --no-binary :all: 'llama-cpp-python==0.3.36' -d .venv/sdist
 python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" python -m pip install -q "$QTUNE_LCPP_SDIST"
 # GPT-QModel, for the gptq backend's tests: gptqmodel 7.7 declares torch>=2.14.1 (pip would swap in a multi-GB CUDA
