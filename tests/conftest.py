@@ -111,6 +111,20 @@ def run_qtune(*args: str, cwd: Path | None = None, env: dict | None = None, time
     )
 
 
+def trained_spans(tokenizer, ids: list[int], trained: list) -> list[str]:
+    """The decoded runs of tokens that carry loss (`trained`: a truthy entry per token), in order."""
+    spans, run = [], []
+    for token, bit in zip(ids, trained, strict=True):
+        if bit:
+            run.append(token)
+        elif run:
+            spans.append(tokenizer.decode(run))
+            run = []
+    if run:
+        spans.append(tokenizer.decode(run))
+    return spans
+
+
 def start_qtune(*args: str) -> subprocess.Popen:
     """Start the real CLI in the background (python -m qtune …), output captured."""
     return subprocess.Popen(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_qtune, write_jsonl
+from conftest import run_qtune, trained_spans, write_jsonl
 from qtune import train
 from qtune.config import load_recipe
 from qtune.data.cache import build_dataset
@@ -238,16 +238,7 @@ def _trainer(recipe, tiny_llama, rows_schema):
 
 def _trained_spans(tokenizer, ids, labels) -> list[str]:
     """The decoded runs of tokens that carry loss, in order."""
-    spans, run = [], []
-    for token, label in zip(ids, labels, strict=True):
-        if label != -100:
-            run.append(token)
-        elif run:
-            spans.append(tokenizer.decode(run))
-            run = []
-    if run:
-        spans.append(tokenizer.decode(run))
-    return spans
+    return trained_spans(tokenizer, ids, [label != -100 for label in labels])
 
 
 def _batch_spans(trainer, tokenizer):

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from conftest import trained_spans
 from qtune.data.formats import BadRow, map_row
 from qtune.data.turns import end_of_turn_id, tokenize_turns
 
@@ -77,16 +78,7 @@ TOOL_CHAT = [
 
 
 def _spans(tokenizer, ids, mask) -> list[str]:
-    spans, run = [], []
-    for token, bit in zip(ids, mask, strict=True):
-        if bit:
-            run.append(token)
-        elif run:
-            spans.append(tokenizer.decode(run))
-            run = []
-    if run:
-        spans.append(tokenizer.decode(run))
-    return spans
+    return trained_spans(tokenizer, ids, mask)
 
 
 def _own_ids(tokenizer, messages, tools=None) -> list[int]:
