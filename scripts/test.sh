@@ -6,7 +6,10 @@ bash scripts/setup.sh
 . .venv/bin/activate
 # llama.cpp itself, for tests/test_gguf_llamacpp.py: built from source once (a few minutes), not needed by the demo.
 # GGML_NATIVE=OFF: a native build on an AMX CPU (Sapphire Rapids) segfaulted in llama_decode here; the portable one runs.
-python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" python -m pip install -q -e '.[dev,llamacpp]'
+# LLAVA_BUILD=OFF: llama-cpp-python's multimodal library (libmtmd: about 50 compile steps on top of the 140 the rest
+# takes) is never loaded by `import llama_cpp` or for the text models qtune exports.
+python -c "import llama_cpp" 2>/dev/null \
+  || CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" python -m pip install -q -e '.[dev,llamacpp]'
 # GPT-QModel, for the gptq backend's tests: gptqmodel 7.7 declares torch>=2.14.1 (pip would swap in a multi-GB CUDA
 # torch), so what it imports is installed first and gptqmodel itself without dependencies (extra `gptq` on a GPU).
 python -c "import gptqmodel, optimum.gptq" 2>/dev/null || {
