@@ -266,7 +266,9 @@ def test_cli_verdict_unknown_model_and_recipe(make_recipe):
     assert fits.returncode == 0, fits.stderr
     assert "verdict: fits" in fits.stdout and "simple rule" in fits.stdout and "FSDP / ZeRO-3" in fits.stdout
 
-    tight = run_qtune_in_process("estimate", "--model", "meta-llama/Llama-2-7b-hf", "--gpu", "16GB", "--no-checkpointing")
+    tight = run_qtune_in_process(
+        "estimate", "--model", "meta-llama/Llama-2-7b-hf", "--gpu", "16GB", "--no-checkpointing"
+    )
     assert tight.returncode == 2
     error, hint = tight.stderr.strip().splitlines()[-2:]
     assert error.startswith("error:") and "largest term is activations" in error
