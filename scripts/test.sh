@@ -10,7 +10,10 @@ bash scripts/setup.sh
 # the released models' chat templates it vendors are the real-template tests' corpus.
 export QTUNE_LCPP_SDIST="$PWD/.venv/sdist/llama_cpp_python-0.3.36.tar.gz"
 [ -f "$QTUNE_LCPP_SDIST" ] || python -m pip download -q --no-deps --no-binary :all: 'llama-cpp-python==0.3.36' -d .venv/sdist
-python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" python -m pip install -q "$QTUNE_LCPP_SDIST"
+# LLAVA_BUILD=OFF: llama-cpp-python's multimodal library (libmtmd: about 50 compile steps on top of the 140 the rest
+# takes) is never loaded by `import llama_cpp` or for the text models qtune exports.
+python -c "import llama_cpp" 2>/dev/null \
+  || CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" python -m pip install -q "$QTUNE_LCPP_SDIST"
 # GPT-QModel, for the gptq backend's tests: gptqmodel 7.7 declares torch>=2.14.1 (pip would swap in a multi-GB CUDA
 # torch), so what it imports is installed first and gptqmodel itself without dependencies (extra `gptq` on a GPU).
 python -c "import gptqmodel, optimum.gptq" 2>/dev/null || {
