@@ -128,7 +128,8 @@ def merge_locked(
     # gptq --onto original: --base is the unquantized checkpoint; training's base is the recipe's GPTQ one.
     gptq_original = backend.checkpoint is not None and onto == "original"
     trained_base = None if gptq_original else base
-    check_base_unchanged(run, trained_base or m.name, "--base" if trained_base else base_key)
+    if trained_base is None:  # the recipe's own base: still the weights it trained on? (--base says where it is now)
+        check_base_unchanged(run, m.name, base_key)
     trained = load_trained(recipe, run.adapter, base=trained_base, allow_pickle=allow_pickle)
     reference = prompt_logits(trained, tokenizer, prompts)
 

@@ -60,10 +60,22 @@ def _sdist(folder: Path) -> Path:
 
 def build(folder: Path | None = None) -> Path:
     """The corpus folder: templates/<family>.jinja and tokenizers/<vocab>/ (transformers folders)."""
+    import fcntl
+
     folder = Path(folder or default_dir())
     done = folder / "complete"
     if done.is_file():
         return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:  # two pytest-xdist workers: one builds, the other waits for it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            _build(folder)
+    return folder
+
+
+def _build(folder: Path) -> None:
+    done = folder / "complete"
     (folder / "templates").mkdir(parents=True, exist_ok=True)
     (folder / "tokenizers").mkdir(exist_ok=True)
     wanted_sdist = {t.split(":", 1)[1] for _, t in FAMILIES.values() if t.startswith("sdist:")}
@@ -95,7 +107,6 @@ def build(folder: Path | None = None) -> Path:
             tok.chat_template = None  # each test sets the family's release template
             tok.save_pretrained(str(out))
     done.write_text("ok\n")
-    return folder
 
 
 if __name__ == "__main__":
