@@ -9,7 +9,7 @@ bash scripts/setup.sh
 # Its source distribution is fetched once (PyPI) and also feeds tests/corpus.py: llama.cpp's real tokenizers and
 # the released models' chat templates it vendors are the real-template tests' corpus.
 export QTUNE_LCPP_SDIST="$PWD/.venv/sdist/llama_cpp_python-0.3.36.tar.gz"
-[ -f "$QTUNE_LCPP_SDIST" ] || python -m pip download -q --no-deps --no-binary :all: 'llama-cpp-python==0.3.36' -d .venv/sdist
+[ -f "$QTUNE_LCPP_SDIST" ] || python -m pip download -q --no-deps --no-binary llama-cpp-python 'llama-cpp-python==0.3.36' -d .venv/sdist
 # LLAVA_BUILD=OFF: llama-cpp-python's multimodal library (libmtmd: about 50 compile steps on top of the 140 the rest
 # takes) is never loaded by `import llama_cpp` or for the text models qtune exports.
 python -c "import llama_cpp" 2>/dev/null \
