@@ -51,7 +51,18 @@ def _sdist(folder: Path) -> Path:
         if known.is_file():
             return known
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", SDIST, "-d", str(folder)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            "llama-cpp-python",
+            SDIST,
+            "-d",
+            str(folder),
+        ],
         check=True,
         capture_output=True,
     )
