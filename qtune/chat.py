@@ -16,7 +16,7 @@ def load_for_chat(target: str, merged: bool = False, allow_pickle: bool = False)
     """(model, tokenizer, description) for a run directory (adapter on the trained base, or its merged/) or a model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qtune.model import check_no_pickle, load_trained, single_process_device_map
+    from qtune.model import check_weight_files, load_trained, single_process_device_map
     from qtune.rundir import RunDir
 
     path = Path(target)
@@ -30,7 +30,7 @@ def load_for_chat(target: str, merged: bool = False, allow_pickle: bool = False)
         path = run.require_merged()
     elif merged:
         raise QtuneError(f"--merged: {target} is not a run directory", "give RUN_DIR, or the model folder itself")
-    check_no_pickle(str(path), allow_pickle)
+    check_weight_files(str(path), allow_pickle)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), device_map=single_process_device_map(), use_safetensors=None if allow_pickle else True

@@ -757,12 +757,11 @@ class _NoAliasDumper(yaml.SafeDumper):
 
 def dump_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
     """Write the resolved recipe (defaults filled in, overrides applied) atomically."""
+    from qtune.rundir import write_text_atomic
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".yaml.tmp")
-    text = yaml.dump(recipe_to_dict(recipe), Dumper=_NoAliasDumper, sort_keys=False)
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(target)
+    write_text_atomic(target, yaml.dump(recipe_to_dict(recipe), Dumper=_NoAliasDumper, sort_keys=False))
 
 
 def _type_text(annotation: Any) -> str:

@@ -489,9 +489,9 @@ def _export_folder(folder: Path, dest: Path, qtype: str, prompts, name: str, log
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qtune.model import check_no_pickle
+    from qtune.model import check_weight_files
 
-    check_no_pickle(str(folder), allow_pickle=False, flag=None)
+    check_weight_files(str(folder), allow_pickle=False, flag=None)
     merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dest.parent.mkdir(parents=True, exist_ok=True)

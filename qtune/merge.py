@@ -10,7 +10,7 @@ from pathlib import Path
 
 from qtune.errors import QtuneError
 from qtune.logits import VERIFY_PROMPTS, compare_logits, prompt_logits
-from qtune.model import base_fingerprint, check_no_pickle, check_prequantized_base, check_unquantized_checkpoint
+from qtune.model import base_fingerprint, check_prequantized_base, check_unquantized_checkpoint, check_weight_files
 from qtune.quantize import DTYPES, quantize
 from qtune.rundir import RunDir, check_no_pickle_files, check_output_dir, staged_output
 
@@ -90,7 +90,7 @@ def merge_locked(
     dest = Path(out) if out else run.merged
     check_output_dir(dest, overwrite)
     base_name = base or recipe.model.name
-    check_no_pickle(base_name, allow_pickle)
+    check_weight_files(base_name, allow_pickle)
     base_key = "--base" if base else f"model.name (in {run.recipe_file})"
     backend = backend_of(recipe)
     if backend.checkpoint and onto == "dequantized":

@@ -13,7 +13,7 @@ from qtune.config import Recipe
 from qtune.errors import QtuneError, first_line
 from qtune.quant import BACKENDS, backend_of, offered_bits
 from qtune.quant import describe as describe_quantization
-from qtune.rundir import PICKLE_SUFFIXES
+from qtune.rundir import PICKLE_SUFFIXES, safetensors_problem
 
 
 @dataclass(frozen=True)
@@ -248,11 +248,20 @@ def check_not_prequantized(config, recipe: Recipe) -> None:
         )
 
 
-def check_no_pickle(model: str, allow_pickle: bool, flag: str | None = "--allow-pickle") -> None:
-    """A local model folder must hold safetensors weights unless the user accepts pickle's risk (`flag`: the
-    option of the command at hand that does, named in the hint; None where the command has none)."""
+def check_weight_files(model: str, allow_pickle: bool, flag: str | None = "--allow-pickle") -> None:
+    """A local model folder's weights: safetensors files that are whole (a download cut short is named before
+    anything loads), and no pickle files unless the user accepts pickle's risk (`flag`: the option of the command
+    at hand that does, named in the hint; None where the command has none)."""
     folder = Path(model)
-    if allow_pickle or not folder.is_dir():
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            raise QtuneError(
+                f"{path}: damaged weights file ({problem})", "download or copy the model again; nothing was written"
+            )
+    if allow_pickle:
         return
     names = [p.name for p in folder.iterdir()]
     if not any(n.endswith(".safetensors") for n in names) and any(n.endswith(PICKLE_SUFFIXES) for n in names):
@@ -412,7 +421,7 @@ def load_base(recipe: Recipe, launch: Launch | None = None, base: str | None = N
     kwargs = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
     if not allow_pickle:
         kwargs["use_safetensors"] = True  # a hub repo with .bin weights only fails to load: the hint says why
-    check_no_pickle(base or m.name, allow_pickle)
+    check_weight_files(base or m.name, allow_pickle)
     try:
         with checkpoint_config_notice_silenced():  # backend gptq: the checkpoint's own config, our kernel
             model = AutoModelForCausalLM.from_pretrained(

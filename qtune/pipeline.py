@@ -64,7 +64,7 @@ def prepare(
     fmt, rows = load_rows(recipe)
     if training:
         model.check_architecture(recipe)
-        model.check_no_pickle(recipe.model.name, allow_pickle)
+        model.check_weight_files(recipe.model.name, allow_pickle)
     tokenizer = model.load_tokenizer(recipe)
     use_chat_template(recipe, tokenizer)
     loss = loss_settings(recipe, tokenizer, fmt)
@@ -105,7 +105,8 @@ def train(prepared: PreparedRun, quiet: bool = False) -> RunDir:
             recovered = p.run.recover()
             if recovered:
                 print(f"qtune: note: {p.run.path}: {recovered}", file=sys.stderr)
-            p.run.check_can_start()  # again, under the lock: nothing changed since prepare()
+            # again, under the lock (another process may have written since prepare()); its notices were shown
+            p.resume_from = p.run.check_can_start(notices=False)
         peft_model = model.load_for_training(
             p.recipe, p.launch, p.tokenizer, verbose=False, allow_pickle=p.allow_pickle
         )

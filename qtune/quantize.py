@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from qtune.errors import QtuneError
-from qtune.model import check_no_pickle, check_unquantized_checkpoint
+from qtune.model import check_unquantized_checkpoint, check_weight_files
 from qtune.rundir import check_no_pickle_files, check_output_dir, staged_output
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # --dtype names
@@ -59,7 +59,7 @@ def load_quantized(model: str, bits: int, quant_type="nf4", double_quant=False, 
     from qtune.model import single_process_device_map
     from qtune.quant import bnb_config, resolve_dtype
 
-    check_no_pickle(model, allow_pickle)
+    check_weight_files(model, allow_pickle)
     config = bnb_config(bits, quant_type, double_quant, compute_dtype=dtype or resolve_dtype("auto"))
     try:
         return AutoModelForCausalLM.from_pretrained(
@@ -99,7 +99,7 @@ def quantize(
     dest = Path(out) if out is not None else None
     if dest is not None:
         check_output_dir(dest, overwrite)
-    check_no_pickle(model, allow_pickle)
+    check_weight_files(model, allow_pickle)
     check_unquantized_checkpoint(model, "MODEL", f"quantize --bits {bits} (bitsandbytes)", "give as MODEL")
     before, before_dtype = _footprint_of_original(model, torch_dtype, trust_remote_code=False)
     quantized = load_quantized(model, bits, quant_type, double_quant, torch_dtype, allow_pickle)

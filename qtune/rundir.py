@@ -178,9 +178,10 @@ class RunDir:
                 notice(f"qtune: warning: {folder} is damaged ({problem}); passing over it")
         return None
 
-    def check_can_start(self) -> str | None:
+    def check_can_start(self, notices: bool = True) -> str | None:
         """Refuse an earlier run's non-empty directory unless resume or overwrite says what to do with it.
-        Returns the checkpoint to resume from (None: a fresh start). Changes nothing on disk."""
+        Returns the checkpoint to resume from (None: a fresh start). Changes nothing on disk. notices=False: a
+        second check that does not repeat the notes of the first (a damaged checkpoint passed over)."""
         import sys
 
         recipe, run_dir = self.recipe, self.path
@@ -198,7 +199,8 @@ class RunDir:
         t = recipe.training
         if t.resume and self.finished():
             raise RunFinished(self)
-        checkpoint = self.latest_checkpoint(notice=lambda text: print(text, file=sys.stderr)) if t.resume else None
+        notice = (lambda text: print(text, file=sys.stderr)) if notices else None
+        checkpoint = self.latest_checkpoint(notice=notice) if t.resume else None
         if t.resume is True and not checkpoint:
             damaged = [p.name for p in self.checkpoint_steps()]
             raise QtuneError(
@@ -293,6 +295,7 @@ class RunDir:
         import socket
         import time
 
+        created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         key = str(self.path.resolve())
         if key in _HELD:
@@ -315,6 +318,12 @@ class RunDir:
                 yield self
             finally:
                 _HELD.discard(key)
+                if created and [p.name for p in self.path.iterdir()] == [LOCK]:
+                    # nothing was written (e.g. the base failed to load): leave no empty run dir behind. The lock
+                    # file goes while still held, so no other process can be holding it.
+                    (self.path / LOCK).unlink()
+                    with contextlib.suppress(OSError):
+                        self.path.rmdir()
         finally:
             handle.close()  # releases the flock
 
