@@ -433,6 +433,61 @@ def test_too_many_untrained_examples_fail_loudly(recipe_for, tiny_llama, tmp_pat
         check_training_data(recipe, tokenizer, fmt, rows, args)
 
 
+@pytest.mark.parametrize("template", ["own, with generation markers", "chatml"])
+def test_truncation_keeps_the_turns_that_fit(recipe_for, tiny_llama, tmp_path, template):
+    """A conversation longer than data.max_length is not refused when its first answers fit: TRL cuts its end
+    (keep_start), and the answers before the cut train, each with its end-of-turn, token by token, as training
+    gets them (the tokenizer's own template: TRL's assistant-only loss; a built-in: qtune.data.turns)."""
+    import dataclasses
+
+    from trl import SFTTrainer
+
+    from qtune.data.preparation import _carrier_model
+
+    chat = [
+        {"role": "user", "content": "spell 1"},
+        {"role": "assistant", "content": "one"},
+        {"role": "user", "content": "spell 2"},
+        {"role": "assistant", "content": "two"},
+        {"role": "user", "content": "spell a long number " + "9 " * 60},
+        {"role": "assistant", "content": "nine " * 60},
+    ]
+    path = write_jsonl(tmp_path / "long.jsonl", [{"messages": chat}])
+    chosen = {"chat_template": "chatml"} if template == "chatml" else {}
+    tokenizer = _tokenizer(tiny_llama)
+    use_chat_template(recipe_for([path], **chosen), tokenizer)
+    fits = len(tokenizer.apply_chat_template(chat[:4], tokenize=True, return_dict=True)["input_ids"])
+    limit = fits + 4  # the first two answers fit; the cut falls inside the third user turn
+    full = len(tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
+    assert full > limit + 100
+
+    recipe = recipe_for([path], max_length=limit, **chosen)
+    tokenizer = _tokenizer(tiny_llama)
+    fmt, rows = load_rows(recipe)
+    args = _trainer_args(recipe, tokenizer, fmt)
+    prepared = check_training_data(recipe, tokenizer, fmt, rows, args)  # not refused
+    s = prepared.stats
+    assert s["truncated"] == 1 and s["untrained"] == 0 and s["dropped"] == 0 and s["answer_tokens_lost"] > 60
+    assert s["end_of_turn_trained"] == 1
+
+    # what training gets: TRL's own preparation with the training's max_length, and its collator
+    built = build_dataset(recipe, tokenizer, fmt, rows, args)
+    trainer = SFTTrainer(
+        model=_carrier_model(tokenizer),
+        args=dataclasses.replace(args, output_dir=str(tmp_path / "trl"), report_to="none"),
+        train_dataset=built["train"],
+        processing_class=tokenizer,
+    )
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    assert len(ids) == limit and ids == prepared.input_ids[0][:limit]  # keep_start: the conversation's start
+    assert labels == prepared.labels[0][:limit]  # the untruncated masks, cut: token by token
+    spans = _trained_spans(tokenizer, ids, labels)  # decoding puts a space before a special token
+    assert [span.replace(" ", "") for span in spans] == ["one<|im_end|>", "two<|im_end|>"], spans
+    prompt = tokenizer.apply_chat_template(chat[:1], tokenize=True, add_generation_prompt=True, return_dict=True)
+    assert next(i for i, x in enumerate(labels) if x != -100) == len(prompt["input_ids"])  # from the answer on
+
+
 def test_mistral_builtin_on_a_template_less_tokenizer_trains_every_end_of_turn(recipe_for, tiny_llama):
     recipe = recipe_for([DATA / "messages.jsonl"], chat_template="mistral-v0.2")
     tokenizer = _tokenizer(tiny_llama)
