@@ -214,8 +214,9 @@ class DataSection(Section):
     )
     chat_template: str | None = Field(
         None,
-        description="null: the tokenizer's own; chatml, llama-2, llama-3, mistral or zephyr (built-ins with "
-        "{% generation %} markers); or a Jinja template string.",
+        description="null: the tokenizer's own; a built-in, the released template of the model it is named "
+        "after (llama-3, llama-3.1, llama-3.2, qwen2.5, phi-3, phi-3.5, gemma, mistral-v0.1, mistral-v0.2, "
+        "mistral-v0.3, chatml); or a Jinja template string.",
     )
     eval_split: float | str | None = Field(
         None,

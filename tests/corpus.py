@@ -9,7 +9,9 @@ tokenizer folder (loading a GGUF vocabulary takes tens of seconds, the saved fol
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -18,6 +20,15 @@ from pathlib import Path
 SDIST = "llama-cpp-python==0.3.36"
 SDIST_FILE = "llama_cpp_python-0.3.36.tar.gz"
 MODELS = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/"
+# Released chat templates as llama.cpp's own tests and llama-cpp-python's formats carry them (the references the
+# built-in templates are checked against, byte for byte): tests/test-chat-template.cpp holds each template's
+# original Jinja string with the rendering llama.cpp expects of it; llama_chat_format.py a few more, each with the
+# model repository it was taken from.
+REFERENCE_FILES = {
+    "llama_cpp_python-0.3.36/vendor/llama.cpp/tests/test-chat-template.cpp": "test-chat-template.cpp",
+    "llama_cpp_python-0.3.36/llama_cpp/llama_chat_format.py": "llama_chat_format.py",
+}
+VERSION = "2"  # bumped when the corpus gains files: an older cache folder is completed, not reused as is
 
 # family -> (vocabulary in the sdist, release template file: "sdist:NAME" or "trl:NAME")
 FAMILIES = {
@@ -70,19 +81,24 @@ def _sdist(folder: Path) -> Path:
 
 
 def build(folder: Path | None = None) -> Path:
-    """The corpus folder: templates/<family>.jinja and tokenizers/<vocab>/ (transformers folders)."""
+    """The corpus folder: templates/<family>.jinja, tokenizers/<vocab>/ (transformers folders) and
+    references.json (the released templates llama.cpp and llama-cpp-python carry: `references`)."""
     import fcntl
 
     folder = Path(folder or default_dir())
     done = folder / "complete"
-    if done.is_file():
+    if _is_complete(done):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:  # two pytest-xdist workers: one builds, the other waits for it
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.is_file():
+        if not _is_complete(done):
             _build(folder)
     return folder
+
+
+def _is_complete(done: Path) -> bool:
+    return done.is_file() and done.read_text().split() == ["ok", VERSION]
 
 
 def _build(folder: Path) -> None:
@@ -91,9 +107,12 @@ def _build(folder: Path) -> None:
     (folder / "tokenizers").mkdir(exist_ok=True)
     wanted_sdist = {t.split(":", 1)[1] for _, t in FAMILIES.values() if t.startswith("sdist:")}
     vocabs = {v for v, _ in FAMILIES.values() if v}
+    sources = {}
     with tarfile.open(_sdist(folder)) as tar:
         for member in tar:
             name = member.name
+            if name in REFERENCE_FILES:
+                sources[REFERENCE_FILES[name]] = tar.extractfile(member).read().decode("utf-8")
             if not name.startswith(MODELS) or not member.isfile():
                 continue
             rest = name[len(MODELS) :]
@@ -102,6 +121,11 @@ def _build(folder: Path) -> None:
             elif rest.startswith("ggml-vocab-") and rest.endswith(".gguf") and rest[11:-5] in vocabs:
                 (folder / "gguf").mkdir(exist_ok=True)
                 (folder / "gguf" / rest).write_bytes(tar.extractfile(member).read())
+    refs = {
+        "test-chat-template.cpp": _cpp_cases(sources["test-chat-template.cpp"]),
+        "llama_chat_format.py": _python_templates(sources["llama_chat_format.py"]),
+    }
+    (folder / "references.json").write_text(json.dumps(refs, indent=1, ensure_ascii=False), encoding="utf-8")
     import trl
 
     trl_templates = Path(trl.__file__).parent / "chat_templates"
@@ -117,7 +141,54 @@ def _build(folder: Path) -> None:
             tok = AutoTokenizer.from_pretrained(str(folder / "gguf"), gguf_file=f"ggml-vocab-{vocab}.gguf")
             tok.chat_template = None  # each test sets the family's release template
             tok.save_pretrained(str(out))
-    done.write_text("ok\n")
+    done.write_text(f"ok {VERSION}\n")
+
+
+_CPP_FIELD = re.compile(r'/\* \.(\w+)= \*/\s*(?:u8|U8C\()?"((?:[^"\\]|\\.)*)"')
+_CPP_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "'": "'", "\\": "\\", "?": "?", "0": "\0"}
+
+
+def _cpp_string(body: str) -> str:
+    """A C++ string literal's text (the escapes test-chat-template.cpp uses)."""
+    return re.sub(r"\\(.)", lambda m: _CPP_ESCAPES[m.group(1)], body)
+
+
+def _cpp_cases(source: str) -> list[dict]:
+    """llama.cpp's chat template test cases: name, template (the model's Jinja string), the rendering llama.cpp's
+    Jinja engine must give (expected_output_jinja, else expected_output), bos and eos, of its conversation."""
+    cases = []
+    for block in source.split("/* .name= */")[1:]:
+        fields = {k: _cpp_string(v) for k, v in _CPP_FIELD.findall("/* .name= */" + block.split("\n        },")[0])}
+        if "template_str" in fields:
+            cases.append(
+                {
+                    "name": fields["name"],
+                    "template": fields["template_str"],
+                    "expected": fields.get("expected_output_jinja") or fields.get("expected_output", ""),
+                    "bos_token": fields.get("bos_token", ""),
+                    "eos_token": fields.get("eos_token", ""),
+                }
+            )
+    return cases
+
+
+def _python_templates(source: str) -> dict:
+    """llama-cpp-python's *_CHAT_TEMPLATE strings, each with the `# Source:` line above it."""
+    import ast
+
+    lines = source.splitlines()
+    out = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            name = getattr(node.targets[0], "id", "")
+            if name.endswith("_CHAT_TEMPLATE"):
+                above = lines[node.lineno - 2] if node.lineno >= 2 else ""
+                out[name] = {"template": node.value.value, "source": above.removeprefix("# Source:").strip()}
+    return out
+
+
+def references(folder: Path) -> dict:
+    return json.loads((folder / "references.json").read_text(encoding="utf-8"))
 
 
 if __name__ == "__main__":

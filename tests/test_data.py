@@ -17,7 +17,7 @@ from qtune.config import load_recipe
 from qtune.data.cache import build_dataset
 from qtune.data.loading import load_rows
 from qtune.data.preparation import check_training_data, loss_settings, prepare_with_trl
-from qtune.data.templates import TEMPLATES, use_chat_template
+from qtune.data.templates import BUILTINS, RETIRED, builtin_template, use_chat_template
 from qtune.errors import QtuneError
 from qtune.model import Launch
 
@@ -322,6 +322,8 @@ def test_template_without_generation_markers_trains_every_answer_or_the_last(rec
 
 
 def test_builtin_templates_render_their_family_format(tiny_llama):
+    from qtune.data.turns import tokenize_turns
+
     tokenizer = _tokenizer(tiny_llama)
     tokenizer.bos_token, tokenizer.eos_token = "<s>", "</s>"
     chat = [
@@ -337,18 +339,16 @@ def test_builtin_templates_render_their_family_format(tiny_llama):
         "llama-3": "<s><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nU1"
         "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA1<|eot_id|><|start_header_id|>user<|end_header_id|>"
         "\n\nU2<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA2<|eot_id|>",
-        "llama-2": "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1 </s><s>[INST] U2 [/INST] A2 </s>",
-        "mistral": "<s>[INST] S\n\nU1 [/INST]A1</s>[INST] U2 [/INST]A2</s>",
-        "zephyr": "<|system|>\nS</s>\n<|user|>\nU1</s>\n<|assistant|>\nA1</s>\n<|user|>\nU2</s>\n<|assistant|>\nA2</s>\n",
+        "mistral-v0.2": "<s> [INST] S\n\nU1 [/INST] A1</s> [INST] U2 [/INST] A2</s>",
     }
-    assert set(expected) == set(TEMPLATES)
+    assert set(expected) <= set(BUILTINS) and not set(RETIRED) & set(BUILTINS)
     for name, text in expected.items():
-        assert tokenizer.apply_chat_template(chat, tokenize=False, chat_template=TEMPLATES[name]) == text, name
-        # every answer and its end-of-turn is inside {% generation %}, so assistant_only_loss trains it
-        out = tokenizer.apply_chat_template(
-            chat, chat_template=TEMPLATES[name], return_dict=True, return_assistant_tokens_mask=True
-        )
-        assert sum(out["assistant_masks"]) > 0, name
+        template = builtin_template(name)
+        assert tokenizer.apply_chat_template(chat, tokenize=False, chat_template=template) == text, name
+        # no {% generation %} markers (released templates have none): every answer trains through qtune.data.turns
+        tokenizer.chat_template = template
+        out = tokenize_turns(tokenizer, chat)
+        assert out["qtune_trained"] == 2 and sum(out["assistant_masks"]) > 0, name
 
 
 def test_builtin_template_must_match_the_tokenizers_own(recipe_for, tiny_llama):
@@ -365,8 +365,12 @@ def test_builtin_template_must_match_the_tokenizers_own(recipe_for, tiny_llama):
         )
     tokenizer = _tokenizer(tiny_llama)
     tokenizer.chat_template = None  # a base model: any built-in may be chosen
-    use_chat_template(recipe_for([DATA / "text.txt"], chat_template="zephyr"), tokenizer)
-    assert tokenizer.chat_template == TEMPLATES["zephyr"]
+    use_chat_template(recipe_for([DATA / "text.txt"], chat_template="llama-3.1"), tokenizer)
+    assert tokenizer.chat_template == builtin_template("llama-3.1")
+    for retired in RETIRED:  # earlier built-ins that matched no release: refused, naming the choices
+        with pytest.raises(QtuneError, match=f"'{retired}' is no longer a built-in") as err:
+            use_chat_template(recipe_for([DATA / "text.txt"], chat_template=retired), _tokenizer(tiny_llama))
+        assert "mistral-v0.3" in err.value.hint
 
 
 # --------------------------------------------------------------------------- mixing and splits
@@ -429,8 +433,63 @@ def test_too_many_untrained_examples_fail_loudly(recipe_for, tiny_llama, tmp_pat
         check_training_data(recipe, tokenizer, fmt, rows, args)
 
 
+@pytest.mark.parametrize("template", ["own, with generation markers", "chatml"])
+def test_truncation_keeps_the_turns_that_fit(recipe_for, tiny_llama, tmp_path, template):
+    """A conversation longer than data.max_length is not refused when its first answers fit: TRL cuts its end
+    (keep_start), and the answers before the cut train, each with its end-of-turn, token by token, as training
+    gets them (the tokenizer's own template: TRL's assistant-only loss; a built-in: qtune.data.turns)."""
+    import dataclasses
+
+    from trl import SFTTrainer
+
+    from qtune.data.preparation import _carrier_model
+
+    chat = [
+        {"role": "user", "content": "spell 1"},
+        {"role": "assistant", "content": "one"},
+        {"role": "user", "content": "spell 2"},
+        {"role": "assistant", "content": "two"},
+        {"role": "user", "content": "spell a long number " + "9 " * 60},
+        {"role": "assistant", "content": "nine " * 60},
+    ]
+    path = write_jsonl(tmp_path / "long.jsonl", [{"messages": chat}])
+    chosen = {"chat_template": "chatml"} if template == "chatml" else {}
+    tokenizer = _tokenizer(tiny_llama)
+    use_chat_template(recipe_for([path], **chosen), tokenizer)
+    fits = len(tokenizer.apply_chat_template(chat[:4], tokenize=True, return_dict=True)["input_ids"])
+    limit = fits + 4  # the first two answers fit; the cut falls inside the third user turn
+    full = len(tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
+    assert full > limit + 100
+
+    recipe = recipe_for([path], max_length=limit, **chosen)
+    tokenizer = _tokenizer(tiny_llama)
+    fmt, rows = load_rows(recipe)
+    args = _trainer_args(recipe, tokenizer, fmt)
+    prepared = check_training_data(recipe, tokenizer, fmt, rows, args)  # not refused
+    s = prepared.stats
+    assert s["truncated"] == 1 and s["untrained"] == 0 and s["dropped"] == 0 and s["answer_tokens_lost"] > 60
+    assert s["end_of_turn_trained"] == 1
+
+    # what training gets: TRL's own preparation with the training's max_length, and its collator
+    built = build_dataset(recipe, tokenizer, fmt, rows, args)
+    trainer = SFTTrainer(
+        model=_carrier_model(tokenizer),
+        args=dataclasses.replace(args, output_dir=str(tmp_path / "trl"), report_to="none"),
+        train_dataset=built["train"],
+        processing_class=tokenizer,
+    )
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    assert len(ids) == limit and ids == prepared.input_ids[0][:limit]  # keep_start: the conversation's start
+    assert labels == prepared.labels[0][:limit]  # the untruncated masks, cut: token by token
+    spans = _trained_spans(tokenizer, ids, labels)  # decoding puts a space before a special token
+    assert [span.replace(" ", "") for span in spans] == ["one<|im_end|>", "two<|im_end|>"], spans
+    prompt = tokenizer.apply_chat_template(chat[:1], tokenize=True, add_generation_prompt=True, return_dict=True)
+    assert next(i for i, x in enumerate(labels) if x != -100) == len(prompt["input_ids"])  # from the answer on
+
+
 def test_mistral_builtin_on_a_template_less_tokenizer_trains_every_end_of_turn(recipe_for, tiny_llama):
-    recipe = recipe_for([DATA / "messages.jsonl"], chat_template="mistral")
+    recipe = recipe_for([DATA / "messages.jsonl"], chat_template="mistral-v0.2")
     tokenizer = _tokenizer(tiny_llama)
     tokenizer.chat_template = None
     fmt, rows = load_rows(recipe)
@@ -450,7 +509,7 @@ NO_SYSTEM = (
     "template, rows, bad_row, reason",
     [
         ("no-system", "messages.jsonl", 1, "System role not supported"),
-        ("mistral", "tool.jsonl", 2, "Conversation roles must alternate"),
+        ("mistral-v0.1", "tool.jsonl", 2, "Conversation roles must alternate"),
     ],
 )
 def test_template_that_refuses_a_row_names_file_and_row(
@@ -466,7 +525,7 @@ def test_template_that_refuses_a_row_names_file_and_row(
         path = DATA / rows
     chosen = NO_SYSTEM + CHATML_TEMPLATE if template == "no-system" else template
     tokenizer = _tokenizer(tiny_llama)
-    if template == "mistral":
+    if template == "mistral-v0.1":
         tokenizer.chat_template = None  # a base model: any built-in may be chosen
     for on_bad_row in ("error", "skip"):
         recipe = recipe_for([path], chat_template=chosen, on_bad_row=on_bad_row)
@@ -613,7 +672,7 @@ def test_second_run_is_served_from_the_datasets_cache_and_changes_make_new_entri
 
     base = _tokenizer(tiny_llama)
     base.chat_template = None  # another template (same rows): the same saved rows, new tokenization files
-    other = prepare(recipe_for([DATA / "messages.jsonl"], chat_template="zephyr"), base)
+    other = prepare(recipe_for([DATA / "messages.jsonl"], chat_template="llama-3"), base)
     assert list((cache / "qtune").iterdir()) == entries
     assert not {Path(f) for f in other.cache_files} & set(files) and set(files) < set(arrow_files())
     assert other.input_ids != again.input_ids

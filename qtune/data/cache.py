@@ -17,8 +17,8 @@ def build_dataset(recipe: Recipe, tokenizer, fmt: str, rows: list[dict], args=No
 
     Chats whose template lacks `{% generation %}` markers (every released template) are tokenized here, turn by
     turn (qtune.data.turns): `input_ids` + `assistant_masks`, which TRL takes as a pre-tokenized dataset, with
-    every answer trained (train_on: completions) or the last one (train_on: last); with the markers (the
-    built-in templates), TRL's assistant-only loss covers every assistant turn. `stats=True` keeps the per-row
+    every answer trained (train_on: completions) or the last one (train_on: last); with the markers (a Jinja
+    string that has them), TRL's assistant-only loss covers every assistant turn. `stats=True` keeps the per-row
     turn counts (qtune.data.turns.STAT_COLUMNS) for the checks; training gets the dataset without them.
 
     The rows are written once (`save_to_disk`) under `<HF_DATASETS_CACHE>/qtune/<hash of the rows, the eval

@@ -289,8 +289,9 @@ def check_trainable(recipe: Recipe, tokenizer, prepared: PreparedRows) -> None:
             f"data: the end-of-turn token {name!r} carries no loss in any example"
             + (" (pad == eos, and eos is masked with the padding)" if pad_is_eos else "")
             + ": the model would never learn to stop",
-            "use a chat template whose {% generation %} block includes the end-of-turn token (the built-ins "
-            "do), or give the tokenizer a pad token distinct from eos",
+            "use a chat template whose {% generation %} block includes the end-of-turn token (or one without "
+            "markers: qtune then trains each answer through its turn's end), or give the tokenizer a pad token "
+            "distinct from eos",
         )
     if s["examples"] and s["untrained"] / s["examples"] > recipe.data.max_untrained_share:
         raise QtuneError(
