@@ -22,6 +22,8 @@ PROMPT = "what is three plus eight?"
 EOT, EOS, PAD = "<|im_end|>", "<|endoftext|>", "<pad>"
 MAX_NEW = 24
 
+pytestmark = pytest.mark.slow  # one training, shared by the module
+
 
 def build_base(out: Path) -> Path:
     """A tiny random Qwen2 with a byte-level BPE tokenizer (so it exports to GGUF) shaped like Qwen2.5 base's:
