@@ -22,8 +22,6 @@ PROMPT = "what is three plus eight?"
 EOT, EOS, PAD = "<|im_end|>", "<|endoftext|>", "<pad>"
 MAX_NEW = 24
 
-pytestmark = pytest.mark.slow  # one training, shared by the module
-
 
 def build_base(out: Path) -> Path:
     """A tiny random Qwen2 with a byte-level BPE tokenizer (so it exports to GGUF) shaped like Qwen2.5 base's:
@@ -110,6 +108,7 @@ def _greedy(model, tokenizer, **settings) -> list[str]:
     return tokenizer.convert_ids_to_tokens(out[0, inputs["input_ids"].shape[1] :].tolist())
 
 
+@pytest.mark.slow
 def test_the_adapter_and_the_summary_record_the_trained_end_of_turn_then_eos(stop_run):
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -123,6 +122,7 @@ def test_the_adapter_and_the_summary_record_the_trained_end_of_turn_then_eos(sto
     assert tokenizer.eos_token == EOS  # the tokenizer's own eos is left as it is (TRL appends it to text rows)
 
 
+@pytest.mark.slow
 def test_the_merged_model_stops_by_itself_at_the_trained_end_of_turn(stop_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -145,6 +145,7 @@ def test_the_merged_model_stops_by_itself_at_the_trained_end_of_turn(stop_run):
     assert eos_only[: len(answer)] == answer and len(eos_only) == MAX_NEW, eos_only
 
 
+@pytest.mark.slow
 def test_chat_stops_at_the_trained_end_of_turn_on_the_adapter_and_on_the_merged_model(stop_run):
     adapter = run_qtune("chat", stop_run, "--prompt", PROMPT, "--max-new-tokens", str(MAX_NEW))  # the real CLI
     assert adapter.returncode == 0, adapter.stderr[-3000:]
@@ -154,6 +155,7 @@ def test_chat_stops_at_the_trained_end_of_turn_on_the_adapter_and_on_the_merged_
     assert merged.stdout.strip() == ANSWER
 
 
+@pytest.mark.slow
 def test_the_gguf_names_the_trained_end_of_turn_as_eot_and_keeps_eos(stop_run, tmp_path):
     gguf = pytest.importorskip("gguf")
     from transformers import AutoTokenizer
@@ -181,3 +183,26 @@ def test_the_gguf_names_the_trained_end_of_turn_as_eot_and_keeps_eos(stop_run, t
         assert done["finish_reason"] == "stop" and done["text"].strip() == ANSWER, done
     finally:
         llm.close()
+
+
+def test_text_rows_stop_at_eos_alone_and_an_adapter_saved_without_a_generation_config_stops_at_its_template():
+    """Text rows train eos (TRL appends it): eos is the only stop token. An adapter saved before qtune wrote
+    generation_config.json stops at what its tokenizer's chat template closes a turn with, then eos."""
+    import tempfile
+
+    from qtune.stops import saved_stops, stop_tokens, with_stops
+    from qtune.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.eos_token = "</s>"  # a base's eos, not the ChatML end-of-turn
+    eot, eos = _ids(tokenizer, EOT, "</s>")
+    assert stop_tokens(tokenizer, eos) == [eos] and stop_tokens(tokenizer, None) == [eos]
+    assert stop_tokens(tokenizer, eot) == [eot, eos]
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        assert saved_stops(folder, tokenizer) == [eot, eos]
+        with_stops(None, [eot, eos], tokenizer).save_pretrained(folder)
+        assert saved_stops(folder, tokenizer) == [eot, eos]
+    tokenizer.chat_template = None
+    with tempfile.TemporaryDirectory() as folder:
+        assert saved_stops(folder, tokenizer) == [eos]
