@@ -18,6 +18,7 @@ def load_for_chat(target: str, merged: bool = False, allow_pickle: bool = False)
 
     from qtune.model import check_weight_files, load_trained, single_process_device_map
     from qtune.rundir import RunDir
+    from qtune.stops import saved_stops, with_stops
 
     path = Path(target)
     if RunDir.is_run(path):
@@ -26,6 +27,8 @@ def load_for_chat(target: str, merged: bool = False, allow_pickle: bool = False)
             recipe = run.recipe
             model = load_trained(recipe, run.adapter, allow_pickle=allow_pickle)
             tokenizer = AutoTokenizer.from_pretrained(str(run.adapter))
+            base = model.get_base_model()  # generates with the run's stop tokens, as the merged model does
+            base.generation_config = with_stops(base.generation_config, saved_stops(run.adapter, tokenizer), tokenizer)
             return model, tokenizer, f"adapter {run.adapter} on {recipe.model.name} ({describe_quantization(recipe)})"
         path = run.require_merged()
     elif merged:

@@ -301,6 +301,20 @@ def _tokenizer_metadata(tokenizer, n_vocab: int) -> dict:
     return meta
 
 
+def end_of_turn_token(model, tokenizer) -> int | None:
+    """llama.cpp's eot (tokenizer.ggml.eot_token_id) for a model whose generation config stops at more than eos
+    (qtune's merge writes a run's stop tokens there: the trained end-of-turn, then eos): the chat template's
+    end-of-turn when it is one of them, else the first stop token that is not eos; None when eos is the only one."""
+    from qtune.data.turns import end_of_turn_id
+
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    template_end = end_of_turn_id(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+    if template_end is not None and template_end in stops:
+        return template_end
+    return next((i for i in stops if i != tokenizer.eos_token_id), None)
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -313,6 +327,9 @@ def write_gguf(model, tokenizer, path: Path, qtype: str, name: str) -> list[str]
     arch = ARCHES[model_type]
     n_vocab = model.get_input_embeddings().weight.shape[0]
     tok = _tokenizer_metadata(tokenizer, n_vocab)
+    eot = end_of_turn_token(model, tokenizer)  # where llama.cpp stops besides eos: the trained end-of-turn
+    if eot is not None and eot < n_vocab:
+        tok["special"]["eot"] = eot
     tensors = _tensors(model, model_type, qtype, gguf)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 

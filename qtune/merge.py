@@ -13,6 +13,7 @@ from qtune.logits import VERIFY_PROMPTS, compare_logits, prompt_logits
 from qtune.model import base_fingerprint, check_prequantized_base, check_unquantized_checkpoint, check_weight_files
 from qtune.quantize import DTYPES, quantize
 from qtune.rundir import RunDir, check_no_pickle_files, check_output_dir, staged_output
+from qtune.stops import saved_stops, with_stops
 
 # Largest logit difference accepted between the merged model and its reference, relative to the largest
 # reference logit (at least 1), and the top-1 agreement demanded, per dtype the merged weights are saved in.
@@ -152,6 +153,8 @@ def merge_locked(
     peft_model = attach_adapter(model, run.adapter, base_name)
     unmerged = prompt_logits(peft_model, tokenizer, prompts) if onto == "original" else None
     merged = peft_model.merge_and_unload()
+    # The run's stop tokens (the adapter's generation_config.json): the merged model stops where the run taught it.
+    merged.generation_config = with_stops(merged.generation_config, saved_stops(run.adapter, tokenizer), tokenizer)
     merged_logits = prompt_logits(merged, tokenizer, prompts)
     peak = _peak_gib()
 
@@ -189,6 +192,7 @@ def merge_locked(
         "peak_memory_gib": peak,
         "memory_before_load_gib": start_mem,
         "quantized_on_save": quantize_bits,
+        "stop_tokens": merged.generation_config.eos_token_id,
     }
 
     # 4. Save: safetensors shards + tokenizer + generation config, staged then renamed.

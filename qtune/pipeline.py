@@ -11,14 +11,15 @@
                                        → train(prepared)
                                           ├ model.load_for_training    4-bit base + k-bit prep + LoRA
                                           ├ data.cache.build_dataset   the rows from the cache the check wrote
-                                          └ train.run_training         TRL's trainer → adapter/, summary.json …
+                                          └ train.run_training         TRL's trainer → adapter/ (with the run's
+                                                                        stop tokens: qtune.stops), summary.json …
 
 `qtune data` and `qtune estimate --probe` use the same `prepare`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qtune.config import Recipe
 from qtune.model import Launch
@@ -40,6 +41,7 @@ class PreparedRun:
     examples: object  # TRL's preparation of (a sample of) the rows, with their statistics
     resume_from: str | None = None  # the checkpoint a resumed run continues from
     allow_pickle: bool = False  # --allow-pickle: a base with pickle weights only may load
+    stop_tokens: list[int] = field(default_factory=list)  # the trained end-of-turn, then eos (qtune.stops)
 
 
 def prepare(
@@ -54,6 +56,7 @@ def prepare(
     from qtune.data.preparation import check_training_data, loss_settings
     from qtune.data.report import warn_skipped
     from qtune.data.templates import use_chat_template
+    from qtune.stops import stop_tokens
 
     launch = launch if launch is not None else model.detect_launch()
     run = RunDir(recipe.output_dir, recipe)
@@ -76,7 +79,10 @@ def prepare(
     )
     if training and launch.is_main:
         warn_skipped(rows)
-    return PreparedRun(recipe, launch, run, fmt, rows, tokenizer, loss, args, examples, resume_from, allow_pickle)
+    stops = stop_tokens(tokenizer, examples.stats["end_of_turn"])
+    return PreparedRun(
+        recipe, launch, run, fmt, rows, tokenizer, loss, args, examples, resume_from, allow_pickle, stops
+    )
 
 
 def train(prepared: PreparedRun, quiet: bool = False) -> RunDir:

@@ -534,8 +534,11 @@ def _final_adapter_state(trainer, launch: Launch) -> tuple[dict | None, list]:
     return None, fingerprints
 
 
-def _save_adapter(trainer, tokenizer, run: RunDir, full_state: dict | None) -> Path:
-    """Write adapter/ (safetensors + adapter_config.json + tokenizer, no pickles) via a staging folder."""
+def _save_adapter(trainer, tokenizer, run: RunDir, full_state: dict | None, stops: list[int]) -> Path:
+    """Write adapter/ (safetensors + adapter_config.json + tokenizer + generation_config.json stopping at the
+    run's stop tokens, no pickles) via a staging folder."""
+    from qtune.stops import with_stops
+
     staging = run.path / "adapter.tmp"
     if staging.exists():
         shutil.rmtree(staging)
@@ -546,6 +549,8 @@ def _save_adapter(trainer, tokenizer, run: RunDir, full_state: dict | None) -> P
         else:
             unwrapped.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        with_stops(getattr(base, "generation_config", None), stops, tokenizer).save_pretrained(staging)
         run.replace_adapter(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a full disk leaves no adapter.tmp/ behind
@@ -602,6 +607,7 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
     from trl import SFTTrainer
 
     from qtune import monitor
+    from qtune.stops import describe as describe_stops
 
     recipe, tokenizer, args, launch, run = (
         prepared.recipe,
@@ -658,8 +664,10 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
         final_eval = trainer.evaluate() if dataset.get("eval") is not None else {}  # all ranks take part
         full_state, fingerprints = _final_adapter_state(trainer, launch)  # collectives: every rank
         if launch.is_main:
-            adapter_dir = _save_adapter(trainer, tokenizer, run, full_state)
+            stops = prepared.stop_tokens
+            adapter_dir = _save_adapter(trainer, tokenizer, run, full_state, stops)
             summary = _summary(trainer, result, watcher, final_eval, wall, launch, checkpoint, fingerprints)
+            summary["stop_tokens"] = describe_stops(tokenizer, stops)  # what generation stops at (qtune.stops)
             summary["replicas_identical"] = len(set(fingerprints)) == 1 if full_state is None else None
             write_text_atomic(run.summary_file, json.dumps(summary, indent=2) + "\n")
             plotted = monitor.plot_loss(run.metrics, run.loss_plot)

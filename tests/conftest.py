@@ -192,6 +192,7 @@ SHARED_BUILDS = {
     "trained": "export-run",
     "tiny_gptq": "gptq-checkpoints",
     "finished_run": "reliability-run",
+    "stop_run": "stop-tokens-run",
     "corpus": "real-templates",  # built once on disk (tests/corpus.py): two workers must not build it at once
 }
 
