@@ -111,3 +111,174 @@ def test_training_extra_is_checked_against_the_methods_config(tmp_path):
         train.trainer_config(dpo.model_copy(update={"training": extra}), SINGLE)
     extra = dpo.training.model_copy(update={"extra": {"f_divergence_type": "js_divergence"}})
     assert train.trainer_config(dpo.model_copy(update={"training": extra}), SINGLE).f_divergence_type == "js_divergence"
+
+
+# --------------------------------------------------------------------------- (b) preference data
+
+WORDS = "zero one two three four five six seven eight nine".split()
+
+
+def digit_pairs(n: int, seed: int = 0, form: str = "messages") -> list[dict]:
+    """The rule: asked for the word of a digit, the right word is preferred to another digit's word."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        d = rng.randrange(10)
+        wrong = rng.choice([w for w in range(10) if w != d])
+        prompt = f"say the word of {d}"
+        if form == "messages":
+            user = [{"role": "user", "content": prompt}]
+            rows.append(
+                {
+                    "prompt": user,
+                    "chosen": [{"role": "assistant", "content": WORDS[d]}],
+                    "rejected": [{"role": "assistant", "content": WORDS[wrong]}],
+                }
+            )
+        elif form == "implicit":  # UltraFeedback-binarized: whole conversations, a text prompt and extra columns
+            user = {"role": "user", "content": prompt}
+            chosen = [user, {"role": "assistant", "content": WORDS[d]}]
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "prompt_id": str(rng.random()),
+                    "chosen": chosen,
+                    "rejected": [user, {"role": "assistant", "content": WORDS[wrong]}],
+                    "messages": chosen,
+                    "score_chosen": 9.0,
+                    "score_rejected": 2.0,
+                }
+            )
+        else:
+            rows.append({"prompt": prompt + " :", "chosen": " " + WORDS[d], "rejected": " " + WORDS[wrong]})
+    return rows
+
+
+def test_preference_rows_in_every_form_map_to_prompt_chosen_rejected():
+    from qtune.data.formats import detect_format, map_row
+
+    user = [{"role": "user", "content": "say the word of 3"}]
+    for form in ("messages", "implicit", "text"):
+        row = digit_pairs(1, form=form)[0]
+        assert detect_format(list(row), row, "f") == "preference"
+        mapped = map_row(row, "preference", {})
+        assert set(mapped) == {"prompt", "chosen", "rejected"}
+        if form != "text":
+            assert mapped["prompt"][0]["role"] == "user" and mapped["chosen"][0]["role"] == "assistant"
+    implicit = map_row(digit_pairs(1, form="implicit")[0], "preference", {})
+    assert implicit == map_row(digit_pairs(1, form="messages")[0], "preference", {})
+    # implicit text: the shared prefix is the prompt (TRL's extract_prompt)
+    mapped = map_row({"chosen": "say 3 : three", "rejected": "say 3 : four"}, "preference", {})
+    assert mapped == {"prompt": "say 3 :", "chosen": " three", "rejected": " four"}
+    assert user[0]["content"] == "say the word of 3"
+
+
+@pytest.mark.parametrize(
+    ("row", "why"),
+    [
+        ({"prompt": "p", "chosen": "same", "rejected": "same"}, "identical"),
+        ({"prompt": "p", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}, "both be text"),
+        (
+            {
+                "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
+                "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}],
+            },
+            "share no prompt",
+        ),
+        (
+            {
+                "prompt": "another question",
+                "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
+                "rejected": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "y"}],
+            },
+            "'prompt' differs",
+        ),
+        (
+            {
+                "prompt": [{"role": "user", "content": "a"}],
+                "chosen": [{"role": "user", "content": "x"}],
+                "rejected": [{"role": "assistant", "content": "y"}],
+            },
+            "'chosen' must start with the assistant",
+        ),
+    ],
+)
+def test_bad_preference_rows_are_refused(row, why):
+    from qtune.data.formats import BadRow, map_row
+
+    with pytest.raises(BadRow, match=why):
+        map_row(row, "preference", {})
+
+
+@pytest.fixture
+def pairs_recipe(tmp_path, tiny_llama):
+    from conftest import write_jsonl
+
+    def make(rows=None, **sections) -> str:
+        data = write_jsonl(tmp_path / "pairs.jsonl", rows if rows is not None else digit_pairs(24))
+        recipe = {
+            "method": "dpo",
+            "model": {"name": str(tiny_llama)},
+            "quantization": {"bits": 4},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "data": {"datasets": [{"path": str(data)}], "max_length": 64},
+            "training": {"max_steps": 4, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-3, "logging_steps": 2},
+            "output_dir": str(tmp_path / "run"),
+        }
+        for key, value in sections.items():
+            recipe[key] = {**recipe[key], **value} if isinstance(value, dict) else value
+        path = tmp_path / "dpo.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+        return str(path)
+
+    return make
+
+
+@pytest.mark.parametrize("form", ["messages", "implicit", "text"])
+def test_qtune_data_shows_pairs_as_trl_prepares_them(pairs_recipe, form):
+    from conftest import run_qtune_in_process
+
+    result = run_qtune_in_process("data", pairs_recipe(digit_pairs(12, form=form)), "--samples", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "format preference (detected), 12 rows" in out and "pairs: 12 train" in out
+    chosen = out.split("--- pair 1, chosen ([prompt: no loss]) ---\n")[1].split("--- pair 1, rejected")[0]
+    prompt_part, scored = chosen.split("]", 1)
+    assert "say the word of" in prompt_part and "say" not in scored  # the prompt is masked, only the answer scored
+    if form != "text":
+        assert "<|im_end|>" in scored  # the chat template's end of turn is scored with the answer
+
+
+def test_chosen_identical_to_rejected_names_file_and_row(pairs_recipe):
+    from conftest import run_qtune_in_process
+
+    rows = digit_pairs(8)
+    rows[5]["rejected"] = rows[5]["chosen"]
+    result = run_qtune_in_process("data", pairs_recipe(rows))
+    assert result.returncode == 2
+    assert "pairs.jsonl: row 6: 'chosen' and 'rejected' are identical" in result.stderr
+
+
+def test_a_prompt_truncated_away_fails_loudly(pairs_recipe):
+    from conftest import run_qtune_in_process
+
+    rows = digit_pairs(8)
+    rows[2]["prompt"][0]["content"] = "say " * 80 + "the word of 3"
+    result = run_qtune_in_process("data", pairs_recipe(rows))
+    assert result.returncode == 2
+    assert "1 of 8 preference pairs (12.5%) have a prompt of data.max_length 64 tokens or more" in result.stderr
+    assert "pairs.jsonl: row 3" in result.stderr
+    # training refuses it too, before any weight loads
+    result = run_qtune_in_process("train", pairs_recipe(rows))
+    assert result.returncode == 2 and "no chosen or rejected token to score" in result.stderr
+
+
+def test_method_and_data_must_match(pairs_recipe, chat_data):
+    from conftest import run_qtune_in_process
+
+    result = run_qtune_in_process("data", pairs_recipe(), "method=sft")
+    assert result.returncode == 2 and "preference pairs (prompt / chosen / rejected) but method is sft" in result.stderr
+    result = run_qtune_in_process("data", pairs_recipe(), f"data.datasets.0.path={chat_data}")
+    assert result.returncode == 2 and "method dpo trains on preference rows; the data maps to messages" in result.stderr
