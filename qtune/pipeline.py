@@ -5,12 +5,12 @@
                                           ├ RunDir.check_can_start   refuse / resume / overwrite
                                           ├ data.loading.load_rows     sources → rows of one format
                                           ├ train.check_schema         the rows fit the method (train.METHODS)
-                                          ├ model.check_architecture   (meta device) and model.load_tokenizer
+                                          ├ model.check_architecture   (meta device), model.start_adapter, model.load_tokenizer
                                           ├ data.templates.use_chat_template  the recipe's template, set once, here
                                           ├ train.trainer_config       the method's TRL config (SFTConfig, DPOConfig)
                                           └ data.preparation.check_training_data  TRL's own preparation of the rows
                                        → train(prepared)
-                                          ├ model.load_for_training    4-bit base + k-bit prep + LoRA
+                                          ├ model.load_for_training    4-bit base + k-bit prep + LoRA (fresh or model.adapter)
                                           ├ data.cache.build_dataset   the rows from the cache the check wrote
                                           └ train.run_training         the method's TRL trainer → adapter/, summary.json …
 
@@ -67,6 +67,7 @@ def prepare(
     if training:
         model.check_architecture(recipe)
         model.check_no_pickle(recipe.model.name, allow_pickle)
+        model.start_adapter(recipe)  # model.adapter: found, safetensors, trained on model.name
     tokenizer = model.load_tokenizer(recipe)
     use_chat_template(recipe, tokenizer)
     loss = loss_settings(recipe, tokenizer, fmt)

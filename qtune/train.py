@@ -566,8 +566,15 @@ def _start_lines(recipe: Recipe, dataset, args, launch: Launch, checkpoint: str 
         device += f" ({torch.cuda.get_device_name(args.device)})"
     lines = [
         ("model", f"{recipe.model.name}, {describe_quantization(recipe)}"),
-        ("adapter", f"LoRA r {lo.r}, alpha {lo.alpha:g}, dropout {lo.dropout:g} on {targets}"),
-        ("data", f"{sizes}, max_length {d.max_length}, packing {'on' if d.packing else 'off'}"),
+        (
+            ("adapter", f"continues {recipe.model.adapter} (its own LoRA config)")
+            if recipe.model.adapter
+            else ("adapter", f"LoRA r {lo.r}, alpha {lo.alpha:g}, dropout {lo.dropout:g} on {targets}")
+        ),
+        ("data", f"{sizes}, max_length {d.max_length}, packing {'on' if d.packing else 'off'}")
+        if recipe.method == "sft"
+        else ("data", f"{sizes.replace('rows', 'pairs')}, max_length {d.max_length}"),
+        *([("method", _method_line(recipe))] if recipe.method != "sft" else []),
         (
             "batch",
             f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x "
@@ -580,6 +587,17 @@ def _start_lines(recipe: Recipe, dataset, args, launch: Launch, checkpoint: str 
     if recipe.tracking.backend != "none":
         lines.append(("tracking", recipe.tracking.backend))
     return lines
+
+
+def _method_line(recipe: Recipe) -> str:
+    d = recipe.dpo
+    losses = d.loss_type if isinstance(d.loss_type, list) else [d.loss_type]
+    reference = (
+        f"adapter {recipe.model.adapter} (frozen copy)"
+        if recipe.model.adapter
+        else "the base (the fresh adapter adds nothing)"
+    )
+    return f"dpo, beta {d.beta:g}, loss {' + '.join(losses)}; reference: {reference}"
 
 
 def _stopped_early(guard, trainer, run: RunDir) -> QtuneError:

@@ -282,3 +282,127 @@ def test_method_and_data_must_match(pairs_recipe, chat_data):
     assert result.returncode == 2 and "preference pairs (prompt / chosen / rejected) but method is sft" in result.stderr
     result = run_qtune_in_process("data", pairs_recipe(), f"data.datasets.0.path={chat_data}")
     assert result.returncode == 2 and "method dpo trains on preference rows; the data maps to messages" in result.stderr
+
+
+# --------------------------------------------------------------------------- (c) start from an adapter
+
+
+@pytest.fixture(scope="module")
+def start_adapter_dir(tmp_path_factory, tiny_llama) -> str:
+    """An adapter that changes the model (random, non-zero B), saved as peft saves one: the starting policy."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.5)
+    out = tmp_path_factory.mktemp("start") / "adapter"
+    model.save_pretrained(out, safe_serialization=True)
+    return str(out)
+
+
+def _completion_logps(model, batch):
+    """Sum of log p(token) over the completion tokens, computed here from plain logits (not TRL's code)."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    targets = batch["input_ids"][:, 1:]
+    scored = batch["completion_mask"][:, 1:].bool()
+    per_token = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (per_token * scored).sum(-1)
+
+
+def test_reference_is_the_starting_policy_at_step_0(pairs_recipe, start_adapter_dir):
+    """DPO from model.adapter: TRL's reference log-probs (the frozen "ref" adapter on the same 4-bit base) equal the
+    starting adapter's, computed independently (qtune's own load of base + adapter), and the trainable policy starts
+    as exactly that adapter; the reference is not the bare base."""
+    import torch
+
+    from qtune import pipeline
+    from qtune.data.cache import build_dataset
+    from qtune.model import load_for_training, load_trained
+
+    recipe = load_recipe(pairs_recipe(), [f"model.adapter={start_adapter_dir}"])
+    prepared = pipeline.prepare(recipe, SINGLE)
+    model = load_for_training(recipe, SINGLE, prepared.tokenizer, verbose=False)
+    dataset = build_dataset(recipe, prepared.tokenizer, prepared.fmt, prepared.rows, prepared.args)
+    trainer = train.build_trainer(prepared, model, dataset)
+    assert set(trainer.model.peft_config) == {"default", "ref"}
+    assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if ".ref." in n)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+    trl_ref = torch.cat([ref_chosen, ref_rejected])
+
+    start = load_trained(recipe, start_adapter_dir)  # the starting policy, loaded on its own
+    independent = _completion_logps(start, batch)
+    torch.testing.assert_close(trl_ref.float(), independent, rtol=0, atol=1e-4)
+
+    policy = _completion_logps(trainer.model, batch)  # the trainable adapter at step 0
+    torch.testing.assert_close(policy, independent, rtol=0, atol=1e-4)
+    from safetensors.torch import load_file
+
+    saved = load_file(f"{start_adapter_dir}/adapter_model.safetensors")
+    trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert len(trainable) == len(saved)
+    for name, param in trainable.items():
+        assert torch.equal(param.detach(), saved[name.replace(".default", "")].float()), name
+
+    with start.disable_adapter():
+        bare = _completion_logps(start, batch)
+    assert (bare - independent).abs().max() > 0.05, "the starting adapter should change the log-probs"
+
+
+def test_without_a_start_adapter_the_reference_is_the_base(pairs_recipe):
+    import torch
+
+    from qtune import pipeline
+    from qtune.data.cache import build_dataset
+    from qtune.model import load_base, load_for_training
+
+    recipe = load_recipe(pairs_recipe())
+    prepared = pipeline.prepare(recipe, SINGLE)
+    model = load_for_training(recipe, SINGLE, prepared.tokenizer, verbose=False)
+    dataset = build_dataset(recipe, prepared.tokenizer, prepared.fmt, prepared.rows, prepared.args)
+    trainer = train.build_trainer(prepared, model, dataset)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    trl_ref = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+    torch.testing.assert_close(trl_ref.float(), _completion_logps(load_base(recipe).eval(), batch), rtol=0, atol=1e-4)
+
+
+def test_model_adapter_is_checked_before_weights_load(pairs_recipe, start_adapter_dir, tmp_path):
+    import json
+    import shutil
+
+    from conftest import run_qtune_in_process
+
+    result = run_qtune_in_process("train", pairs_recipe(), f"model.adapter={tmp_path / 'nowhere'}")
+    assert result.returncode == 2 and "is neither a qtune run directory" in result.stderr
+    other = tmp_path / "other"
+    shutil.copytree(start_adapter_dir, other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "meta-llama/Llama-2-7b-hf"
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    result = run_qtune_in_process("train", pairs_recipe(), f"model.adapter={other}")
+    assert result.returncode == 2 and "was trained on meta-llama/Llama-2-7b-hf" in result.stderr
+
+
+def test_model_adapter_takes_a_run_dir(pairs_recipe, start_adapter_dir, tmp_path):
+    import shutil
+
+    from qtune.config import dump_recipe
+    from qtune.model import start_adapter
+
+    run = tmp_path / "sft-run"
+    shutil.copytree(start_adapter_dir, run / "adapter")
+    dump_recipe(load_recipe(pairs_recipe(), ["method=sft", "dpo=null"]), run / "recipe.yaml")
+    recipe = load_recipe(pairs_recipe(), [f"model.adapter={run}"])
+    assert start_adapter(recipe) == str(run / "adapter")
+    assert start_adapter(load_recipe(pairs_recipe(), [f"model.adapter={start_adapter_dir}"])) == start_adapter_dir
+    assert start_adapter(load_recipe(pairs_recipe(), ["model.adapter=org/some-adapter"])) == "org/some-adapter"
