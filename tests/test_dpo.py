@@ -406,3 +406,115 @@ def test_model_adapter_takes_a_run_dir(pairs_recipe, start_adapter_dir, tmp_path
     assert start_adapter(recipe) == str(run / "adapter")
     assert start_adapter(load_recipe(pairs_recipe(), [f"model.adapter={start_adapter_dir}"])) == start_adapter_dir
     assert start_adapter(load_recipe(pairs_recipe(), ["model.adapter=org/some-adapter"])) == "org/some-adapter"
+
+
+# --------------------------------------------------------------------------- (d) it learns, visibly
+
+
+def last_digit_pairs(n: int, seed: int) -> list[dict]:
+    """The rule: 'say the word of 3 1 4' prefers the word of the last digit (four) to any other digit's word."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        digits = [rng.randrange(10) for _ in range(3)]
+        wrong = rng.choice([w for w in range(10) if w != digits[-1]])
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": "say the word of " + " ".join(map(str, digits))}],
+                "chosen": [{"role": "assistant", "content": WORDS[digits[-1]]}],
+                "rejected": [{"role": "assistant", "content": WORDS[wrong]}],
+            }
+        )
+    return rows
+
+
+def _pair_logps(model, tokenizer, pair) -> tuple[float, float]:
+    """log p(chosen | prompt), log p(rejected | prompt) under the chat template, computed here."""
+    import torch
+
+    def ids(messages, **kwargs) -> list[int]:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    prompt_ids = ids(pair["prompt"], add_generation_prompt=True)
+    out = []
+    for key in ("chosen", "rejected"):
+        full = ids(pair["prompt"] + pair[key])
+        assert full[: len(prompt_ids)] == prompt_ids
+        tensor = torch.tensor([full])
+        with torch.no_grad():
+            logps = model(input_ids=tensor).logits[0, :-1].float().log_softmax(-1)
+        targets = tensor[0, 1:]
+        per_token = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        out.append(per_token[len(prompt_ids) - 1 :].sum().item())
+    return out[0], out[1]
+
+
+@pytest.fixture(scope="module")
+def wide_tiny_llama(tmp_path_factory):
+    """The tiny model with wider random weights (initializer_range 0.1, as scripts/demo.py): logits with room to
+    move, so a LoRA on the frozen 4-bit base can learn the rule in a few seconds."""
+    from qtune.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-wide", initializer_range=0.1)
+
+
+@pytest.mark.slow
+def test_dpo_learns_a_preference_rule_through_the_cli(tmp_path, wide_tiny_llama):
+    """`qtune train` with method: dpo on synthetic pairs: on held-out pairs the implicit reward (policy vs reference
+    log-ratio) prefers the chosen answer in ≥ 90% of pairs, where the starting model is at chance; the margins grow.
+    Then `qtune merge` folds the DPO adapter into the base like any LoRA adapter."""
+    import json
+
+    from conftest import run_qtune, write_jsonl
+    from qtune.model import load_base, load_trained
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", last_digit_pairs(200, seed=1))
+    held_out = last_digit_pairs(40, seed=2)
+    recipe = {
+        "method": "dpo",
+        "model": {"name": str(wide_tiny_llama)},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "dpo": {"beta": 0.5},
+        "data": {"datasets": [{"path": str(data)}], "max_length": 32, "eval_split": 0.2},
+        "training": {"max_steps": 100, "micro_batch_size": 16, "grad_accum": 1, "lr": 1e-2, "logging_steps": 10,
+                     "eval_steps": 50},
+        "output_dir": str(tmp_path / "run"),
+    }  # fmt: skip
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    result = run_qtune("train", path, "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "method     dpo, beta 0.5, loss sigmoid; reference: the base" in result.stdout
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_logs = [r for r in records if "rewards/margins" in r]
+    evals = [r for r in records if "eval_rewards/accuracies" in r]
+    assert evals[-1]["eval_rewards/accuracies"] >= 0.9, evals
+    assert evals[-1]["eval_rewards/margins"] > train_logs[0]["rewards/margins"] + 1.0, (train_logs[0], evals[-1])
+
+    # independently of TRL, on pairs never seen in training
+    loaded = load_recipe(tmp_path / "run" / "recipe.yaml")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "adapter")
+    base = load_base(loaded).eval()
+    before = [_pair_logps(base, tokenizer, pair) for pair in held_out]
+    base_prefers = sum(c > r for c, r in before) / len(before)
+    assert 0.2 <= base_prefers <= 0.8, base_prefers  # the start knows no rule: near chance
+    policy = load_trained(loaded, tmp_path / "run" / "adapter")
+    after = [_pair_logps(policy, tokenizer, pair) for pair in held_out]
+    margins = [(ca - cb) - (ra - rb) for (ca, ra), (cb, rb) in zip(after, before, strict=True)]
+    accuracy = sum(m > 0 for m in margins) / len(margins)
+    assert accuracy >= 0.9, (accuracy, base_prefers)
+    print(f"held-out: base prefers chosen in {base_prefers:.0%}, DPO reward accuracy {accuracy:.0%}")
+
+    # the adapter is a plain LoRA adapter (no "ref" copy saved): merge works as for SFT
+    assert not (tmp_path / "run" / "adapter" / "ref").exists()
+    merged = run_qtune("merge", tmp_path / "run")
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert (tmp_path / "run" / "merged" / "model.safetensors").is_file() or any(
+        (tmp_path / "run" / "merged").glob("*.safetensors")
+    )
