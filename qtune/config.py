@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from qtune.errors import QtuneError
 from qtune.quant import BACKENDS, offered_bits
@@ -70,8 +78,14 @@ class ModelSection(Section):
         None, description='Per-device cap for device_map auto, e.g. {"0": "20GiB", "1": "20GiB", "cpu": "60GiB"}.'
     )
     trust_remote_code: bool = Field(False, description="Run model code from the hub repo. Off unless you trust it.")
+    adapter: str | None = Field(
+        None,
+        description="Start from a trained LoRA adapter instead of a fresh one: a qtune run dir (its adapter/), an "
+        "adapter folder (adapter_config.json) or a Hub id. Its own LoRA config is used (the lora section is not). "
+        "For dpo the reference model is this starting adapter, held frozen beside it on the same base.",
+    )
 
-    @field_validator("name", "tokenizer")
+    @field_validator("name", "tokenizer", "adapter")
     @classmethod
     def _expand_user(cls, v: str | None) -> str | None:
         return None if v is None else _local_path(v)
@@ -158,11 +172,12 @@ class DatasetSource(Section):
         description="A local file (.jsonl, .json, .csv, .parquet, .txt), a folder of such files or one written by "
         "save_to_disk, or a Hub dataset name (org/name)."
     )
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"] = Field(
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference"] = Field(
         "auto",
         description="alpaca: instruction/input/output; sharegpt: conversations of from/value; messages: "
         "OpenAI-style role/content chat; prompt_completion: prompt + completion; text: plain text (continued "
-        "pre-training); auto: detected from the columns.",
+        "pre-training); preference (dpo): prompt + chosen + rejected as text or message lists, or chosen + "
+        "rejected as whole conversations sharing the prompt; auto: detected from the columns.",
     )
     columns: dict[str, str] | None = Field(
         None,
@@ -327,9 +342,86 @@ class HubSection(Section):
     private: bool = Field(True, description="Create the repo private.")
 
 
+# The training methods of issue #16. One key picks the method; its settings live in a section of the same name.
+METHODS = ("sft", "dpo", "kto", "orpo", "simpo", "reward")
+METHODS_DONE = ("sft", "dpo")
+# DPO's loss types as TRL 1.16 DPOConfig.loss_type offers them (tests/test_dpo.py checks the list against TRL's).
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+DpoLoss = Literal[DPO_LOSS_TYPES]
+
+
+class DpoSection(Section):
+    """Direct Preference Optimization (TRL DPOConfig); used with `method: dpo`."""
+
+    beta: float = Field(
+        0.1, gt=0, le=1000, description="Strength of the pull towards the reference model (higher: stay closer)."
+    )
+    loss_type: DpoLoss | list[DpoLoss] = Field(
+        "sigmoid",
+        description="TRL's DPO loss: sigmoid (DPO), ipo, hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot, "
+        "aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, sft; or a list combined with loss_weights, e.g. "
+        "[sigmoid, sft] (RPO).",
+    )
+    loss_weights: list[float] | None = Field(
+        None, description="One weight per loss_type entry when several are combined (null: 1.0 each)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Probability a preference label is flipped (robust); epsilon for exo_pair."
+    )
+    ld_alpha: float | None = Field(
+        None, ge=0, le=1, description="LD-DPO weight of the completion tokens beyond the shorter one (null: off)."
+    )
+    precompute_ref_log_probs: bool = Field(
+        False, description="Compute the reference log-probs once before training (one less forward per step)."
+    )
+
+    @field_validator("loss_type")
+    @classmethod
+    def _loss_list(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("give at least one loss type")
+            if len(set(v)) != len(v):
+                raise ValueError("a loss type is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> DpoSection:
+        losses = self.loss_type if isinstance(self.loss_type, list) else [self.loss_type]
+        if self.loss_weights is not None and len(self.loss_weights) != len(losses):
+            raise ValueError(
+                f"loss_weights has {len(self.loss_weights)} weight(s) for {len(losses)} loss type(s) "
+                f"({', '.join(losses)}): give one per loss type"
+            )
+        if "exo_pair" in losses and self.label_smoothing == 0:
+            raise ValueError("loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
+        return self
+
+
 class Recipe(Section):
     """A whole run, from base model to saved adapter."""
 
+    method: Literal[METHODS] = Field(
+        "sft",
+        description="The training method: sft (supervised), dpo (preference pairs). kto, orpo, simpo and reward are "
+        "planned (issue #16) and refused for now. The method's settings go in the section of the same name.",
+    )
     model: ModelSection
     quantization: QuantizationSection = QuantizationSection()
     lora: LoraSection = LoraSection()
@@ -337,12 +429,55 @@ class Recipe(Section):
     training: TrainingSection = TrainingSection()
     tracking: TrackingSection = TrackingSection()
     hub: HubSection = HubSection()
+    dpo: DpoSection | None = Field(None, description="DPO settings (method: dpo); filled with defaults then.")
     output_dir: str = Field(description="The run directory: adapter/, checkpoints/, recipe.yaml.")
 
     @field_validator("output_dir")
     @classmethod
     def _expand_user(cls, v: str) -> str:
         return _local_path(v)
+
+    @field_validator("method")
+    @classmethod
+    def _method_done(cls, v: str) -> str:
+        if v not in METHODS_DONE:
+            raise ValueError(
+                f"{v} is not yet supported (issue #16 plans it; qtune trains {' and '.join(METHODS_DONE)} now)"
+            )
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_section_defaults(cls, data: Any) -> Any:
+        """The chosen method's section, with its defaults, when the recipe leaves it out."""
+        if isinstance(data, dict) and data.get("method") == "dpo" and data.get("dpo") is None:
+            data = {**data, "dpo": {}}
+        return data
+
+    @field_validator("dpo")
+    @classmethod
+    def _section_of_method(cls, v: Any, info: ValidationInfo) -> Any:
+        """A method's section (checked field by field: `method` comes first) belongs to that method only."""
+        method = info.data.get("method")
+        if v is not None and method is not None and method != info.field_name:
+            raise ValueError(
+                f"settings for method {info.field_name}, but method is {method}: set method: {info.field_name}, "
+                f"or remove the {info.field_name} section"
+            )
+        return v
+
+    @field_validator("data")
+    @classmethod
+    def _data_for_method(cls, v: DataSection, info: ValidationInfo) -> DataSection:
+        if info.data.get("method") == "dpo":
+            if v.packing:
+                raise ValueError("packing: TRL's DPO does not pack preference pairs; set data.packing: false")
+            if v.train_on != "completions":
+                raise ValueError(
+                    f"train_on: {v.train_on} does not apply to method dpo, which scores the chosen and rejected "
+                    "completions (never the prompt); leave data.train_on at completions"
+                )
+        return v
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:

@@ -448,8 +448,56 @@ def load_base(recipe: Recipe, launch: Launch | None = None, base: str | None = N
     return model
 
 
+def _same_model(a: str, b: str) -> bool:
+    """Two model names (hub ids or local folders) name the same base."""
+    if os.path.isdir(a) and os.path.isdir(b):
+        return os.path.samefile(a, b)
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def start_adapter(recipe: Recipe) -> str | None:
+    """model.adapter as the folder (or Hub id) peft loads: a run dir's adapter/, an adapter folder, or a Hub id;
+    checked (safetensors, trained on model.name) before any weight loads. None: a fresh adapter."""
+    import json
+
+    from qtune.rundir import RunDir
+
+    spec = recipe.model.adapter
+    if spec is None:
+        return None
+    path = Path(spec)
+    if RunDir.is_run(path):
+        run = RunDir.open(path)
+        trained_on, folder = run.recipe.model.name, run.adapter
+        where = f"{run.recipe_file} model.name"
+    elif (path / "adapter_config.json").is_file():
+        folder = path
+        if not (path / "adapter_model.safetensors").is_file():
+            raise QtuneError(
+                f"model.adapter: {path} has no adapter_model.safetensors",
+                "qtune loads adapters from safetensors only; convert it with peft (save_pretrained)",
+            )
+        trained_on = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        where = f"{path / 'adapter_config.json'} base_model_name_or_path"
+    elif path.exists() or spec.startswith((".", "/")) or spec.count("/") != 1:
+        raise QtuneError(
+            f"model.adapter: {spec} is neither a qtune run directory (recipe.yaml + adapter/) nor an adapter folder "
+            "(adapter_config.json + adapter_model.safetensors) nor a Hub id (org/name)",
+            "give the output_dir of a finished `qtune train`, its adapter/ folder, or a Hub adapter repo",
+        )
+    else:
+        return spec  # a Hub adapter: peft downloads it, and checks it fits when it loads
+    if trained_on and not _same_model(trained_on, recipe.model.name):
+        raise QtuneError(
+            f"model.adapter: {spec} was trained on {trained_on} ({where}), not on model.name {recipe.model.name}",
+            "set model.name to the base the adapter was trained on",
+        )
+    return str(folder)
+
+
 def load_for_training(recipe: Recipe, launch: Launch, tokenizer, verbose: bool = True, allow_pickle: bool = False):
-    """The base (load_base), prepared for k-bit training, with a fresh LoRA adapter attached: a PeftModel."""
+    """The base (load_base), prepared for k-bit training, with a LoRA adapter attached: a PeftModel. The adapter is
+    fresh (the lora section), or model.adapter's, loaded trainable (its own LoRA config)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from qtune.quant import lora_targets
@@ -474,6 +522,13 @@ def load_for_training(recipe: Recipe, launch: Launch, tokenizer, verbose: bool =
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
         model.enable_input_require_grads()
 
+    start = start_adapter(recipe)
+    if start is not None:
+        model = attach_adapter(model, start, m.name, trainable=True)
+        if verbose and launch.is_main:
+            trainable, total = model.get_nb_trainable_parameters()
+            print(f"qtune: {m.name}: continuing adapter {start} ({trainable:,} trainable parameters)", flush=True)
+        return model
     lo = recipe.lora
     lora_config = LoraConfig(
         r=lo.r,
@@ -507,12 +562,14 @@ def single_process_device_map():
     return {"": 0} if _cuda_available() else None
 
 
-def attach_adapter(model, adapter: os.PathLike, base_name: str):
-    """PeftModel.from_pretrained (frozen, eval mode), with a clear error when the adapter was trained on
-    another architecture."""
+def attach_adapter(model, adapter: os.PathLike, base_name: str, trainable: bool = False):
+    """PeftModel.from_pretrained (frozen, eval mode; or trainable, to train on), with a clear error when the adapter
+    was trained on another architecture."""
     from peft import PeftModel
 
     try:
+        if trainable:
+            return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
         return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__

@@ -4,15 +4,16 @@
                                           ├ train.check_launch   loads: launch × placement × quantization
                                           ├ RunDir.check_can_start   refuse / resume / overwrite
                                           ├ data.loading.load_rows     sources → rows of one format
-                                          ├ model.check_architecture   (meta device) and model.load_tokenizer
+                                          ├ train.check_schema         the rows fit the method (train.METHODS)
+                                          ├ model.check_architecture   (meta device), model.start_adapter, model.load_tokenizer
                                           ├ data.templates.use_chat_template  the recipe's template, set once, here
-                                          ├ train.trainer_config       the TRL config (SFTConfig)
+                                          ├ train.trainer_config       the method's TRL config (SFTConfig, DPOConfig)
                                           └ data.preparation.check_training_data  TRL's own preparation of the rows
                                        → train(prepared)
-                                          ├ model.load_for_training    4-bit base + k-bit prep + LoRA
+                                          ├ model.load_for_training    4-bit base + k-bit prep + LoRA (fresh or model.adapter)
                                           ├ data.cache.build_dataset   the rows from the cache the check wrote
-                                          └ train.run_training         TRL's trainer → adapter/ (with the run's
-                                                                        stop tokens: qtune.stops), summary.json …
+                                          └ train.run_training         the method's TRL trainer → adapter/ (with the
+                                                                        run's stop tokens: qtune.stops), summary.json …
 
 `qtune data` and `qtune estimate --probe` use the same `prepare`.
 """
@@ -33,11 +34,11 @@ class PreparedRun:
     recipe: Recipe
     launch: Launch
     run: RunDir
-    fmt: str  # the rows' format: messages, prompt_completion or text
+    fmt: str  # the rows' schema: messages, prompt_completion or text (sft); preference (dpo)
     rows: list  # qtune.data Rows: the mapped rows, with their sources and row labels
     tokenizer: object  # with its pad token and the recipe's chat template set
     loss: dict  # the trainer-config arguments the data decides (which tokens carry loss)
-    args: object  # the trainer's config (TRL SFTConfig)
+    args: object  # the trainer's config (the method's TRL config: SFTConfig, DPOConfig)
     examples: object  # TRL's preparation of (a sample of) the rows, with their statistics
     resume_from: str | None = None  # the checkpoint a resumed run continues from
     allow_pickle: bool = False  # --allow-pickle: a base with pickle weights only may load
@@ -65,9 +66,11 @@ def prepare(
         train.check_launch(recipe, launch)
         resume_from = run.check_can_start()
     fmt, rows = load_rows(recipe)
+    train.check_schema(recipe, fmt, rows)
     if training:
         model.check_architecture(recipe)
         model.check_weight_files(recipe.model.name, allow_pickle)
+        model.start_adapter(recipe)  # model.adapter: found, safetensors, trained on model.name
     tokenizer = model.load_tokenizer(recipe)
     use_chat_template(recipe, tokenizer)
     loss = loss_settings(recipe, tokenizer, fmt)

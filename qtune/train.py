@@ -1,5 +1,5 @@
-"""Recipe → TRL `SFTConfig` + `SFTTrainer`, run, and save the adapter. The only module that knows TRL/HF
-training argument names; the training loop itself is TRL's."""
+"""Recipe → the method's TRL config + trainer (METHODS: SFTConfig + SFTTrainer, DPOConfig + DPOTrainer), run, and
+save the adapter. The only module that knows TRL/HF training argument names; the training loop itself is TRL's."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import difflib
 import json
 import shutil
 import time
+import typing
 from pathlib import Path
 
 from qtune.config import Recipe, dump_recipe
@@ -15,7 +16,8 @@ from qtune.errors import QtuneError
 from qtune.model import Launch
 from qtune.rundir import RunDir, write_text_atomic
 
-# SFTConfig arguments the schema already names: setting them again in training.extra is ambiguous.
+# Trainer-config arguments the schema already names (every method): setting them again in training.extra is
+# ambiguous. A method's own named arguments are in its row of METHODS.
 NAMED_BY_SCHEMA = {
     "output_dir": "output_dir",
     "num_train_epochs": "training.epochs",
@@ -38,14 +40,90 @@ NAMED_BY_SCHEMA = {
     "bf16": "training.precision",
     "fp16": "training.precision",
     "max_length": "data.max_length",
-    "packing": "data.packing",
     "report_to": "tracking.backend",
     "run_name": "tracking.run_name",
-    "completion_only_loss": "data.train_on",
-    "assistant_only_loss": "data.train_on",
     "push_to_hub": "hub.push",
     "hub_token": "hub (set HF_TOKEN in the environment)",
 }
+
+
+def _sft_settings(recipe: Recipe) -> dict:
+    return {"packing": recipe.data.packing}
+
+
+def _dpo_settings(recipe: Recipe) -> dict:
+    d = recipe.dpo
+    losses = d.loss_type if isinstance(d.loss_type, list) else [d.loss_type]
+    return {
+        "beta": d.beta,
+        "loss_type": list(losses),
+        "loss_weights": d.loss_weights,
+        "label_smoothing": d.label_smoothing,
+        "ld_alpha": d.ld_alpha,
+        "precompute_ref_log_probs": d.precompute_ref_log_probs,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One training method: its TRL config and trainer, the row schemas it trains on, and its config arguments."""
+
+    config: str  # TRL config class
+    trainer: str  # TRL trainer class
+    schemas: tuple[str, ...]  # row schemas (qtune.data.formats.FORMAT_SCHEMA values) it trains on
+    named: dict[str, str]  # its own config arguments the recipe sets → the recipe key (for training.extra)
+    settings: typing.Callable[[Recipe], dict]  # the recipe → those arguments
+    reference: bool = False  # trains against a frozen reference model (the starting policy)
+
+
+METHODS = {
+    "sft": Method(
+        "SFTConfig",
+        "SFTTrainer",
+        ("messages", "prompt_completion", "text"),
+        {"packing": "data.packing", "completion_only_loss": "data.train_on", "assistant_only_loss": "data.train_on"},
+        _sft_settings,
+    ),
+    "dpo": Method(
+        "DPOConfig",
+        "DPOTrainer",
+        ("preference",),
+        {k: f"dpo.{k}" for k in ("beta", "loss_type", "loss_weights", "label_smoothing", "ld_alpha")}
+        | {"precompute_ref_log_probs": "dpo.precompute_ref_log_probs"},
+        _dpo_settings,
+        reference=True,
+    ),
+}
+
+
+def method_of(recipe: Recipe) -> Method:
+    """The recipe's row of METHODS (config.py refuses the methods not in it)."""
+    return METHODS[recipe.method]
+
+
+def check_schema(recipe: Recipe, fmt: str, rows) -> None:
+    """The rows are of a schema the recipe's method trains on (preference pairs for dpo, chats or text for sft)."""
+    method = method_of(recipe)
+    if fmt in method.schemas:
+        return
+    sources = ", ".join(f"{r['source']} ({r['format']})" for r in getattr(rows, "sources", []))
+    if fmt == "preference":
+        raise QtuneError(
+            f"data.datasets: preference pairs (prompt / chosen / rejected) but method is {recipe.method}: {sources}",
+            "set method: dpo to train on preference pairs, or give SFT data (messages, alpaca, prompt/completion …)",
+        )
+    raise QtuneError(
+        f"data.datasets: method {recipe.method} trains on {' or '.join(method.schemas)} rows; the data maps to "
+        f"{fmt}: {sources}",
+        "give preference pairs: prompt + chosen + rejected (text or message lists), or chosen + rejected "
+        "conversations sharing their prompt; map other column names with the source's columns: {field: column}",
+    )
+
+
+def trl_class(name: str):
+    import trl
+
+    return getattr(trl, name)
 
 
 def _accelerate_config(launch: Launch) -> str:
@@ -248,28 +326,31 @@ def _check_wandb_login(recipe: Recipe) -> None:
 
 
 def trainer_config(recipe: Recipe, launch: Launch, loss_settings: dict | None = None):
-    """The trainer's config (TRL SFTConfig) for the recipe; `training.extra` passes further arguments through, checked by name."""
+    """The trainer's config (the method's TRL config: SFTConfig, DPOConfig) for the recipe; `training.extra` passes
+    further arguments through, checked by name."""
     import torch
-    from trl import SFTConfig
 
     t = recipe.training
-    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    method = method_of(recipe)
+    config_class = trl_class(method.config)
+    named = {**NAMED_BY_SCHEMA, **method.named}
+    fields = {f.name for f in dataclasses.fields(config_class)}
     for key in t.extra:
-        if key in NAMED_BY_SCHEMA:
+        if key in named:
             raise QtuneError(
-                f"training.extra.{key}: already set by the recipe key {NAMED_BY_SCHEMA[key]}",
-                f"set {NAMED_BY_SCHEMA[key]} instead",
+                f"training.extra.{key}: already set by the recipe key {named[key]}",
+                f"set {named[key]} instead",
             )
         if key not in fields:
             close = difflib.get_close_matches(key, sorted(fields), n=1)
             suggestion = ""
-            if close and close[0] in NAMED_BY_SCHEMA:  # don't send the user on to the error above
-                suggestion = f"did you mean '{close[0]}'? the recipe sets it as {NAMED_BY_SCHEMA[close[0]]}; "
+            if close and close[0] in named:  # don't send the user on to the error above
+                suggestion = f"did you mean '{close[0]}'? the recipe sets it as {named[close[0]]}; "
             elif close:
                 suggestion = f"did you mean '{close[0]}'? "
             raise QtuneError(
-                f"training.extra.{key}: SFTConfig has no argument '{key}'",
-                suggestion + "see TRL's SFTConfig / transformers' TrainingArguments",
+                f"training.extra.{key}: {method.config} has no argument '{key}'",
+                suggestion + f"see TRL's {method.config} / transformers' TrainingArguments",
             )
     ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     eval_on = recipe.data.eval_split is not None
@@ -295,7 +376,6 @@ def trainer_config(recipe: Recipe, launch: Launch, loss_settings: dict | None = 
         seed=t.seed,
         data_seed=t.seed,
         max_length=recipe.data.max_length,
-        packing=recipe.data.packing,
         report_to=_report_to(recipe),
         run_name=recipe.tracking.run_name,
         use_cpu=not torch.cuda.is_available(),
@@ -305,15 +385,18 @@ def trainer_config(recipe: Recipe, launch: Launch, loss_settings: dict | None = 
         logging_nan_inf_filter=False,  # a NaN loss must reach the logs (qtune.monitor.StopGuard stops on it)
         **{ckpt: t.gradient_checkpointing, f"{ckpt}_kwargs": {"use_reentrant": False}},
         **_precision(recipe),
+        **method.settings(recipe),
         **(loss_settings or {}),
     )
     kwargs.update(t.extra)
     _check_choice("training.optimizer", t.optimizer, "transformers.training_args", "OptimizerNames")
     _check_choice("training.scheduler", t.scheduler, "transformers.trainer_utils", "SchedulerType")
     try:
-        return SFTConfig(**kwargs)
+        return config_class(**kwargs)
     except (ValueError, TypeError) as exc:
-        raise QtuneError(f"training: SFTConfig refused the arguments: {str(exc).strip().splitlines()[0]}") from None
+        raise QtuneError(
+            f"training: {method.config} refused the arguments: {str(exc).strip().splitlines()[0]}"
+        ) from None
 
 
 def _check_choice(key: str, value: str, module: str, enum_name: str) -> None:
@@ -483,8 +566,15 @@ def _start_lines(recipe: Recipe, dataset, args, launch: Launch, checkpoint: str 
         device += f" ({torch.cuda.get_device_name(args.device)})"
     lines = [
         ("model", f"{recipe.model.name}, {describe_quantization(recipe)}"),
-        ("adapter", f"LoRA r {lo.r}, alpha {lo.alpha:g}, dropout {lo.dropout:g} on {targets}"),
-        ("data", f"{sizes}, max_length {d.max_length}, packing {'on' if d.packing else 'off'}"),
+        (
+            ("adapter", f"continues {recipe.model.adapter} (its own LoRA config)")
+            if recipe.model.adapter
+            else ("adapter", f"LoRA r {lo.r}, alpha {lo.alpha:g}, dropout {lo.dropout:g} on {targets}")
+        ),
+        ("data", f"{sizes}, max_length {d.max_length}, packing {'on' if d.packing else 'off'}")
+        if recipe.method == "sft"
+        else ("data", f"{sizes.replace('rows', 'pairs')}, max_length {d.max_length}"),
+        *([("method", _method_line(recipe))] if recipe.method != "sft" else []),
         (
             "batch",
             f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x "
@@ -497,6 +587,17 @@ def _start_lines(recipe: Recipe, dataset, args, launch: Launch, checkpoint: str 
     if recipe.tracking.backend != "none":
         lines.append(("tracking", recipe.tracking.backend))
     return lines
+
+
+def _method_line(recipe: Recipe) -> str:
+    d = recipe.dpo
+    losses = d.loss_type if isinstance(d.loss_type, list) else [d.loss_type]
+    reference = (
+        f"adapter {recipe.model.adapter} (frozen copy)"
+        if recipe.model.adapter
+        else "the base (the fresh adapter adds nothing)"
+    )
+    return f"dpo, beta {d.beta:g}, loss {' + '.join(losses)}; reference: {reference}"
 
 
 def _stopped_early(guard, trainer, run: RunDir) -> QtuneError:
@@ -547,7 +648,8 @@ def _save_adapter(trainer, tokenizer, run: RunDir, full_state: dict | None, stop
         if full_state is not None:
             save_gathered_adapter(unwrapped, full_state, staging)
         else:
-            unwrapped.save_pretrained(staging, safe_serialization=True)
+            # only the trained adapter: a reference copy ("ref", dpo) is not part of the result
+            unwrapped.save_pretrained(staging, safe_serialization=True, selected_adapters=["default"])
         tokenizer.save_pretrained(staging)
         base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         with_stops(getattr(base, "generation_config", None), stops, tokenizer).save_pretrained(staging)
@@ -598,13 +700,50 @@ def _report_final(tracker, summary: dict, recipe: Recipe, adapter_dir: Path) -> 
         tracker.log_artifact(artifact, aliases=["final"])
 
 
+def build_trainer(prepared, model, dataset, callbacks=()):
+    """The method's TRL trainer (SFTTrainer, DPOTrainer) on the prepared run, the PeftModel and the dataset, with the
+    adapter weights in fp32.
+
+    Methods with a reference (dpo): TRL holds the reference as a second, frozen adapter named "ref" on the same
+    base, a copy of the starting adapter (model.adapter, or the fresh one, which adds nothing to the base); TRL
+    copies it before casting the trainable adapter to bf16, so the trainable one is set back to that exact copy:
+    at step 0 the policy is the reference, bit for bit."""
+    method = method_of(prepared.recipe)
+    kwargs = {"ref_model": None} if method.reference else {}
+    trainer = trl_class(method.trainer)(
+        model=model,
+        args=prepared.args,
+        train_dataset=dataset["train"],
+        eval_dataset=dataset.get("eval"),
+        processing_class=prepared.tokenizer,
+        callbacks=list(callbacks),
+        **kwargs,
+    )
+    keep_adapter_fp32(trainer.model)
+    if method.reference:
+        _policy_from_reference(trainer.model)
+    return trainer
+
+
+def _policy_from_reference(model) -> None:
+    """The trainable adapter ("default") set to the frozen reference copy ("ref") TRL made of it."""
+    import torch
+
+    params = dict(model.named_parameters())
+    if "ref" not in getattr(model, "peft_config", {}):
+        raise QtuneError("internal: TRL made no reference adapter; the reference would not be the starting policy")
+    with torch.no_grad():
+        for name, param in params.items():
+            if ".default." in name and param.requires_grad:
+                param.copy_(params[name.replace(".default.", ".ref.")])
+
+
 def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
-    """Train a prepared run (qtune.pipeline.PreparedRun) with TRL's SFTTrainer and save the adapter (safetensors,
-    no pickles) into output_dir/adapter; metrics.jsonl, summary.json and loss.png beside it. `quiet`: log lines
-    instead of a progress bar."""
+    """Train a prepared run (qtune.pipeline.PreparedRun) with the method's TRL trainer and save the adapter
+    (safetensors, no pickles) into output_dir/adapter; metrics.jsonl, summary.json and loss.png beside it. `quiet`:
+    log lines instead of a progress bar."""
     from accelerate import PartialState
     from transformers import PrinterCallback, ProgressCallback
-    from trl import SFTTrainer
 
     from qtune import monitor
     from qtune.stops import describe as describe_stops
@@ -636,15 +775,7 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=False)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset["train"],
-        eval_dataset=dataset.get("eval"),
-        processing_class=tokenizer,
-        callbacks=[guard],
-    )
-    keep_adapter_fp32(trainer.model)
+    trainer = build_trainer(prepared, model, dataset, callbacks=[guard])
     # The figures come first so every tracker's on_log sees them; qtune's console replaces the default one.
     trainer.callback_handler.callbacks.insert(0, watcher)
     trainer.remove_callback(ProgressCallback)

@@ -33,3 +33,13 @@ def test_llama2_recipe_follows_the_qlora_paper():
     assert (r.quantization.double_quant, r.quantization.compute_dtype) == (True, "bfloat16")
     assert (r.lora.r, r.lora.alpha, r.lora.target_modules) == (64, 16, "all-linear")
     assert r.training.optimizer.startswith("paged_adamw") and r.training.lr == 2e-4
+
+
+def test_zephyr_dpo_recipe_continues_the_sft_adapter():
+    from trl import DPOConfig
+
+    r = load_recipe(RECIPES[0].parent / "zephyr-7b-dpo-qlora.yaml")
+    assert r.method == "dpo" and r.model.adapter == "alignment-handbook/zephyr-7b-sft-qlora"
+    assert (r.dpo.beta, r.training.lr, r.data.max_length) == (0.01, 5e-6, 1024)
+    args = train.trainer_config(r, Launch(1, 0, 0, "NO"))
+    assert type(args) is DPOConfig and args.beta == 0.01 and args.loss_type == ["sigmoid"]

@@ -4,6 +4,7 @@ mapping), each row checked and mapped to one internal schema, as TRL names it:
   messages           {"messages": [{"role": ..., "content": ...}, ...]}   (alpaca, sharegpt too)
   prompt_completion  {"prompt": str | messages, "completion": str | messages}
   text               {"text": str}
+  preference         {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}   (dpo)
 
 Pure functions on rows: no files, no tokenizer."""
 
@@ -17,6 +18,7 @@ FORMAT_SCHEMA = {
     "messages": "messages",
     "prompt_completion": "prompt_completion",
     "text": "text",
+    "preference": "preference",
 }
 FORMAT_FIELDS = {
     "alpaca": ("instruction", "input", "output", "system"),
@@ -24,6 +26,7 @@ FORMAT_FIELDS = {
     "messages": ("messages", "tools"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),
 }
 ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {
@@ -62,6 +65,8 @@ class Rows(list):
 def detect_format(columns: list[str], first_row: dict | None, where: str) -> str:
     """The format the columns (after the source's mapping) fit, or an error listing them."""
     cols = set(columns)
+    if {"chosen", "rejected"} <= cols:  # before messages: UltraFeedback-binarized ships a messages column too
+        return "preference"
     if "messages" in cols:
         return "messages"
     if "conversations" in cols:
@@ -77,7 +82,7 @@ def detect_format(columns: list[str], first_row: dict | None, where: str) -> str
     raise QtuneError(
         f"{where}: cannot tell the format from the columns {sorted(columns)}",
         "rows need 'messages', 'conversations' (sharegpt), 'instruction' + 'output' (alpaca), 'prompt' + "
-        "'completion', or 'text'; or set the source's format: and map names with columns: {field: column}",
+        "'completion', 'text', or 'chosen' + 'rejected' (preference); or set the source's format: and map names with columns: {field: column}",
     )
 
 
@@ -244,6 +249,8 @@ def map_row(row: dict, fmt: str, roles: dict[str, str]) -> dict:
         return _with_tools({"messages": _check_messages(messages, "conversations", need_assistant=True)}, row)
     if fmt == "text":
         return {"text": _text(row.get("text"), "text")}
+    if fmt == "preference":
+        return _preference(row)
     prompt, completion = row.get("prompt"), row.get("completion")
     if isinstance(prompt, list) or isinstance(completion, list):
         if not (isinstance(prompt, list) and isinstance(completion, list)):
@@ -255,6 +262,54 @@ def map_row(row: dict, fmt: str, roles: dict[str, str]) -> dict:
             raise BadRow("'completion' has no assistant message to learn from")
         return {"prompt": p, "completion": c}
     return {"prompt": _text(prompt, "prompt"), "completion": _text(completion, "completion")}
+
+
+def _preference(row: dict) -> dict:
+    """A preference pair: prompt + chosen + rejected, all text or all message lists. Without a prompt (or with
+    chosen and rejected as whole conversations, as UltraFeedback-binarized ships them) the prompt is the prefix
+    they share, split off by TRL's own extract_prompt."""
+    prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
+    if chosen is None or rejected is None:
+        raise BadRow(f"missing '{'chosen' if chosen is None else 'rejected'}'")
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        raise BadRow("'chosen' and 'rejected' must both be text or both be message lists")
+    if chosen == rejected:
+        raise BadRow("'chosen' and 'rejected' are identical: the pair prefers nothing")
+    if isinstance(chosen, list):
+        c = _check_messages(chosen, "chosen", need_assistant=False)
+        r = _check_messages(rejected, "rejected", need_assistant=False)
+        if isinstance(prompt, list):
+            p = _check_messages(prompt, "prompt", need_assistant=False)
+        else:  # whole conversations: the shared prefix is the prompt
+            from trl.data_utils import extract_prompt
+
+            split = extract_prompt({"chosen": c, "rejected": r})
+            p, c, r = split["prompt"], split["chosen"], split["rejected"]
+            if not p:
+                raise BadRow("'chosen' and 'rejected' share no prompt (their first messages differ) and there is no "
+                             "'prompt' message list")  # fmt: skip
+            if isinstance(prompt, str) and prompt.strip():
+                asked = next((m["content"] for m in reversed(p) if m["role"] == "user"), None)
+                if asked is None or asked.strip() != prompt.strip():
+                    raise BadRow("'prompt' differs from the last user message 'chosen' and 'rejected' share")
+        for key, completion in (("chosen", c), ("rejected", r)):
+            if not completion or completion[0]["role"] != "assistant":
+                raise BadRow(f"'{key}' must start with the assistant's answer to the prompt")
+            _check_order(p + completion, f"prompt + {key}")
+        if c == r:
+            raise BadRow("'chosen' and 'rejected' are identical: the pair prefers nothing")
+        return {"prompt": p, "chosen": c, "rejected": r}
+    if isinstance(prompt, list):
+        raise BadRow("'prompt' is a message list but 'chosen' and 'rejected' are text: give all three one way")
+    chosen, rejected = _text(chosen, "chosen"), _text(rejected, "rejected")
+    if prompt is None:
+        from trl.data_utils import extract_prompt
+
+        split = extract_prompt({"chosen": chosen, "rejected": rejected})
+        if not split["prompt"].strip():
+            raise BadRow("no 'prompt', and 'chosen' and 'rejected' share no prefix to take as the prompt")
+        return split
+    return {"prompt": _text(prompt, "prompt"), "chosen": chosen, "rejected": rejected}
 
 
 def _with_tools(mapped: dict, row: dict) -> dict:
@@ -276,4 +331,6 @@ def rename_columns(row: dict, columns: dict[str, str] | None) -> dict:
 
 def is_conversational(schema: str, rows: list[dict]) -> bool:
     """Whether the rows are chats (messages, or prompt/completion message lists) that need a chat template."""
-    return schema == "messages" or (schema == "prompt_completion" and isinstance(rows[0]["prompt"], list))
+    return schema == "messages" or (
+        schema in ("prompt_completion", "preference") and isinstance(rows[0]["prompt"], list)
+    )

@@ -44,7 +44,9 @@ def _read_split(source: DatasetSource, split: str, recipe: Recipe, index: int) -
     if not detected and fmt == "messages" and "messages" not in columns and "conversations" not in columns:
         raise QtuneError(f"{where}: format messages needs a 'messages' column; columns: {sorted(columns)}")
     if not detected and fmt != "messages":
-        needed = [c for c in FORMAT_FIELDS[fmt] if c not in ("input", "system")]
+        needed = [
+            c for c in FORMAT_FIELDS[fmt] if c not in ("input", "system") and (fmt, c) != ("preference", "prompt")
+        ]
         absent = [c for c in needed if c not in columns]
         if absent:
             raise QtuneError(
@@ -91,8 +93,8 @@ def _read_split(source: DatasetSource, split: str, recipe: Recipe, index: int) -
 
 def _schema_of(schema: str, rows: list[dict]) -> str:
     """prompt_completion splits into text pairs and conversational pairs, which TRL cannot mix."""
-    if schema == "prompt_completion" and isinstance(rows[0]["prompt"], list):
-        return "prompt_completion (conversational)"
+    if schema in ("prompt_completion", "preference") and isinstance(rows[0]["prompt"], list):
+        return f"{schema} (conversational)"
     return schema
 
 

@@ -26,6 +26,8 @@ def loss_settings(recipe: Recipe, tokenizer, fmt: str) -> dict:
     tokenizer carries the recipe's chat template already (templates.use_chat_template, once, in the pipeline)."""
     answers_only = recipe.data.train_on == "completions"
     settings = {"dataset_num_proc": recipe.data.num_proc} if recipe.data.num_proc else {}
+    if fmt == "preference":  # DPO scores the completions only, always
+        return settings
     if fmt == "text":
         return {**settings, "completion_only_loss": False}
     if per_turn_masks(recipe, tokenizer, fmt):  # pre-tokenized with assistant_masks (qtune.data.turns)
@@ -65,6 +67,115 @@ class PreparedRows:
     stats: dict = field(default_factory=dict)
     cache_files: list[str] = field(default_factory=list)  # the datasets cache files TRL's preparation read or wrote
     turns: dict = field(default_factory=dict)  # per row class: rows, answers, trained, moved, dropped_rows
+    pairs: list | None = None  # preference pairs: (prompt_ids, chosen_ids, rejected_ids) as TRL's DPO prepares them
+    where: list | None = None  # preference pairs: "file: row N" of each pair, when known
+
+
+def prepare_pairs_with_trl(recipe: Recipe, tokenizer, dataset, args) -> PreparedRows:
+    """Run TRL's own DPO preparation (prompt extraction, chat template, eos, tokenization) on the train split with
+    the run's DPOConfig minus truncation, so that what truncation would cut can be measured. PreparedRows holds two
+    examples per pair (prompt + chosen, prompt + rejected; the prompt masked) and `pairs` the three id lists."""
+    import dataclasses
+    import logging
+    import tempfile
+
+    import datasets
+    from trl import DPOTrainer
+
+    datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory() as tmp:
+        view = dataclasses.replace(
+            args, output_dir=tmp, max_length=None, report_to="none", eval_strategy="no", precompute_ref_log_probs=False
+        )
+        said = _TrlWarnings()
+        trl_log = logging.getLogger("trl")
+        level, propagate = trl_log.level, trl_log.propagate
+        trl_log.setLevel(logging.WARNING)
+        trl_log.propagate = False
+        trl_log.addHandler(said)
+        try:
+            trainer = DPOTrainer(
+                model=_carrier_model(tokenizer),
+                ref_model=_carrier_model(tokenizer),  # a reference of its own: nothing is loaded from a hub
+                args=view,
+                train_dataset=dataset["train"],
+                processing_class=tokenizer,
+            )
+        except Exception as exc:
+            raise QtuneError(
+                f"data: TRL could not prepare the preference pairs: {first_line(exc)}",
+                "run `qtune data RECIPE` to see the rows; check data.chat_template",
+            ) from None
+        finally:
+            trl_log.removeHandler(said)
+            trl_log.setLevel(level)
+            trl_log.propagate = propagate
+            said.tell()
+        prepared = trainer.train_dataset
+        pairs = list(zip(prepared["prompt_ids"], prepared["chosen_ids"], prepared["rejected_ids"], strict=True))
+        input_ids, labels = [], []
+        for prompt, *completions in pairs:
+            for completion in completions:
+                input_ids.append(prompt + completion)
+                labels.append([-100] * len(prompt) + completion)
+        out = PreparedRows(input_ids, labels, trainer.data_collator)
+        out.pairs = pairs
+        out.cache_files = [f["filename"] for f in prepared.cache_files]
+    out.eval_size = len(dataset["eval"]) if "eval" in dataset else 0
+    out.stats = pair_stats(recipe, out)
+    return out
+
+
+def pair_stats(recipe: Recipe, prepared: PreparedRows) -> dict:
+    """Lengths and truncation of preference pairs as TRL's DPO collator will cut them (keep_start at max_length,
+    prompt + completion), and the pairs whose prompt alone fills max_length (TRL drops those silently)."""
+    limit = recipe.data.max_length
+    lengths, truncated, no_room, lost = [], 0, [], 0
+    trained_tokens = total_tokens = 0
+    for i, (prompt, chosen, rejected) in enumerate(prepared.pairs):
+        longest = len(prompt) + max(len(chosen), len(rejected))
+        lengths.append(longest)
+        if len(prompt) >= limit:
+            no_room.append(i)
+        elif longest > limit:
+            truncated += 1
+        for completion in (chosen, rejected):
+            kept = max(0, min(len(completion), limit - len(prompt)))
+            lost += len(completion) - kept
+            trained_tokens += kept
+            total_tokens += min(limit, len(prompt) + len(completion))
+    n = len(prepared.pairs)
+    return {
+        "pairs": n,
+        "examples": n,
+        "eval_examples": prepared.eval_size,
+        "length": _percentiles(lengths),
+        "max_length": limit,
+        "truncated": truncated,
+        "answer_tokens_lost": lost,
+        "prompt_fills_max_length": len(no_room),
+        "first_prompt_fills": no_room[0] if no_room else None,
+        "untrained": len(no_room),
+        "trained_tokens": trained_tokens,
+        "tokens": total_tokens,
+    }
+
+
+def check_pairs(recipe: Recipe, prepared: PreparedRows, where: list[str] | None = None) -> None:
+    """Fail loudly where TRL would drop pairs silently: prompts that alone fill data.max_length leave no completion
+    token to score (TRL's DPO filters them out), above data.max_untrained_share of the pairs."""
+    s = prepared.stats
+    bad = s["prompt_fills_max_length"]
+    if not bad or bad / max(1, s["pairs"]) <= recipe.data.max_untrained_share:
+        return
+    first = s["first_prompt_fills"]
+    label = where[first] if where and first < len(where) else f"pair {first + 1}"
+    raise QtuneError(
+        f"data: {bad} of {s['pairs']} preference pairs ({100 * bad / s['pairs']:.1f}%) have a prompt of "
+        f"data.max_length {recipe.data.max_length} tokens or more: truncation leaves no chosen or rejected token to "
+        f"score (first: {label}, a prompt of {len(prepared.pairs[first][0])} tokens)",
+        "raise data.max_length, shorten or drop those prompts, or raise data.max_untrained_share",
+    )
 
 
 def prepare_with_trl(recipe: Recipe, tokenizer, dataset, args) -> PreparedRows:
@@ -228,6 +339,13 @@ def check_training_data(
     if sample is not None and len(train_rows) > sample:
         train_rows = train_rows.select(range(sample))
     held_out = {"eval": built["eval"]} if "eval" in built else {}  # counted (for `qtune data`), not prepared
+    if fmt == "preference":
+        prepared = prepare_pairs_with_trl(recipe, tokenizer, DatasetDict(train=train_rows, **held_out), args)
+        # rows and prepared pairs are in one order unless a fraction was split off for eval (shuffled)
+        prepared.where = getattr(rows, "where", None) if not isinstance(recipe.data.eval_split, float) else None
+        if loud:
+            check_pairs(recipe, prepared, prepared.where)
+        return prepared
     prepared = prepare_with_trl(recipe, tokenizer, DatasetDict(train=train_rows, **held_out), args)
     prepared.turns = turns
     if loud:
@@ -278,6 +396,9 @@ def check_trainable(recipe: Recipe, tokenizer, prepared: PreparedRows) -> None:
     """Fail on the silent killers: end-of-turn never trained (pad == eos masking it included), and too many
     examples with no trained token (truncation, a template that marks nothing), and content the chat template
     drops or moves in too many rows of a class (check_context)."""
+    if prepared.pairs is not None:
+        check_pairs(recipe, prepared, prepared.where)
+        return
     check_context(recipe, prepared)
     s = prepared.stats
     answered = s["examples"] - s["untrained"]

@@ -69,11 +69,39 @@ def render_example(tokenizer, input_ids: list[int], labels: list[int], dim: bool
     return "".join(out)
 
 
+def render_pairs(recipe: Recipe, tokenizer, prepared: PreparedRows, lines: list[str], samples: int, dim: bool) -> str:
+    """`qtune data` for preference pairs (dpo): lengths, truncation, and samples as chosen / rejected."""
+    s = prepared.stats
+    length = s["length"]
+    lines += [
+        "schema: preference; DPO scores the chosen and rejected completions (the prompt carries no loss)",
+        f"pairs: {s['pairs']} train" + (f", {s['eval_examples']} eval" if s["eval_examples"] else ""),
+        f"tokens per pair (prompt + longer completion): min {length.get('min')}, p50 {length.get('p50')}, "
+        f"p90 {length.get('p90')}, max {length.get('max')} (max_length {s['max_length']})",
+        f"truncated: {s['truncated']} pairs, {s['answer_tokens_lost']} completion tokens lost; prompt alone fills "
+        f"max_length (nothing left to score): {s['prompt_fills_max_length']}",
+        f"scored tokens: {s['trained_tokens']} of {s['tokens']} ({100 * s['trained_tokens'] / max(1, s['tokens']):.1f}%)",
+    ]
+    if prepared.cache_files:
+        lines.append(f"cache: {Path(prepared.cache_files[0]).parent.parent} (reused by the next run on the same data)")
+    limit = recipe.data.max_length
+    for i in range(min(samples, s["pairs"])):
+        for j, name in enumerate(("chosen", "rejected")):
+            k = 2 * i + j
+            lines += [
+                f"--- pair {i + 1}, {name} ([prompt: no loss]) ---",
+                render_example(tokenizer, prepared.input_ids[k][:limit], prepared.labels[k][:limit], dim=dim),
+            ]
+    return "\n".join(lines)
+
+
 def render_summary(
     recipe: Recipe, tokenizer, fmt: str, rows: Rows, prepared: PreparedRows, settings: dict, samples: int, dim: bool
 ) -> str:
     s = prepared.stats
     lines = ["sources:"] + [f"  {line}" for line in describe_sources(rows)] if isinstance(rows, Rows) else []
+    if prepared.pairs is not None:
+        return render_pairs(recipe, tokenizer, prepared, lines, samples, dim)
     loss = (
         "every token"
         if recipe.data.train_on == "all"

@@ -301,14 +301,20 @@ def check_chats_render(rows: Rows, tokenizer, on_bad_row: str) -> None:
     keep, labels, failed = [], [], 0
     first = None
     for i, row in enumerate(rows):
-        conversation = row["messages"] if "messages" in row else row["prompt"] + row["completion"]
-        conversation = [clean_message(m) for m in conversation]
+        if "messages" in row:
+            conversations = [row["messages"]]
+        elif "chosen" in row:  # a preference pair: both conversations
+            conversations = [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
+        else:
+            conversations = [row["prompt"] + row["completion"]]
         tools = tools_of(row)
         try:
-            rendered = tokenizer.apply_chat_template(
-                conversation, tokenize=False, **({"tools": tools} if tools else {})
-            )
-            _check_tools_rendered(conversation, tools, rendered)
+            for conversation in conversations:
+                conversation = [clean_message(m) for m in conversation]
+                rendered = tokenizer.apply_chat_template(
+                    conversation, tokenize=False, **({"tools": tools} if tools else {})
+                )
+                _check_tools_rendered(conversation, tools, rendered)
         except Exception as exc:
             where = rows.where[i] if i < len(rows.where) else f"row {i + 1}"
             if on_bad_row == "error":
