@@ -123,6 +123,7 @@ def prepare_pairs_with_trl(recipe: Recipe, tokenizer, dataset, args) -> Prepared
         out.cache_files = [f["filename"] for f in prepared.cache_files]
     out.eval_size = len(dataset["eval"]) if "eval" in dataset else 0
     out.stats = pair_stats(recipe, out)
+    out.stats["end_of_turn"] = end_of_turn_id(tokenizer, _schema_of_dataset(dataset["train"]))  # the run's stop
     return out
 
 
