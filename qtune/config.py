@@ -82,7 +82,7 @@ class ModelSection(Section):
         None,
         description="Start from a trained LoRA adapter instead of a fresh one: a qtune run dir (its adapter/), an "
         "adapter folder (adapter_config.json) or a Hub id. Its own LoRA config is used (the lora section is not). "
-        "For dpo the reference model is this starting adapter, held frozen beside it on the same base.",
+        "For dpo and kto the reference model is this starting adapter, held frozen beside it on the same base.",
     )
 
     @field_validator("name", "tokenizer", "adapter")
@@ -172,12 +172,15 @@ class DatasetSource(Section):
         description="A local file (.jsonl, .json, .csv, .parquet, .txt), a folder of such files or one written by "
         "save_to_disk, or a Hub dataset name (org/name)."
     )
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference"] = Field(
-        "auto",
-        description="alpaca: instruction/input/output; sharegpt: conversations of from/value; messages: "
-        "OpenAI-style role/content chat; prompt_completion: prompt + completion; text: plain text (continued "
-        "pre-training); preference (dpo): prompt + chosen + rejected as text or message lists, or chosen + "
-        "rejected as whole conversations sharing the prompt; auto: detected from the columns.",
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "unpaired"] = (
+        Field(
+            "auto",
+            description="alpaca: instruction/input/output; sharegpt: conversations of from/value; messages: "
+            "OpenAI-style role/content chat; prompt_completion: prompt + completion; text: plain text (continued "
+            "pre-training); preference (dpo, orpo, simpo, kto): prompt + chosen + rejected as text or message lists, or "
+            "chosen + rejected as whole conversations sharing the prompt; unpaired (kto): prompt + completion + label "
+            "(true: desirable, false: undesirable); auto: detected from the columns.",
+        )
     )
     columns: dict[str, str] | None = Field(
         None,
@@ -344,7 +347,7 @@ class HubSection(Section):
 
 # The training methods of issue #16. One key picks the method; its settings live in a section of the same name.
 METHODS = ("sft", "dpo", "kto", "orpo", "simpo", "reward")
-METHODS_DONE = ("sft", "dpo")
+METHODS_DONE = ("sft", "dpo", "kto", "orpo", "simpo")
 # DPO's loss types as TRL 1.16 DPOConfig.loss_type offers them (tests/test_dpo.py checks the list against TRL's).
 DPO_LOSS_TYPES = (
     "sigmoid",
@@ -414,13 +417,81 @@ class DpoSection(Section):
         return self
 
 
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")  # TRL 1.16 KTOConfig.loss_type choices (tests/test_kto.py checks)
+
+
+class KtoSection(Section):
+    """Kahneman-Tversky Optimization (TRL KTOConfig); used with `method: kto`."""
+
+    beta: float = Field(
+        0.1, gt=0, le=1000, description="Strength of the pull towards the reference model (higher: stay closer)."
+    )
+    desirable_weight: float = Field(
+        1.0,
+        gt=0,
+        le=1000,
+        description="Weight of the desirable (label true) examples' loss; raise it when they are "
+        "fewer (the KTO paper: desirable_weight x desirable ≈ 1 to 1.33 x undesirable_weight x undesirable).",
+    )
+    undesirable_weight: float = Field(
+        1.0, gt=0, le=1000, description="Weight of the undesirable (label false) examples' loss."
+    )
+    loss_type: Literal[KTO_LOSS_TYPES] = Field(
+        "kto",
+        description="kto (the KTO paper; estimates the KL term from mismatched completions in each micro-batch, so "
+        "training.micro_batch_size must be 2 or more) or apo_zero_unpaired (APO-zero, unpaired).",
+    )
+    precompute_ref_log_probs: bool = Field(
+        False, description="Compute the reference log-probs once before training (one less forward per step)."
+    )
+
+
+class OrpoSection(Section):
+    """Odds Ratio Preference Optimization (TRL's experimental ORPOConfig); used with `method: orpo`. No reference."""
+
+    beta: float = Field(
+        0.1,
+        gt=0,
+        le=1000,
+        description="λ: weight of the odds-ratio term added to the chosen answer's NLL (the "
+        "ORPO paper uses 0.1 to 0.25).",
+    )
+
+
+class SimpoSection(Section):
+    """Simple Preference Optimization (TRL's experimental CPOConfig, loss_type simpo); used with `method: simpo`.
+    No reference: the reward is the length-normalised log-probability."""
+
+    beta: float = Field(
+        2.0, gt=0, le=1000, description="Scale of the length-normalised reward (the SimPO paper: 2.0 to 2.5)."
+    )
+    gamma: float = Field(
+        1.0,
+        ge=0,
+        le=1000,
+        description="Target reward margin between chosen and rejected (TRL's simpo_gamma; the "
+        "paper sets gamma / beta ≈ 0.5).",
+    )
+    cpo_alpha: float = Field(
+        0.0, ge=0, le=1000, description="Weight of an NLL term on the chosen answer: 0 is SimPO, > 0 CPO-SimPO."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Probability a preference label is flipped (conservative loss)."
+    )
+
+
+# Each method with settings: its section in the recipe (named after it).
+METHOD_SECTIONS = ("dpo", "kto", "orpo", "simpo")
+
+
 class Recipe(Section):
     """A whole run, from base model to saved adapter."""
 
     method: Literal[METHODS] = Field(
         "sft",
-        description="The training method: sft (supervised), dpo (preference pairs). kto, orpo, simpo and reward are "
-        "planned (issue #16) and refused for now. The method's settings go in the section of the same name.",
+        description="The training method: sft (supervised); dpo, orpo, simpo (preference pairs); kto (completions "
+        "labelled desirable or not, or pairs). reward is planned (issue #16) and refused for now. The method's "
+        "settings go in the section of the same name.",
     )
     model: ModelSection
     quantization: QuantizationSection = QuantizationSection()
@@ -430,6 +501,9 @@ class Recipe(Section):
     tracking: TrackingSection = TrackingSection()
     hub: HubSection = HubSection()
     dpo: DpoSection | None = Field(None, description="DPO settings (method: dpo); filled with defaults then.")
+    kto: KtoSection | None = Field(None, description="KTO settings (method: kto); filled with defaults then.")
+    orpo: OrpoSection | None = Field(None, description="ORPO settings (method: orpo); filled with defaults then.")
+    simpo: SimpoSection | None = Field(None, description="SimPO settings (method: simpo); filled with defaults then.")
     output_dir: str = Field(description="The run directory: adapter/, checkpoints/, recipe.yaml.")
 
     @field_validator("output_dir")
@@ -450,11 +524,12 @@ class Recipe(Section):
     @classmethod
     def _method_section_defaults(cls, data: Any) -> Any:
         """The chosen method's section, with its defaults, when the recipe leaves it out."""
-        if isinstance(data, dict) and data.get("method") == "dpo" and data.get("dpo") is None:
-            data = {**data, "dpo": {}}
+        method = data.get("method") if isinstance(data, dict) else None
+        if method in METHOD_SECTIONS and data.get(method) is None:
+            data = {**data, method: {}}
         return data
 
-    @field_validator("dpo")
+    @field_validator(*METHOD_SECTIONS)
     @classmethod
     def _section_of_method(cls, v: Any, info: ValidationInfo) -> Any:
         """A method's section (checked field by field: `method` comes first) belongs to that method only."""
@@ -469,13 +544,17 @@ class Recipe(Section):
     @field_validator("data")
     @classmethod
     def _data_for_method(cls, v: DataSection, info: ValidationInfo) -> DataSection:
-        if info.data.get("method") == "dpo":
+        method = info.data.get("method")
+        if method not in (None, "sft"):
             if v.packing:
-                raise ValueError("packing: TRL's DPO does not pack preference pairs; set data.packing: false")
-            if v.train_on != "completions":
                 raise ValueError(
-                    f"train_on: {v.train_on} does not apply to method dpo, which scores the chosen and rejected "
-                    "completions (never the prompt); leave data.train_on at completions"
+                    f"packing: TRL's {method.upper()} does not pack preference data; set data.packing: false"
+                )
+            if v.train_on != "completions":
+                scored = "labelled completions" if method == "kto" else "chosen and rejected completions"
+                raise ValueError(
+                    f"train_on: {v.train_on} does not apply to method {method}, which scores the {scored} (never the "
+                    "prompt); leave data.train_on at completions"
                 )
         return v
 
@@ -487,6 +566,12 @@ class Recipe(Section):
             raise ValueError("hub.push needs hub.repo_id")
         if self.training.resume and self.training.overwrite:
             raise ValueError("training.resume and training.overwrite exclude each other")
+        if self.kto is not None and self.kto.loss_type == "kto" and self.training.micro_batch_size < 2:
+            raise ValueError(
+                "training.micro_batch_size: 1 with method kto: KTO estimates its KL term from the other completions "
+                "of each micro-batch (TRL needs 2 or more); raise it (lower grad_accum to keep the batch), or set "
+                "kto.loss_type: apo_zero_unpaired"
+            )
         return self
 
 

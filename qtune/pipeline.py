@@ -5,9 +5,10 @@
                                           ├ RunDir.check_can_start   refuse / resume / overwrite
                                           ├ data.loading.load_rows     sources → rows of one format
                                           ├ train.check_schema         the rows fit the method (train.METHODS)
+                                          ├ data.loading.rows_for_kto  kto: pairs unpaired, both labels present
                                           ├ model.check_architecture   (meta device), model.start_adapter, model.load_tokenizer
                                           ├ data.templates.use_chat_template  the recipe's template, set once, here
-                                          ├ train.trainer_config       the method's TRL config (SFTConfig, DPOConfig)
+                                          ├ train.trainer_config       the method's TRL config (SFTConfig, DPOConfig …)
                                           └ data.preparation.check_training_data  TRL's own preparation of the rows
                                        → train(prepared)
                                           ├ model.load_for_training    4-bit base + k-bit prep + LoRA (fresh or model.adapter)
@@ -34,11 +35,11 @@ class PreparedRun:
     recipe: Recipe
     launch: Launch
     run: RunDir
-    fmt: str  # the rows' schema: messages, prompt_completion or text (sft); preference (dpo)
+    fmt: str  # the rows' schema: messages, prompt_completion or text (sft); preference (dpo, orpo, simpo); unpaired (kto)
     rows: list  # qtune.data Rows: the mapped rows, with their sources and row labels
     tokenizer: object  # with its pad token and the recipe's chat template set
     loss: dict  # the trainer-config arguments the data decides (which tokens carry loss)
-    args: object  # the trainer's config (the method's TRL config: SFTConfig, DPOConfig)
+    args: object  # the trainer's config (the method's TRL config: SFTConfig, DPOConfig, KTOConfig …)
     examples: object  # TRL's preparation of (a sample of) the rows, with their statistics
     resume_from: str | None = None  # the checkpoint a resumed run continues from
     allow_pickle: bool = False  # --allow-pickle: a base with pickle weights only may load
@@ -53,7 +54,7 @@ def prepare(
     training=False (`qtune data`): no launch, run-directory or model-shape checks; every row goes through TRL's
     preparation (not a sample) and the loud data checks are left to the caller, after it has shown the data."""
     from qtune import model, train
-    from qtune.data.loading import load_rows
+    from qtune.data.loading import load_rows, rows_for_kto
     from qtune.data.preparation import check_training_data, loss_settings
     from qtune.data.report import warn_skipped
     from qtune.data.templates import use_chat_template
@@ -67,6 +68,8 @@ def prepare(
         resume_from = run.check_can_start()
     fmt, rows = load_rows(recipe)
     train.check_schema(recipe, fmt, rows)
+    if recipe.method == "kto":
+        fmt, rows = rows_for_kto(recipe, fmt, rows)  # pairs unpaired; one label alone refused
     if training:
         model.check_architecture(recipe)
         model.check_weight_files(recipe.model.name, allow_pickle)

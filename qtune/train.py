@@ -1,5 +1,5 @@
-"""Recipe → the method's TRL config + trainer (METHODS: SFTConfig + SFTTrainer, DPOConfig + DPOTrainer), run, and
-save the adapter. The only module that knows TRL/HF training argument names; the training loop itself is TRL's."""
+"""Recipe → the method's TRL config + trainer (METHODS: SFTConfig + SFTTrainer, DPOConfig + DPOTrainer, KTO, and ORPO /
+CPO from TRL's experimental module), run, and save the adapter. The only module that knows TRL/HF training argument names; the training loop itself is TRL's."""
 
 from __future__ import annotations
 
@@ -64,12 +64,38 @@ def _dpo_settings(recipe: Recipe) -> dict:
     }
 
 
+def _kto_settings(recipe: Recipe) -> dict:
+    k = recipe.kto
+    return {
+        "beta": k.beta,
+        "desirable_weight": k.desirable_weight,
+        "undesirable_weight": k.undesirable_weight,
+        "loss_type": k.loss_type,
+        "precompute_ref_log_probs": k.precompute_ref_log_probs,
+    }
+
+
+def _orpo_settings(recipe: Recipe) -> dict:
+    return {"beta": recipe.orpo.beta}
+
+
+def _simpo_settings(recipe: Recipe) -> dict:
+    s = recipe.simpo
+    return {
+        "loss_type": "simpo",
+        "beta": s.beta,
+        "simpo_gamma": s.gamma,
+        "cpo_alpha": s.cpo_alpha,
+        "label_smoothing": s.label_smoothing,
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     """One training method: its TRL config and trainer, the row schemas it trains on, and its config arguments."""
 
-    config: str  # TRL config class
-    trainer: str  # TRL trainer class
+    config: str  # TRL config class (a name in trl, or module.Name under trl: experimental.orpo.ORPOConfig)
+    trainer: str  # TRL trainer class (the same way)
     schemas: tuple[str, ...]  # row schemas (qtune.data.formats.FORMAT_SCHEMA values) it trains on
     named: dict[str, str]  # its own config arguments the recipe sets → the recipe key (for training.extra)
     settings: typing.Callable[[Recipe], dict]  # the recipe → those arguments
@@ -93,7 +119,37 @@ METHODS = {
         _dpo_settings,
         reference=True,
     ),
+    "kto": Method(
+        "KTOConfig",
+        "KTOTrainer",
+        ("unpaired", "preference"),  # pairs are unpaired first (qtune.data.loading.rows_for_kto)
+        {k: f"kto.{k}" for k in ("beta", "desirable_weight", "undesirable_weight", "loss_type")}
+        | {"precompute_ref_log_probs": "kto.precompute_ref_log_probs"},
+        _kto_settings,
+        reference=True,
+    ),
+    "orpo": Method(
+        "experimental.orpo.ORPOConfig",
+        "experimental.orpo.ORPOTrainer",
+        ("preference",),
+        {"beta": "orpo.beta"},
+        _orpo_settings,
+    ),
+    "simpo": Method(
+        "experimental.cpo.CPOConfig",
+        "experimental.cpo.CPOTrainer",
+        ("preference",),
+        {"beta": "simpo.beta", "simpo_gamma": "simpo.gamma", "cpo_alpha": "simpo.cpo_alpha"}
+        | {"label_smoothing": "simpo.label_smoothing", "loss_type": "method: simpo (CPO's loss_type simpo)"},
+        _simpo_settings,
+    ),
 }
+
+
+def experimental(method: Method) -> str | None:
+    """The TRL module that keeps the method's trainer when it is TRL's experimental one (ORPO, CPO/SimPO)."""
+    module = method.trainer.rpartition(".")[0]
+    return f"trl.{module}" if module.startswith("experimental") else None
 
 
 def method_of(recipe: Recipe) -> Method:
@@ -101,29 +157,50 @@ def method_of(recipe: Recipe) -> Method:
     return METHODS[recipe.method]
 
 
+PREFERENCE_DATA = {
+    "preference": "preference pairs (prompt / chosen / rejected)",
+    "unpaired": "unpaired rows (prompt / completion / label)",
+}
+
+
 def check_schema(recipe: Recipe, fmt: str, rows) -> None:
-    """The rows are of a schema the recipe's method trains on (preference pairs for dpo, chats or text for sft)."""
+    """The rows are of a schema the recipe's method trains on (chats or text for sft, preference pairs for dpo, orpo
+    and simpo, labelled completions or pairs for kto)."""
     method = method_of(recipe)
     if fmt in method.schemas:
         return
     sources = ", ".join(f"{r['source']} ({r['format']})" for r in getattr(rows, "sources", []))
-    if fmt == "preference":
-        raise QtuneError(
-            f"data.datasets: preference pairs (prompt / chosen / rejected) but method is {recipe.method}: {sources}",
-            "set method: dpo to train on preference pairs, or give SFT data (messages, alpaca, prompt/completion …)",
+    if fmt in PREFERENCE_DATA:
+        takers = " or ".join(name for name, m in METHODS.items() if fmt in m.schemas)
+        other = (
+            "SFT data (messages, alpaca, prompt/completion …)"
+            if recipe.method == "sft"
+            else "prompt + chosen + rejected pairs"
         )
+        raise QtuneError(
+            f"data.datasets: {PREFERENCE_DATA[fmt]} but method is {recipe.method}: {sources}",
+            f"set method: {takers} to train on them, or give {other}",
+        )
+    unpaired = "; or prompt + completion + label (true / false) rows" if "unpaired" in method.schemas else ""
     raise QtuneError(
         f"data.datasets: method {recipe.method} trains on {' or '.join(method.schemas)} rows; the data maps to "
         f"{fmt}: {sources}",
         "give preference pairs: prompt + chosen + rejected (text or message lists), or chosen + rejected "
-        "conversations sharing their prompt; map other column names with the source's columns: {field: column}",
+        f"conversations sharing their prompt{unpaired}; map other column names with the source's columns: "
+        "{field: column}",
     )
 
 
 def trl_class(name: str):
-    import trl
+    """A TRL class by name: `KTOConfig` from trl, `experimental.orpo.ORPOConfig` from trl.experimental.orpo (TRL's
+    own warning on importing its experimental module is silenced: qtune says it once, at the start of the run)."""
+    import importlib
+    import warnings
 
-    return getattr(trl, name)
+    module, _, cls = name.rpartition(".")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*trl.experimental.*")
+        return getattr(importlib.import_module(f"trl.{module}" if module else "trl"), cls)
 
 
 def _accelerate_config(launch: Launch) -> str:
@@ -573,7 +650,7 @@ def _start_lines(recipe: Recipe, dataset, args, launch: Launch, checkpoint: str 
         ),
         ("data", f"{sizes}, max_length {d.max_length}, packing {'on' if d.packing else 'off'}")
         if recipe.method == "sft"
-        else ("data", f"{sizes.replace('rows', 'pairs')}, max_length {d.max_length}"),
+        else ("data", f"{sizes.replace('rows', _data_unit(recipe))}, max_length {d.max_length}"),
         *([("method", _method_line(recipe))] if recipe.method != "sft" else []),
         (
             "batch",
@@ -589,15 +666,37 @@ def _start_lines(recipe: Recipe, dataset, args, launch: Launch, checkpoint: str 
     return lines
 
 
+def _data_unit(recipe: Recipe) -> str:
+    return "labelled completions" if recipe.method == "kto" else "pairs"
+
+
 def _method_line(recipe: Recipe) -> str:
-    d = recipe.dpo
-    losses = d.loss_type if isinstance(d.loss_type, list) else [d.loss_type]
+    method = method_of(recipe)
     reference = (
         f"adapter {recipe.model.adapter} (frozen copy)"
         if recipe.model.adapter
         else "the base (the fresh adapter adds nothing)"
     )
-    return f"dpo, beta {d.beta:g}, loss {' + '.join(losses)}; reference: {reference}"
+    if recipe.method == "dpo":
+        d = recipe.dpo
+        losses = d.loss_type if isinstance(d.loss_type, list) else [d.loss_type]
+        line = f"dpo, beta {d.beta:g}, loss {' + '.join(losses)}"
+    elif recipe.method == "kto":
+        k = recipe.kto
+        line = (
+            f"kto, beta {k.beta:g}, loss {k.loss_type}, weights desirable {k.desirable_weight:g} / undesirable "
+            f"{k.undesirable_weight:g}"
+        )
+    elif recipe.method == "orpo":
+        line = f"orpo, beta (lambda) {recipe.orpo.beta:g}"
+    else:
+        s = recipe.simpo
+        line = f"simpo, beta {s.beta:g}, gamma {s.gamma:g}, cpo_alpha {s.cpo_alpha:g}"
+    line += f"; reference: {reference}" if method.reference else "; no reference model"
+    module = experimental(method)
+    if module:
+        line += f"; TRL keeps this trainer in its experimental module ({module}): its API may change between releases"
+    return line
 
 
 def _stopped_early(guard, trainer, run: RunDir) -> QtuneError:
@@ -701,10 +800,10 @@ def _report_final(tracker, summary: dict, recipe: Recipe, adapter_dir: Path) -> 
 
 
 def build_trainer(prepared, model, dataset, callbacks=()):
-    """The method's TRL trainer (SFTTrainer, DPOTrainer) on the prepared run, the PeftModel and the dataset, with the
-    adapter weights in fp32.
+    """The method's TRL trainer (SFTTrainer, DPOTrainer, KTOTrainer, ORPOTrainer, CPOTrainer) on the prepared run, the
+    PeftModel and the dataset, with the adapter weights in fp32.
 
-    Methods with a reference (dpo): TRL holds the reference as a second, frozen adapter named "ref" on the same
+    Methods with a reference (dpo, kto): TRL holds the reference as a second, frozen adapter named "ref" on the same
     base, a copy of the starting adapter (model.adapter, or the fresh one, which adds nothing to the base); TRL
     copies it before casting the trainable adapter to bf16, so the trainable one is set back to that exact copy:
     at step 0 the policy is the reference, bit for bit."""

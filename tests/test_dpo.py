@@ -36,7 +36,7 @@ def test_dpo_section_gets_its_defaults(tmp_path):
     assert recipe.dpo.beta == 0.1 and recipe.dpo.loss_type == "sigmoid"
 
 
-@pytest.mark.parametrize("method", ["kto", "orpo", "simpo", "reward"])
+@pytest.mark.parametrize("method", ["reward"])  # kto, orpo, simpo: tests/test_kto.py
 def test_planned_methods_are_refused_as_not_yet(tmp_path, method):
     with pytest.raises(QtuneError, match=f"method: {method} is not yet supported"):
         load_recipe(_recipe_file(tmp_path, method=method))
@@ -97,7 +97,7 @@ def test_method_table_builds_each_methods_trl_config(tmp_path):
     args = train.trainer_config(dpo, SINGLE)
     assert type(args) is DPOConfig
     assert (args.beta, args.loss_type, args.loss_weights, args.max_length) == (0.25, ["sigmoid", "sft"], [1, 0.5], 2048)
-    assert set(train.METHODS) == {"sft", "dpo"}
+    assert {"sft", "dpo"} <= set(train.METHODS)  # and kto, orpo, simpo (tests/test_kto.py)
 
 
 def test_training_extra_is_checked_against_the_methods_config(tmp_path):

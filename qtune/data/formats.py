@@ -4,7 +4,9 @@ mapping), each row checked and mapped to one internal schema, as TRL names it:
   messages           {"messages": [{"role": ..., "content": ...}, ...]}   (alpaca, sharegpt too)
   prompt_completion  {"prompt": str | messages, "completion": str | messages}
   text               {"text": str}
-  preference         {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}   (dpo)
+  preference         {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}   (dpo, orpo,
+                     simpo, kto)
+  unpaired           {"prompt": str | messages, "completion": str | messages, "label": bool}   (kto)
 
 Pure functions on rows: no files, no tokenizer."""
 
@@ -19,6 +21,7 @@ FORMAT_SCHEMA = {
     "prompt_completion": "prompt_completion",
     "text": "text",
     "preference": "preference",
+    "unpaired": "unpaired",
 }
 FORMAT_FIELDS = {
     "alpaca": ("instruction", "input", "output", "system"),
@@ -27,6 +30,7 @@ FORMAT_FIELDS = {
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
     "preference": ("prompt", "chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
 }
 ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {
@@ -75,6 +79,8 @@ def detect_format(columns: list[str], first_row: dict | None, where: str) -> str
         return "messages" if "role" in first and "from" not in first else "sharegpt"
     if {"instruction", "output"} <= cols:
         return "alpaca"
+    if {"prompt", "completion", "label"} <= cols:  # KTO's unpaired preference: a completion labelled good or bad
+        return "unpaired"
     if {"prompt", "completion"} <= cols:
         return "prompt_completion"
     if "text" in cols:
@@ -82,7 +88,8 @@ def detect_format(columns: list[str], first_row: dict | None, where: str) -> str
     raise QtuneError(
         f"{where}: cannot tell the format from the columns {sorted(columns)}",
         "rows need 'messages', 'conversations' (sharegpt), 'instruction' + 'output' (alpaca), 'prompt' + "
-        "'completion', 'text', or 'chosen' + 'rejected' (preference); or set the source's format: and map names with columns: {field: column}",
+        "'completion', 'text', 'chosen' + 'rejected' (preference), or 'prompt' + 'completion' + 'label' (unpaired); "
+        "or set the source's format: and map names with columns: {field: column}",
     )
 
 
@@ -251,6 +258,12 @@ def map_row(row: dict, fmt: str, roles: dict[str, str]) -> dict:
         return {"text": _text(row.get("text"), "text")}
     if fmt == "preference":
         return _preference(row)
+    if fmt == "unpaired":
+        return _unpaired(row)
+    return _prompt_completion(row)
+
+
+def _prompt_completion(row: dict) -> dict:
     prompt, completion = row.get("prompt"), row.get("completion")
     if isinstance(prompt, list) or isinstance(completion, list):
         if not (isinstance(prompt, list) and isinstance(completion, list)):
@@ -312,6 +325,27 @@ def _preference(row: dict) -> dict:
     return {"prompt": _text(prompt, "prompt"), "chosen": chosen, "rejected": rejected}
 
 
+def _unpaired(row: dict) -> dict:
+    """KTO's unpaired preference: a prompt + completion pair (text or message lists, as prompt_completion) and a
+    boolean label: true, the completion is desirable; false, undesirable."""
+    label = row.get("label")
+    if not isinstance(label, bool):
+        shown = repr(label) if label is None or isinstance(label, (str, int, float)) else type(label).__name__
+        raise BadRow(f"'label' must be true (desirable) or false (undesirable), got {shown}")
+    return {**_prompt_completion(row), "label": label}
+
+
+def unpair(rows: list[dict], where: list[str]) -> tuple[list[dict], list[str]]:
+    """Preference pairs as KTO's unpaired rows: the chosen completion labelled true, the rejected one false (what
+    TRL's unpair_preference_dataset makes), with their "file: row N" labels."""
+    out, labels = [], []
+    for i, row in enumerate(rows):
+        for key, label in (("chosen", True), ("rejected", False)):
+            out.append({"prompt": row["prompt"], "completion": row[key], "label": label})
+            labels.append(f"{where[i]} ({key})" if i < len(where) else f"row {i + 1} ({key})")
+    return out, labels
+
+
 def _with_tools(mapped: dict, row: dict) -> dict:
     """The row's tools column, when there is one (a row without keeps the schema of rows without tools)."""
     tools = tools_column(row.get("tools"))
@@ -332,5 +366,5 @@ def rename_columns(row: dict, columns: dict[str, str] | None) -> dict:
 def is_conversational(schema: str, rows: list[dict]) -> bool:
     """Whether the rows are chats (messages, or prompt/completion message lists) that need a chat template."""
     return schema == "messages" or (
-        schema in ("prompt_completion", "preference") and isinstance(rows[0]["prompt"], list)
+        schema in ("prompt_completion", "preference", "unpaired") and isinstance(rows[0]["prompt"], list)
     )

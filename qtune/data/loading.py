@@ -17,6 +17,7 @@ from qtune.data.formats import (
     detect_format,
     map_row,
     rename_columns,
+    unpair,
 )
 from qtune.data.sources import read_source, skipped_text
 from qtune.errors import QtuneError
@@ -93,7 +94,7 @@ def _read_split(source: DatasetSource, split: str, recipe: Recipe, index: int) -
 
 def _schema_of(schema: str, rows: list[dict]) -> str:
     """prompt_completion splits into text pairs and conversational pairs, which TRL cannot mix."""
-    if schema in ("prompt_completion", "preference") and isinstance(rows[0]["prompt"], list):
+    if schema in ("prompt_completion", "preference", "unpaired") and isinstance(rows[0]["prompt"], list):
         return f"{schema} (conversational)"
     return schema
 
@@ -156,3 +157,31 @@ def load_rows(recipe: Recipe) -> tuple[str, Rows]:
     result.sources = reports
     result.notes = notes
     return result.schema, result
+
+
+def rows_for_kto(recipe: Recipe, fmt: str, rows: Rows) -> tuple[str, Rows]:
+    """KTO's rows: unpaired rows as they are; preference pairs unpaired (chosen: label true, rejected: false, what
+    TRL's KTO would do itself, but TRL unpairs in blocks of all-chosen then all-rejected rows and KTO reads its data in
+    order, so qtune unpairs and shuffles by training.seed: every micro-batch mixes both labels). Refused when the
+    training rows carry one label only: KTO needs desirable and undesirable examples."""
+    if fmt == "preference":
+        train, where = unpair(list(rows), rows.where)
+        order = list(range(len(train)))
+        random.Random(recipe.training.seed).shuffle(order)
+        eval_rows = unpair(rows.eval_rows, [])[0] if rows.eval_rows else rows.eval_rows
+        unpaired = Rows([train[i] for i in order], schema="unpaired", eval_rows=eval_rows)
+        unpaired.where, unpaired.sources, unpaired.notes = [where[i] for i in order], rows.sources, rows.notes
+        return "unpaired", unpaired
+    labels = {row["label"] for row in rows}
+    if len(labels) == 1:
+        (label,) = labels
+        files = ", ".join(dict.fromkeys(str(r["source"]) for r in rows.sources)) or "the data"
+        kind, other = (
+            ("true (desirable)", "false (undesirable)") if label else ("false (undesirable)", "true (desirable)")
+        )
+        raise QtuneError(
+            f"data.datasets: every one of the {len(rows)} rows of {files} has label {kind}: KTO learns from both "
+            "desirable and undesirable completions, and one label alone gives it nothing to contrast",
+            f"add rows labelled {other}, or train on preference pairs (prompt + chosen + rejected)",
+        )
+    return fmt, rows

@@ -26,7 +26,7 @@ def loss_settings(recipe: Recipe, tokenizer, fmt: str) -> dict:
     tokenizer carries the recipe's chat template already (templates.use_chat_template, once, in the pipeline)."""
     answers_only = recipe.data.train_on == "completions"
     settings = {"dataset_num_proc": recipe.data.num_proc} if recipe.data.num_proc else {}
-    if fmt == "preference":  # DPO scores the completions only, always
+    if fmt in ("preference", "unpaired"):  # preference methods score the completions only, always
         return settings
     if fmt == "text":
         return {**settings, "completion_only_loss": False}
@@ -67,26 +67,35 @@ class PreparedRows:
     stats: dict = field(default_factory=dict)
     cache_files: list[str] = field(default_factory=list)  # the datasets cache files TRL's preparation read or wrote
     turns: dict = field(default_factory=dict)  # per row class: rows, answers, trained, moved, dropped_rows
-    pairs: list | None = None  # preference pairs: (prompt_ids, chosen_ids, rejected_ids) as TRL's DPO prepares them
+    pairs: list | None = None  # preference pairs: (prompt_ids, chosen_ids, rejected_ids) as the method's TRL trainer
+    # prepares them; kto: (prompt_ids, completion_ids)
+    desirable: list | None = None  # kto: each completion's label (true: desirable)
     where: list | None = None  # preference pairs: "file: row N" of each pair, when known
 
 
 def prepare_pairs_with_trl(recipe: Recipe, tokenizer, dataset, args) -> PreparedRows:
-    """Run TRL's own DPO preparation (prompt extraction, chat template, eos, tokenization) on the train split with
-    the run's DPOConfig minus truncation, so that what truncation would cut can be measured. PreparedRows holds two
-    examples per pair (prompt + chosen, prompt + rejected; the prompt masked) and `pairs` the three id lists."""
+    """Run the method's own TRL preparation (prompt extraction, chat template, eos, tokenization: DPOTrainer's,
+    KTOTrainer's, or the experimental ORPOTrainer's / CPOTrainer's) on the train split with the run's config minus
+    truncation, so that what truncation would cut can be measured. Preference pairs: PreparedRows holds two examples
+    per pair (prompt + chosen, prompt + rejected; the prompt masked) and `pairs` the three id lists. KTO: one example
+    per labelled completion, `pairs` holds (prompt_ids, completion_ids) and `desirable` the labels."""
     import dataclasses
     import logging
     import tempfile
 
     import datasets
-    from trl import DPOTrainer
 
+    from qtune.train import method_of, trl_class
+
+    method = method_of(recipe)
     datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory() as tmp:
-        view = dataclasses.replace(
-            args, output_dir=tmp, max_length=None, report_to="none", eval_strategy="no", precompute_ref_log_probs=False
-        )
+        if method.reference:  # dpo, kto: no truncation (max_length None), and no reference pass
+            changes = {"max_length": None, "precompute_ref_log_probs": False}
+            kwargs = {"ref_model": _carrier_model(tokenizer)}  # a reference of its own: nothing is loaded from a hub
+        else:  # orpo, simpo: TRL's experimental trainers need an int max_length; one nothing reaches
+            changes, kwargs = {"max_length": 2**31 - 1}, {}
+        view = dataclasses.replace(args, output_dir=tmp, report_to="none", eval_strategy="no", **changes)
         said = _TrlWarnings()
         trl_log = logging.getLogger("trl")
         level, propagate = trl_log.level, trl_log.propagate
@@ -94,16 +103,17 @@ def prepare_pairs_with_trl(recipe: Recipe, tokenizer, dataset, args) -> Prepared
         trl_log.propagate = False
         trl_log.addHandler(said)
         try:
-            trainer = DPOTrainer(
+            trainer = trl_class(method.trainer)(
                 model=_carrier_model(tokenizer),
-                ref_model=_carrier_model(tokenizer),  # a reference of its own: nothing is loaded from a hub
                 args=view,
                 train_dataset=dataset["train"],
                 processing_class=tokenizer,
+                **kwargs,
             )
         except Exception as exc:
+            what = "labelled completions" if recipe.method == "kto" else "preference pairs"
             raise QtuneError(
-                f"data: TRL could not prepare the preference pairs: {first_line(exc)}",
+                f"data: TRL could not prepare the {what}: {first_line(exc)}",
                 "run `qtune data RECIPE` to see the rows; check data.chat_template",
             ) from None
         finally:
@@ -112,7 +122,23 @@ def prepare_pairs_with_trl(recipe: Recipe, tokenizer, dataset, args) -> Prepared
             trl_log.propagate = propagate
             said.tell()
         prepared = trainer.train_dataset
-        pairs = list(zip(prepared["prompt_ids"], prepared["chosen_ids"], prepared["rejected_ids"], strict=True))
+        desirable = None
+        if recipe.method == "kto":
+            pairs = list(zip(prepared["prompt_ids"], prepared["completion_ids"], strict=True))
+            desirable = list(prepared["label"])
+        elif "chosen_labels" in prepared.column_names:  # ORPO / CPO: prompt + answer ids, the prompt labelled -100
+            pairs = []
+            for chosen, chosen_labels, rejected, rejected_labels in zip(
+                prepared["chosen_input_ids"],
+                prepared["chosen_labels"],
+                prepared["rejected_input_ids"],
+                prepared["rejected_labels"],
+                strict=True,
+            ):
+                n, m = _masked_prefix(chosen_labels), _masked_prefix(rejected_labels)
+                pairs.append((chosen[:n], chosen[n:], rejected[m:]))
+        else:
+            pairs = list(zip(prepared["prompt_ids"], prepared["chosen_ids"], prepared["rejected_ids"], strict=True))
         input_ids, labels = [], []
         for prompt, *completions in pairs:
             for completion in completions:
@@ -120,6 +146,7 @@ def prepare_pairs_with_trl(recipe: Recipe, tokenizer, dataset, args) -> Prepared
                 labels.append([-100] * len(prompt) + completion)
         out = PreparedRows(input_ids, labels, trainer.data_collator)
         out.pairs = pairs
+        out.desirable = desirable
         out.cache_files = [f["filename"] for f in prepared.cache_files]
     out.eval_size = len(dataset["eval"]) if "eval" in dataset else 0
     out.stats = pair_stats(recipe, out)
@@ -127,26 +154,37 @@ def prepare_pairs_with_trl(recipe: Recipe, tokenizer, dataset, args) -> Prepared
     return out
 
 
+def _masked_prefix(labels: list[int]) -> int:
+    """How many leading labels are -100 (the prompt, in ORPO's and CPO's tokenized rows)."""
+    n = 0
+    while n < len(labels) and labels[n] == -100:
+        n += 1
+    return n
+
+
 def pair_stats(recipe: Recipe, prepared: PreparedRows) -> dict:
-    """Lengths and truncation of preference pairs as TRL's DPO collator will cut them (keep_start at max_length,
-    prompt + completion), and the pairs whose prompt alone fills max_length (TRL drops those silently)."""
+    """Lengths and truncation of preference pairs (or KTO's labelled completions) as TRL will cut them (keep_start at
+    max_length, prompt + completion), and the pairs whose prompt alone fills max_length (TRL's DPO and KTO drop
+    those silently; ORPO and CPO keep them with nothing to score)."""
     limit = recipe.data.max_length
     lengths, truncated, no_room, lost = [], 0, [], 0
     trained_tokens = total_tokens = 0
-    for i, (prompt, chosen, rejected) in enumerate(prepared.pairs):
-        longest = len(prompt) + max(len(chosen), len(rejected))
+    for i, (prompt, *completions) in enumerate(prepared.pairs):
+        longest = len(prompt) + max(len(c) for c in completions)
         lengths.append(longest)
         if len(prompt) >= limit:
             no_room.append(i)
         elif longest > limit:
             truncated += 1
-        for completion in (chosen, rejected):
+        for completion in completions:
             kept = max(0, min(len(completion), limit - len(prompt)))
             lost += len(completion) - kept
             trained_tokens += kept
             total_tokens += min(limit, len(prompt) + len(completion))
     n = len(prepared.pairs)
     return {
+        "unit": "labelled completions" if prepared.desirable is not None else "preference pairs",
+        "desirable": sum(prepared.desirable) if prepared.desirable is not None else None,
         "pairs": n,
         "examples": n,
         "eval_examples": prepared.eval_size,
@@ -170,10 +208,12 @@ def check_pairs(recipe: Recipe, prepared: PreparedRows, where: list[str] | None 
     if not bad or bad / max(1, s["pairs"]) <= recipe.data.max_untrained_share:
         return
     first = s["first_prompt_fills"]
-    label = where[first] if where and first < len(where) else f"pair {first + 1}"
+    kto = prepared.desirable is not None
+    label = where[first] if where and first < len(where) else f"{'example' if kto else 'pair'} {first + 1}"
+    scored = "completion" if kto else "chosen or rejected"
     raise QtuneError(
-        f"data: {bad} of {s['pairs']} preference pairs ({100 * bad / s['pairs']:.1f}%) have a prompt of "
-        f"data.max_length {recipe.data.max_length} tokens or more: truncation leaves no chosen or rejected token to "
+        f"data: {bad} of {s['pairs']} {s['unit']} ({100 * bad / s['pairs']:.1f}%) have a prompt of "
+        f"data.max_length {recipe.data.max_length} tokens or more: truncation leaves no {scored} token to "
         f"score (first: {label}, a prompt of {len(prepared.pairs[first][0])} tokens)",
         "raise data.max_length, shorten or drop those prompts, or raise data.max_untrained_share",
     )
@@ -340,7 +380,7 @@ def check_training_data(
     if sample is not None and len(train_rows) > sample:
         train_rows = train_rows.select(range(sample))
     held_out = {"eval": built["eval"]} if "eval" in built else {}  # counted (for `qtune data`), not prepared
-    if fmt == "preference":
+    if fmt in ("preference", "unpaired"):
         prepared = prepare_pairs_with_trl(recipe, tokenizer, DatasetDict(train=train_rows, **held_out), args)
         # rows and prepared pairs are in one order unless a fraction was split off for eval (shuffled)
         prepared.where = getattr(rows, "where", None) if not isinstance(recipe.data.eval_split, float) else None

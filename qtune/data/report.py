@@ -70,22 +70,46 @@ def render_example(tokenizer, input_ids: list[int], labels: list[int], dim: bool
 
 
 def render_pairs(recipe: Recipe, tokenizer, prepared: PreparedRows, lines: list[str], samples: int, dim: bool) -> str:
-    """`qtune data` for preference pairs (dpo): lengths, truncation, and samples as chosen / rejected."""
+    """`qtune data` for preference data: pairs (dpo, orpo, simpo) shown as chosen / rejected, labelled completions
+    (kto) as desirable / undesirable; lengths and truncation."""
     s = prepared.stats
     length = s["length"]
+    method = recipe.method.upper()
+    if prepared.desirable is not None:  # kto: labelled completions
+        head = [
+            f"schema: unpaired; {method} scores each completion against the reference, pulled up when labelled true "
+            "(desirable), down when false (the prompt carries no loss)",
+            f"labelled completions: {s['pairs']} train ({s['desirable']} desirable, {s['pairs'] - s['desirable']} "
+            "undesirable)" + (f", {s['eval_examples']} eval" if s["eval_examples"] else ""),
+            f"tokens per example (prompt + completion): min {length.get('min')}, p50 {length.get('p50')}, "
+            f"p90 {length.get('p90')}, max {length.get('max')} (max_length {s['max_length']})",
+            f"truncated: {s['truncated']} examples, {s['answer_tokens_lost']} completion tokens lost; prompt alone "
+            f"fills max_length (nothing left to score): {s['prompt_fills_max_length']}",
+        ]
+    else:
+        head = [
+            f"schema: preference; {method} scores the chosen and rejected completions (the prompt carries no loss)",
+            f"pairs: {s['pairs']} train" + (f", {s['eval_examples']} eval" if s["eval_examples"] else ""),
+            f"tokens per pair (prompt + longer completion): min {length.get('min')}, p50 {length.get('p50')}, "
+            f"p90 {length.get('p90')}, max {length.get('max')} (max_length {s['max_length']})",
+            f"truncated: {s['truncated']} pairs, {s['answer_tokens_lost']} completion tokens lost; prompt alone fills "
+            f"max_length (nothing left to score): {s['prompt_fills_max_length']}",
+        ]
     lines += [
-        "schema: preference; DPO scores the chosen and rejected completions (the prompt carries no loss)",
-        f"pairs: {s['pairs']} train" + (f", {s['eval_examples']} eval" if s["eval_examples"] else ""),
-        f"tokens per pair (prompt + longer completion): min {length.get('min')}, p50 {length.get('p50')}, "
-        f"p90 {length.get('p90')}, max {length.get('max')} (max_length {s['max_length']})",
-        f"truncated: {s['truncated']} pairs, {s['answer_tokens_lost']} completion tokens lost; prompt alone fills "
-        f"max_length (nothing left to score): {s['prompt_fills_max_length']}",
+        *head,
         f"scored tokens: {s['trained_tokens']} of {s['tokens']} ({100 * s['trained_tokens'] / max(1, s['tokens']):.1f}%)",
     ]
     if prepared.cache_files:
         lines.append(f"cache: {Path(prepared.cache_files[0]).parent.parent} (reused by the next run on the same data)")
     limit = recipe.data.max_length
     for i in range(min(samples, s["pairs"])):
+        if prepared.desirable is not None:
+            kind = "desirable" if prepared.desirable[i] else "undesirable"
+            lines += [
+                f"--- example {i + 1}, {kind} ([prompt: no loss]) ---",
+                render_example(tokenizer, prepared.input_ids[i][:limit], prepared.labels[i][:limit], dim=dim),
+            ]
+            continue
         for j, name in enumerate(("chosen", "rejected")):
             k = 2 * i + j
             lines += [
