@@ -194,6 +194,15 @@ def test_unpaired_format_can_be_set_and_mapped(kto_recipe, tmp_path):
     assert "format unpaired (set), 8 rows" in result.stdout and "(4 desirable, 4 undesirable)" in result.stdout
 
 
+def test_a_label_column_that_is_not_boolean_stays_prompt_completion_for_sft(kto_recipe):
+    from conftest import run_qtune_in_process
+
+    rows = [{**r, "label": "greeting"} for r in unpaired_rows(8, form="text")]
+    result = run_qtune_in_process("data", kto_recipe(rows), "method=sft", "kto=null")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "format prompt_completion (detected), 8 rows" in result.stdout
+
+
 @pytest.mark.parametrize("bad", ["yes", 1, None])
 def test_a_bad_label_names_file_and_row(kto_recipe, bad):
     from conftest import run_qtune_in_process

@@ -79,8 +79,8 @@ def detect_format(columns: list[str], first_row: dict | None, where: str) -> str
         return "messages" if "role" in first and "from" not in first else "sharegpt"
     if {"instruction", "output"} <= cols:
         return "alpaca"
-    if {"prompt", "completion", "label"} <= cols:  # KTO's unpaired preference: a completion labelled good or bad
-        return "unpaired"
+    if {"prompt", "completion", "label"} <= cols and isinstance((first_row or {}).get("label"), bool):
+        return "unpaired"  # KTO's: a completion labelled good or bad (another label column stays prompt_completion)
     if {"prompt", "completion"} <= cols:
         return "prompt_completion"
     if "text" in cols:
