@@ -16,13 +16,14 @@ def load_for_chat(target: str, merged: bool = False, allow_pickle: bool = False)
     """(model, tokenizer, description) for a run directory (adapter on the trained base, or its merged/) or a model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qtune.model import check_weight_files, load_trained, single_process_device_map
+    from qtune.model import check_weight_files, load_trained, refuse_reward_run, single_process_device_map
     from qtune.rundir import RunDir
     from qtune.stops import saved_stops, with_stops
 
     path = Path(target)
     if RunDir.is_run(path):
         run = RunDir.open(path)
+        refuse_reward_run(run.recipe, run.path, "chat")
         if not merged:
             recipe = run.recipe
             model = load_trained(recipe, run.adapter, allow_pickle=allow_pickle)

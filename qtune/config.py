@@ -347,7 +347,6 @@ class HubSection(Section):
 
 # The training methods of issue #16. One key picks the method; its settings live in a section of the same name.
 METHODS = ("sft", "dpo", "kto", "orpo", "simpo", "reward")
-METHODS_DONE = ("sft", "dpo", "kto", "orpo", "simpo")
 # DPO's loss types as TRL 1.16 DPOConfig.loss_type offers them (tests/test_dpo.py checks the list against TRL's).
 DPO_LOSS_TYPES = (
     "sigmoid",
@@ -480,8 +479,21 @@ class SimpoSection(Section):
     )
 
 
+class RewardSection(Section):
+    """Reward modelling (TRL RewardConfig): a sequence-classification head (score) + LoRA on the base, trained so
+    the chosen answer scores above the rejected one (Bradley-Terry loss); used with `method: reward`."""
+
+    center_rewards_coefficient: float | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="Weight of a penalty on the mean squared score, keeping the rewards centred on zero (Eisenstein "
+        "et al. 2023; TRL recommends 0.01; null: off).",
+    )
+
+
 # Each method with settings: its section in the recipe (named after it).
-METHOD_SECTIONS = ("dpo", "kto", "orpo", "simpo")
+METHOD_SECTIONS = ("dpo", "kto", "orpo", "simpo", "reward")
 
 
 class Recipe(Section):
@@ -490,8 +502,8 @@ class Recipe(Section):
     method: Literal[METHODS] = Field(
         "sft",
         description="The training method: sft (supervised); dpo, orpo, simpo (preference pairs); kto (completions "
-        "labelled desirable or not, or pairs). reward is planned (issue #16) and refused for now. The method's "
-        "settings go in the section of the same name.",
+        "labelled desirable or not, or pairs); reward (a sequence-classification reward model from preference "
+        "pairs). The method's settings go in the section of the same name.",
     )
     model: ModelSection
     quantization: QuantizationSection = QuantizationSection()
@@ -504,21 +516,15 @@ class Recipe(Section):
     kto: KtoSection | None = Field(None, description="KTO settings (method: kto); filled with defaults then.")
     orpo: OrpoSection | None = Field(None, description="ORPO settings (method: orpo); filled with defaults then.")
     simpo: SimpoSection | None = Field(None, description="SimPO settings (method: simpo); filled with defaults then.")
+    reward: RewardSection | None = Field(
+        None, description="Reward-model settings (method: reward); filled with defaults then."
+    )
     output_dir: str = Field(description="The run directory: adapter/, checkpoints/, recipe.yaml.")
 
     @field_validator("output_dir")
     @classmethod
     def _expand_user(cls, v: str) -> str:
         return _local_path(v)
-
-    @field_validator("method")
-    @classmethod
-    def _method_done(cls, v: str) -> str:
-        if v not in METHODS_DONE:
-            raise ValueError(
-                f"{v} is not yet supported (issue #16 plans it; qtune trains {' and '.join(METHODS_DONE)} now)"
-            )
-        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -551,10 +557,13 @@ class Recipe(Section):
                     f"packing: TRL's {method.upper()} does not pack preference data; set data.packing: false"
                 )
             if v.train_on != "completions":
-                scored = "labelled completions" if method == "kto" else "chosen and rejected completions"
+                scores = {
+                    "kto": "scores the labelled completions (never the prompt)",
+                    "reward": "scores each whole chosen and rejected sequence (prompt included) with its head",
+                }.get(method, "scores the chosen and rejected completions (never the prompt)")
                 raise ValueError(
-                    f"train_on: {v.train_on} does not apply to method {method}, which scores the {scored} (never the "
-                    "prompt); leave data.train_on at completions"
+                    f"train_on: {v.train_on} does not apply to method {method}, which {scores}; leave data.train_on "
+                    "at completions"
                 )
         return v
 

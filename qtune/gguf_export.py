@@ -474,6 +474,9 @@ def export_gguf(
     prompts = tuple(prompts) or VERIFY_PROMPTS
     if RunDir.is_run(src):
         run = RunDir.open(src)  # no adapter → error before anything loads
+        from qtune.model import refuse_reward_run
+
+        refuse_reward_run(run.recipe, run.path, "export-gguf")
         base = run.recipe.model.name
         if Path(base).is_dir():
             check_gguf_architecture(_read_config(Path(base)), base)

@@ -79,10 +79,11 @@ def merge_locked(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qtune.model import attach_adapter, load_trained, single_process_device_map
+    from qtune.model import attach_adapter, load_trained, refuse_reward_run, single_process_device_map
     from qtune.quant import backend_of
 
     recipe = run.recipe
+    refuse_reward_run(recipe, run.path, "merge")
     if onto not in ("dequantized", "original"):
         raise QtuneError(f"--onto: unknown mode '{onto}'", "dequantized (default) or original")
     if dtype not in DTYPES:

@@ -87,6 +87,61 @@ def _max_memory(recipe: Recipe) -> dict | None:
     return {int(k) if k.isdigit() else k: v for k, v in recipe.model.max_memory.items()}
 
 
+def scores(recipe: Recipe) -> bool:
+    """The run trains a reward model (method reward): the base loads as a sequence-classification model with one
+    label, its score head trained beside the LoRA adapter, instead of a causal LM."""
+    return recipe.method == "reward"
+
+
+def model_class(recipe: Recipe):
+    """The transformers auto class the run's base loads as: AutoModelForSequenceClassification (reward), else
+    AutoModelForCausalLM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if scores(recipe) else AutoModelForCausalLM
+
+
+def model_kwargs(recipe: Recipe) -> dict:
+    """The class's own from_pretrained arguments: one label (the reward) for a reward model."""
+    return {"num_labels": 1} if scores(recipe) else {}
+
+
+def refuse_reward_run(recipe: Recipe, run_dir, command: str) -> None:
+    """chat, merge and export-gguf take runs that trained a causal LM; a reward run's adapter scores text."""
+    if not scores(recipe):
+        return
+    does = "does not generate" if command != "merge" else "is not a causal LM to merge into one"
+    raise QtuneError(
+        f"qtune {command}: {run_dir} is a reward model (method: reward): a score head + LoRA that scores text and "
+        f"{does}",
+        "load it with AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=1) + "
+        f"PeftModel.from_pretrained(model, '{Path(run_dir) / 'adapter'}') to score text (README: Reward models)"
+        + ("; merge_and_unload() there gives a standalone classifier" if command == "merge" else ""),
+    )
+
+
+def check_sequence_classification(config, recipe: Recipe) -> None:
+    """method reward: transformers has a sequence-classification class for the model's architecture (a score head
+    on the decoder), or the checkpoint's own code names one (trust_remote_code)."""
+    from transformers import AutoModelForSequenceClassification
+
+    if not scores(recipe):
+        return
+    if type(config) in AutoModelForSequenceClassification._model_mapping:
+        return
+    if recipe.model.trust_remote_code and "AutoModelForSequenceClassification" in (
+        getattr(config, "auto_map", None) or {}
+    ):
+        return
+    arch = ", ".join(getattr(config, "architectures", None) or []) or config.model_type
+    raise QtuneError(
+        f"method: reward needs a sequence-classification head on the base, and transformers has no "
+        f"sequence-classification class for '{recipe.model.name}' (model_type {config.model_type}, {arch})",
+        "use a base whose architecture has one (Llama, Mistral, Qwen2, Gemma, Phi …: "
+        "AutoModelForSequenceClassification), or train on the pairs with method dpo, orpo or simpo",
+    )
+
+
 def _meta_model(recipe: Recipe):
     """The model's module tree on the meta device: its shape, with no weights read or downloaded."""
     import torch
@@ -101,6 +156,7 @@ def _meta_model(recipe: Recipe):
             f"model.name: cannot load a config for '{m.name}': {first}",
             "give a local model folder, or a hub id with network access (or a filled HF cache with HF_HUB_OFFLINE=1)",
         ) from None
+    check_sequence_classification(config, recipe)  # reward: before the shape checks below
     try:
         with torch.device("meta"):
             return config, AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
@@ -412,7 +468,7 @@ def load_base(recipe: Recipe, launch: Launch | None = None, base: str | None = N
 
     bitsandbytes' CPU repack is disabled on every 4-bit layer, so a no-grad forward (an eval pass, a merge's
     reference logits) cannot change the stored weights or stop training from learning."""
-    from transformers import AutoModelForCausalLM
+    import contextlib
 
     from qtune.quant import checkpoint_config_notice_silenced, quantization_config, quantize_after_load, resolve_dtype
 
@@ -422,9 +478,10 @@ def load_base(recipe: Recipe, launch: Launch | None = None, base: str | None = N
     if not allow_pickle:
         kwargs["use_safetensors"] = True  # a hub repo with .bin weights only fails to load: the hint says why
     check_weight_files(base or m.name, allow_pickle)
+    head = _new_score_head_expected() if scores(recipe) else contextlib.nullcontext()
     try:
-        with checkpoint_config_notice_silenced():  # backend gptq: the checkpoint's own config, our kernel
-            model = AutoModelForCausalLM.from_pretrained(
+        with checkpoint_config_notice_silenced(), head:  # backend gptq: the checkpoint's own config, our kernel
+            model = model_class(recipe).from_pretrained(
                 base or m.name,
                 revision=None if base else m.revision,
                 trust_remote_code=m.trust_remote_code,
@@ -432,6 +489,7 @@ def load_base(recipe: Recipe, launch: Launch | None = None, base: str | None = N
                 dtype=resolve_dtype(m.dtype),
                 device_map=device_map_for(recipe, launch),
                 max_memory=_max_memory(recipe),
+                **model_kwargs(recipe),
                 **kwargs,
             )
     except OSError as exc:
@@ -446,6 +504,24 @@ def load_base(recipe: Recipe, launch: Launch | None = None, base: str | None = N
     if recipe.quantization.bits is not None:
         _keep_cpu_4bit_trainable(model)
     return model
+
+
+@__import__("contextlib").contextmanager
+def _new_score_head_expected():
+    """A causal LM checkpoint loaded as a sequence classifier has an lm_head it does not use and no score head
+    (a new one, or the adapter's): expected, not a load problem to report (TRL's RewardTrainer does the same)."""
+    from transformers.modeling_layers import GenericForSequenceClassification as cls
+
+    saved = (
+        getattr(cls, "_keys_to_ignore_on_load_missing", None),
+        getattr(cls, "_keys_to_ignore_on_load_unexpected", None),
+    )
+    cls._keys_to_ignore_on_load_missing = [*(saved[0] or []), r"^score\.weight$"]
+    cls._keys_to_ignore_on_load_unexpected = [*(saved[1] or []), r"^lm_head\."]
+    try:
+        yield
+    finally:
+        cls._keys_to_ignore_on_load_missing, cls._keys_to_ignore_on_load_unexpected = saved
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -487,12 +563,30 @@ def start_adapter(recipe: Recipe) -> str | None:
         )
     else:
         return spec  # a Hub adapter: peft downloads it, and checks it fits when it loads
+    task = _adapter_task(folder)
+    if task is not None and (task == "SEQ_CLS") != scores(recipe):
+        what = "a reward model's (task_type SEQ_CLS, with a score head)" if task == "SEQ_CLS" else f"a {task} adapter"
+        raise QtuneError(
+            f"model.adapter: {spec} is {what}; method {recipe.method} "
+            + ("trains a sequence-classification reward model" if scores(recipe) else "trains a causal LM"),
+            "remove model.adapter to start a fresh adapter, or continue an adapter of the same kind",
+        )
     if trained_on and not _same_model(trained_on, recipe.model.name):
         raise QtuneError(
             f"model.adapter: {spec} was trained on {trained_on} ({where}), not on model.name {recipe.model.name}",
             "set model.name to the base the adapter was trained on",
         )
     return str(folder)
+
+
+def _adapter_task(folder: Path) -> str | None:
+    """The peft task_type an adapter folder was saved with (CAUSAL_LM, SEQ_CLS …), None when it says none."""
+    import json
+
+    try:
+        return json.loads((Path(folder) / "adapter_config.json").read_text()).get("task_type")
+    except (OSError, ValueError):
+        return None
 
 
 def load_for_training(recipe: Recipe, launch: Launch, tokenizer, verbose: bool = True, allow_pickle: bool = False):
@@ -503,6 +597,10 @@ def load_for_training(recipe: Recipe, launch: Launch, tokenizer, verbose: bool =
     from qtune.quant import lora_targets
 
     m = recipe.model
+    if scores(recipe):  # the new score head starts from training.seed's draw: the same on every rank and rerun
+        from transformers import set_seed
+
+        set_seed(recipe.training.seed)
     model = load_base(recipe, launch, allow_pickle=allow_pickle)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -539,7 +637,7 @@ def load_for_training(recipe: Recipe, launch: Launch, tokenizer, verbose: bool =
         modules_to_save=lo.modules_to_save,
         use_rslora=lo.use_rslora,
         use_dora=lo.use_dora,
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if scores(recipe) else "CAUSAL_LM",  # SEQ_CLS: peft trains and saves the score head
     )
     model = get_peft_model(model, lora_config)
     if verbose and launch.is_main:

@@ -1,5 +1,5 @@
-"""Recipe → the method's TRL config + trainer (METHODS: SFTConfig + SFTTrainer, DPOConfig + DPOTrainer, KTO, and ORPO /
-CPO from TRL's experimental module), run, and save the adapter. The only module that knows TRL/HF training argument names; the training loop itself is TRL's."""
+"""Recipe → the method's TRL config + trainer (METHODS: SFTConfig + SFTTrainer, DPOConfig + DPOTrainer, KTO, ORPO /
+CPO from TRL's experimental module, RewardConfig + RewardTrainer), run, and save the adapter. The only module that knows TRL/HF training argument names; the training loop itself is TRL's."""
 
 from __future__ import annotations
 
@@ -90,6 +90,10 @@ def _simpo_settings(recipe: Recipe) -> dict:
     }
 
 
+def _reward_settings(recipe: Recipe) -> dict:
+    return {"center_rewards_coefficient": recipe.reward.center_rewards_coefficient}
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     """One training method: its TRL config and trainer, the row schemas it trains on, and its config arguments."""
@@ -100,6 +104,7 @@ class Method:
     named: dict[str, str]  # its own config arguments the recipe sets → the recipe key (for training.extra)
     settings: typing.Callable[[Recipe], dict]  # the recipe → those arguments
     reference: bool = False  # trains against a frozen reference model (the starting policy)
+    generates: bool = True  # the result is a causal LM (False: a sequence-classification reward model)
 
 
 METHODS = {
@@ -142,6 +147,14 @@ METHODS = {
         {"beta": "simpo.beta", "simpo_gamma": "simpo.gamma", "cpo_alpha": "simpo.cpo_alpha"}
         | {"label_smoothing": "simpo.label_smoothing", "loss_type": "method: simpo (CPO's loss_type simpo)"},
         _simpo_settings,
+    ),
+    "reward": Method(
+        "RewardConfig",
+        "RewardTrainer",
+        ("preference",),
+        {"center_rewards_coefficient": "reward.center_rewards_coefficient"},
+        _reward_settings,
+        generates=False,
     ),
 }
 
@@ -520,11 +533,11 @@ def save_gathered_adapter(peft_model, state_dict: dict, folder: Path, adapter: s
     wrote an empty adapter (seen on a 2-rank CPU FSDP run); the keys are selected here by peft's naming instead."""
     from safetensors.torch import save_file
 
-    marker = f".{adapter}."
+    marker, saved = f".{adapter}.", f".modules_to_save.{adapter}."  # LoRA weights; whole modules (reward: score)
     weights = {
-        key.replace(marker, "."): tensor.detach().to("cpu").contiguous()
+        key.replace(saved, ".").replace(marker, "."): tensor.detach().to("cpu").contiguous()
         for key, tensor in state_dict.items()
-        if "lora_" in key and marker in key
+        if ("lora_" in key and marker in key) or saved in key
     }
     if not weights:
         raise QtuneError("the gathered state dict holds no LoRA weights; the adapter was not saved")
@@ -689,6 +702,11 @@ def _method_line(recipe: Recipe) -> str:
         )
     elif recipe.method == "orpo":
         line = f"orpo, beta (lambda) {recipe.orpo.beta:g}"
+    elif recipe.method == "reward":
+        c = recipe.reward.center_rewards_coefficient
+        line = "reward, a score head (sequence classification, 1 label) + LoRA, Bradley-Terry loss" + (
+            f", center_rewards_coefficient {c:g}" if c else ""
+        )
     else:
         s = recipe.simpo
         line = f"simpo, beta {s.beta:g}, gamma {s.gamma:g}, cpo_alpha {s.cpo_alpha:g}"
@@ -734,7 +752,9 @@ def _final_adapter_state(trainer, launch: Launch) -> tuple[dict | None, list]:
     return None, fingerprints
 
 
-def _save_adapter(trainer, tokenizer, run: RunDir, full_state: dict | None, stops: list[int]) -> Path:
+def _save_adapter(
+    trainer, tokenizer, run: RunDir, full_state: dict | None, stops: list[int], generates: bool = True
+) -> Path:
     """Write adapter/ (safetensors + adapter_config.json + tokenizer + generation_config.json stopping at the
     run's stop tokens, no pickles) via a staging folder."""
     from qtune.stops import with_stops
@@ -750,8 +770,9 @@ def _save_adapter(trainer, tokenizer, run: RunDir, full_state: dict | None, stop
             # only the trained adapter: a reference copy ("ref", dpo) is not part of the result
             unwrapped.save_pretrained(staging, safe_serialization=True, selected_adapters=["default"])
         tokenizer.save_pretrained(staging)
-        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        with_stops(getattr(base, "generation_config", None), stops, tokenizer).save_pretrained(staging)
+        if generates:  # a reward model scores text: nothing to stop
+            base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+            with_stops(getattr(base, "generation_config", None), stops, tokenizer).save_pretrained(staging)
         run.replace_adapter(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a full disk leaves no adapter.tmp/ behind
@@ -895,7 +916,9 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
         full_state, fingerprints = _final_adapter_state(trainer, launch)  # collectives: every rank
         if launch.is_main:
             stops = prepared.stop_tokens
-            adapter_dir = _save_adapter(trainer, tokenizer, run, full_state, stops)
+            adapter_dir = _save_adapter(
+                trainer, tokenizer, run, full_state, stops, generates=method_of(recipe).generates
+            )
             summary = _summary(trainer, result, watcher, final_eval, wall, launch, checkpoint, fingerprints)
             summary["stop_tokens"] = describe_stops(tokenizer, stops)  # what generation stops at (qtune.stops)
             summary["replicas_identical"] = len(set(fingerprints)) == 1 if full_state is None else None
@@ -951,5 +974,14 @@ def _print_done(summary: dict, run: RunDir, plotted: bool, tracker, recipe: Reci
     if recipe.tracking.backend == "tensorboard":
         print(f"  TensorBoard  tensorboard --logdir {shlex.quote(str(run.tensorboard))}")
     print("next:")
+    if not method_of(recipe).generates:
+        print(
+            f"  score text with {run.adapter} on {recipe.model.name}: AutoModelForSequenceClassification (num_labels=1) +"
+        )
+        print(
+            "  PeftModel.from_pretrained (README: Reward models); qtune chat / merge / export-gguf refuse a reward run",
+            flush=True,
+        )
+        return
     print(f"  qtune chat {quoted}     # talk to the fine-tuned model")
     print(f"  qtune merge {quoted}    # merge the adapter into the base for serving", flush=True)

@@ -36,12 +36,6 @@ def test_dpo_section_gets_its_defaults(tmp_path):
     assert recipe.dpo.beta == 0.1 and recipe.dpo.loss_type == "sigmoid"
 
 
-@pytest.mark.parametrize("method", ["reward"])  # kto, orpo, simpo: tests/test_kto.py
-def test_planned_methods_are_refused_as_not_yet(tmp_path, method):
-    with pytest.raises(QtuneError, match=f"method: {method} is not yet supported"):
-        load_recipe(_recipe_file(tmp_path, method=method))
-
-
 def test_unknown_method_lists_the_methods(tmp_path):
     with pytest.raises(QtuneError, match="method: Input should be 'sft', 'dpo'"):
         load_recipe(_recipe_file(tmp_path, method="ppo"))

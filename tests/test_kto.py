@@ -30,12 +30,7 @@ def test_method_section_gets_its_defaults(tmp_path, method, defaults):
     recipe = load_recipe(_recipe_file(tmp_path, method=method))
     section = getattr(recipe, method)
     assert {k: getattr(section, k) for k in defaults} == defaults
-    assert all(getattr(recipe, other) is None for other in ("dpo", "kto", "orpo", "simpo") if other != method)
-
-
-def test_reward_is_still_refused_as_not_yet(tmp_path):
-    with pytest.raises(QtuneError, match="method: reward is not yet supported"):
-        load_recipe(_recipe_file(tmp_path, method="reward"))
+    assert all(getattr(recipe, other) is None for other in ("dpo", "kto", "orpo", "simpo", "reward") if other != method)
 
 
 @pytest.mark.parametrize(
@@ -97,7 +92,7 @@ def test_method_table_builds_each_methods_trl_config(tmp_path):
     )
     assert type(simpo).__name__ == "CPOConfig" and type(simpo).__module__.startswith("trl.experimental.cpo")
     assert (simpo.loss_type, simpo.beta, simpo.simpo_gamma, simpo.cpo_alpha) == ("simpo", 2.0, 0.8, 0.1)
-    assert set(train.METHODS) == {"sft", "dpo", "kto", "orpo", "simpo"}
+    assert set(train.METHODS) == {"sft", "dpo", "kto", "orpo", "simpo", "reward"}
     assert [m for m, row in train.METHODS.items() if row.reference] == ["dpo", "kto"]
     assert [m for m, row in train.METHODS.items() if train.experimental(row)] == ["orpo", "simpo"]
 

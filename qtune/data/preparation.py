@@ -37,11 +37,12 @@ def loss_settings(recipe: Recipe, tokenizer, fmt: str) -> dict:
     return {**settings, "completion_only_loss": answers_only}
 
 
-def _carrier_model(tokenizer):
+def _carrier_model(tokenizer, scores: bool = False):
     """A one-layer model with the tokenizer's vocabulary: SFTTrainer needs a model to prepare data, and the
-    preparation does not depend on which (so `qtune data` and the checks never load the real weights)."""
+    preparation does not depend on which (so `qtune data` and the checks never load the real weights). `scores`:
+    a sequence classifier with one label, as TRL's RewardTrainer takes."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -51,9 +52,10 @@ def _carrier_model(tokenizer):
         num_attention_heads=2,
         num_key_value_heads=2,
         pad_token_id=tokenizer.pad_token_id,
+        num_labels=1,
     )
     with torch.device("cpu"):
-        return LlamaForCausalLM(config)
+        return LlamaForSequenceClassification(config) if scores else LlamaForCausalLM(config)
 
 
 @dataclass
@@ -78,7 +80,9 @@ def prepare_pairs_with_trl(recipe: Recipe, tokenizer, dataset, args) -> Prepared
     KTOTrainer's, or the experimental ORPOTrainer's / CPOTrainer's) on the train split with the run's config minus
     truncation, so that what truncation would cut can be measured. Preference pairs: PreparedRows holds two examples
     per pair (prompt + chosen, prompt + rejected; the prompt masked) and `pairs` the three id lists. KTO: one example
-    per labelled completion, `pairs` holds (prompt_ids, completion_ids) and `desirable` the labels."""
+    per labelled completion, `pairs` holds (prompt_ids, completion_ids) and `desirable` the labels. Reward: TRL
+    tokenizes each whole sequence (prompt + answer) and drops pairs longer than max_length instead of cutting them;
+    `pairs` holds (shared prefix, chosen rest, rejected rest) and nothing is masked (the head scores it all)."""
     import dataclasses
     import logging
     import tempfile
@@ -93,6 +97,8 @@ def prepare_pairs_with_trl(recipe: Recipe, tokenizer, dataset, args) -> Prepared
         if method.reference:  # dpo, kto: no truncation (max_length None), and no reference pass
             changes = {"max_length": None, "precompute_ref_log_probs": False}
             kwargs = {"ref_model": _carrier_model(tokenizer)}  # a reference of its own: nothing is loaded from a hub
+        elif not method.generates:  # reward: no filtering by length (max_length None), so it can be measured
+            changes, kwargs = {"max_length": None}, {}
         else:  # orpo, simpo: TRL's experimental trainers need an int max_length; one nothing reaches
             changes, kwargs = {"max_length": 2**31 - 1}, {}
         view = dataclasses.replace(args, output_dir=tmp, report_to="none", eval_strategy="no", **changes)
@@ -104,7 +110,7 @@ def prepare_pairs_with_trl(recipe: Recipe, tokenizer, dataset, args) -> Prepared
         trl_log.addHandler(said)
         try:
             trainer = trl_class(method.trainer)(
-                model=_carrier_model(tokenizer),
+                model=_carrier_model(tokenizer, scores=not method.generates),
                 args=view,
                 train_dataset=dataset["train"],
                 processing_class=tokenizer,
@@ -126,6 +132,11 @@ def prepare_pairs_with_trl(recipe: Recipe, tokenizer, dataset, args) -> Prepared
         if recipe.method == "kto":
             pairs = list(zip(prepared["prompt_ids"], prepared["completion_ids"], strict=True))
             desirable = list(prepared["label"])
+        elif not method.generates:  # reward: whole sequences; the shared prefix stands for the prompt
+            pairs = []
+            for chosen, rejected in zip(prepared["chosen_ids"], prepared["rejected_ids"], strict=True):
+                n = _shared_prefix(chosen, rejected)
+                pairs.append((chosen[:n], chosen[n:], rejected[n:]))
         elif "chosen_labels" in prepared.column_names:  # ORPO / CPO: prompt + answer ids, the prompt labelled -100
             pairs = []
             for chosen, chosen_labels, rejected, rejected_labels in zip(
@@ -143,7 +154,8 @@ def prepare_pairs_with_trl(recipe: Recipe, tokenizer, dataset, args) -> Prepared
         for prompt, *completions in pairs:
             for completion in completions:
                 input_ids.append(prompt + completion)
-                labels.append([-100] * len(prompt) + completion)
+                # reward: the head reads the whole sequence, prompt included
+                labels.append((prompt if not method.generates else [-100] * len(prompt)) + completion)
         out = PreparedRows(input_ids, labels, trainer.data_collator)
         out.pairs = pairs
         out.desirable = desirable
@@ -152,6 +164,14 @@ def prepare_pairs_with_trl(recipe: Recipe, tokenizer, dataset, args) -> Prepared
     out.stats = pair_stats(recipe, out)
     out.stats["end_of_turn"] = end_of_turn_id(tokenizer, _schema_of_dataset(dataset["train"]))  # the run's stop
     return out
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids two sequences share (reward pairs: the prompt, as TRL tokenized it in each)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _masked_prefix(labels: list[int]) -> int:
@@ -169,9 +189,18 @@ def pair_stats(recipe: Recipe, prepared: PreparedRows) -> dict:
     limit = recipe.data.max_length
     lengths, truncated, no_room, lost = [], 0, [], 0
     trained_tokens = total_tokens = 0
+    dropping = recipe.method == "reward"  # TRL's RewardTrainer drops a pair longer than max_length; never cuts one
     for i, (prompt, *completions) in enumerate(prepared.pairs):
         longest = len(prompt) + max(len(c) for c in completions)
         lengths.append(longest)
+        if dropping:
+            if longest > limit:
+                no_room.append(i)
+                lost += sum(len(c) for c in completions)
+            else:
+                trained_tokens += sum(len(prompt) + len(c) for c in completions)
+                total_tokens += sum(len(prompt) + len(c) for c in completions)
+            continue
         if len(prompt) >= limit:
             no_room.append(i)
         elif longest > limit:
@@ -192,7 +221,8 @@ def pair_stats(recipe: Recipe, prepared: PreparedRows) -> dict:
         "max_length": limit,
         "truncated": truncated,
         "answer_tokens_lost": lost,
-        "prompt_fills_max_length": len(no_room),
+        "prompt_fills_max_length": len(no_room) if not dropping else 0,
+        "dropped": len(no_room) if dropping else 0,  # reward: pairs TRL drops as longer than max_length
         "first_prompt_fills": no_room[0] if no_room else None,
         "untrained": len(no_room),
         "trained_tokens": trained_tokens,
@@ -204,10 +234,19 @@ def check_pairs(recipe: Recipe, prepared: PreparedRows, where: list[str] | None 
     """Fail loudly where TRL would drop pairs silently: prompts that alone fill data.max_length leave no completion
     token to score (TRL's DPO filters them out), above data.max_untrained_share of the pairs."""
     s = prepared.stats
-    bad = s["prompt_fills_max_length"]
+    bad = s["prompt_fills_max_length"] or s.get("dropped", 0)
     if not bad or bad / max(1, s["pairs"]) <= recipe.data.max_untrained_share:
         return
     first = s["first_prompt_fills"]
+    if s.get("dropped"):  # reward
+        label = where[first] if where and first < len(where) else f"pair {first + 1}"
+        prompt, *answers = prepared.pairs[first]
+        raise QtuneError(
+            f"data: {bad} of {s['pairs']} preference pairs ({100 * bad / s['pairs']:.1f}%) are longer than "
+            f"data.max_length {recipe.data.max_length} tokens: TRL's RewardTrainer drops them (first: {label}, "
+            f"{len(prompt) + max(map(len, answers))} tokens)",
+            "raise data.max_length, shorten or drop those pairs, or raise data.max_untrained_share",
+        )
     kto = prepared.desirable is not None
     label = where[first] if where and first < len(where) else f"{'example' if kto else 'pair'} {first + 1}"
     scored = "completion" if kto else "chosen or rejected"

@@ -86,6 +86,15 @@ def render_pairs(recipe: Recipe, tokenizer, prepared: PreparedRows, lines: list[
             f"truncated: {s['truncated']} examples, {s['answer_tokens_lost']} completion tokens lost; prompt alone "
             f"fills max_length (nothing left to score): {s['prompt_fills_max_length']}",
         ]
+    elif recipe.method == "reward":
+        head = [
+            "schema: preference; REWARD scores each whole sequence (prompt + answer) with its head and trains the "
+            "chosen one to score above the rejected one",
+            f"pairs: {s['pairs']} train" + (f", {s['eval_examples']} eval" if s["eval_examples"] else ""),
+            f"tokens per pair (the longer sequence): min {length.get('min')}, p50 {length.get('p50')}, "
+            f"p90 {length.get('p90')}, max {length.get('max')} (max_length {s['max_length']})",
+            f"longer than max_length (TRL drops the pair): {s['dropped']}",
+        ]
     else:
         head = [
             f"schema: preference; {method} scores the chosen and rejected completions (the prompt carries no loss)",
@@ -113,7 +122,7 @@ def render_pairs(recipe: Recipe, tokenizer, prepared: PreparedRows, lines: list[
         for j, name in enumerate(("chosen", "rejected")):
             k = 2 * i + j
             lines += [
-                f"--- pair {i + 1}, {name} ([prompt: no loss]) ---",
+                f"--- pair {i + 1}, {name}" + (" ---" if recipe.method == "reward" else " ([prompt: no loss]) ---"),
                 render_example(tokenizer, prepared.input_ids[k][:limit], prepared.labels[k][:limit], dim=dim),
             ]
     return "\n".join(lines)
