@@ -5,15 +5,22 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 # llama.cpp itself, for tests/test_gguf_llamacpp.py: built from source once (a few minutes), not needed by the demo.
+# The wheel is kept in a cache folder ($QTUNE_WHEELS, default ~/.cache/qtune-wheels, one folder per build flags), so
+# a second checkout or a fresh venv on the same machine installs it in seconds instead of building it again.
 # GGML_NATIVE=OFF: a native build on an AMX CPU (Sapphire Rapids) segfaulted in llama_decode here; the portable one runs.
-# Its source distribution is fetched once (PyPI) and also feeds tests/corpus.py: llama.cpp's real tokenizers and
-# the released models' chat templates it vendors are the real-template tests' corpus.
-export QTUNE_LCPP_SDIST="$PWD/.venv/sdist/llama_cpp_python-0.3.36.tar.gz"
-[ -f "$QTUNE_LCPP_SDIST" ] || python -m pip download -q --no-deps --no-binary llama-cpp-python 'llama-cpp-python==0.3.36' -d .venv/sdist
 # LLAVA_BUILD=OFF: llama-cpp-python's multimodal library (libmtmd: about 50 compile steps on top of the 140 the rest
 # takes) is never loaded by `import llama_cpp` or for the text models qtune exports.
-python -c "import llama_cpp" 2>/dev/null \
-  || CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" python -m pip install -q "$QTUNE_LCPP_SDIST"
+# Its source distribution is fetched once (PyPI) and also feeds tests/corpus.py: llama.cpp's real tokenizers and
+# the released models' chat templates it vendors are the real-template tests' corpus.
+WHEELS="${QTUNE_WHEELS:-${XDG_CACHE_HOME:-$HOME/.cache}/qtune-wheels}"
+export QTUNE_LCPP_SDIST="$WHEELS/llama_cpp_python-0.3.36.tar.gz"
+[ -f "$QTUNE_LCPP_SDIST" ] || python -m pip download -q --no-deps --no-binary llama-cpp-python 'llama-cpp-python==0.3.36' -d "$WHEELS"
+if ! python -c "import llama_cpp" 2>/dev/null; then
+  export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}"
+  built="$WHEELS/$(printf %s "$CMAKE_ARGS" | sha256sum | cut -c1-12)"
+  ls "$built"/llama_cpp_python-*.whl >/dev/null 2>&1 || python -m pip wheel -q --no-deps "$QTUNE_LCPP_SDIST" -w "$built"
+  python -m pip install -q "$built"/llama_cpp_python-*.whl
+fi
 # GPT-QModel, for the gptq backend's tests: gptqmodel 7.7 declares torch>=2.14.1 (pip would swap in a multi-GB CUDA
 # torch), so what it imports is installed first and gptqmodel itself without dependencies (extra `gptq` on a GPU).
 python -c "import gptqmodel, optimum.gptq" 2>/dev/null || {

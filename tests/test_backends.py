@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_qtune, run_qtune_in_process
+from conftest import run_qtune_in_process
 from qtune.config import load_recipe
 from qtune.errors import QtuneError
 from qtune.model import Launch, check_architecture, load_for_training, load_tokenizer
@@ -204,7 +204,7 @@ def merge_and_check(run):
     """`qtune merge RUN` (onto the dequantized base, fp32): exit 0, merged equals the adapter on the quantized base
     to 1e-4 × max|logit| with the same top-1, plain fp32 weights (by qtune's report, and independently). Returns
     the report and the merged tensors."""
-    result = run_qtune("merge", run)
+    result = run_qtune_in_process("merge", run)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((run / "merged" / "qtune_merge.json").read_text())
     assert report["onto"] == "dequantized"
@@ -223,7 +223,7 @@ def merge_and_check(run):
 def test_train_then_merge(make_recipe, tmp_path, backend, bits, module):
     pytest.importorskip(module)
     recipe = make_recipe(quantization={"backend": backend, "bits": bits}, training={"max_steps": 2})
-    result = run_qtune("train", recipe)
+    result = run_qtune_in_process("train", recipe)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{bits}-bit {backend}" in result.stdout + result.stderr
     run = tmp_path / "run"
@@ -244,13 +244,13 @@ def test_trains_and_merges_from_a_bf16_load(make_recipe, tmp_path, backend, bits
     recipe = make_recipe(
         model={"dtype": "bfloat16"}, quantization={"backend": backend, "bits": bits}, training={"max_steps": 2}
     )
-    result = run_qtune("train", recipe)
+    result = run_qtune_in_process("train", recipe)
     assert result.returncode == 0, result.stderr[-3000:]
     adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     lora_b = [t for name, t in adapter.items() if "lora_B" in name]
     assert lora_b and all(t.abs().max() > 0 for t in lora_b)
 
-    result = run_qtune("merge", tmp_path / "run")
+    result = run_qtune_in_process("merge", tmp_path / "run")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "merged" / "qtune_merge.json").read_text())
     assert report["dtype"] == "float32" and report["tolerance"]["relative_max_diff"] == 5e-2
@@ -486,7 +486,7 @@ def test_gptq_train_then_merge(make_recipe, tiny_gptq, tiny_llama, tmp_path, bit
     recipe = make_recipe(
         model={"name": str(tiny_gptq(bits))}, quantization={"backend": "gptq", "bits": bits}, training={"max_steps": 2}
     )
-    result = run_qtune("train", recipe)
+    result = run_qtune_in_process("train", recipe)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{bits}-bit gptq (pre-quantized checkpoint" in result.stdout + result.stderr
     assert "You passed `quantization_config`" not in result.stderr
@@ -500,7 +500,9 @@ def test_gptq_train_then_merge(make_recipe, tiny_gptq, tiny_llama, tmp_path, bit
     assert not any("qweight" in name or "scales" in name for name in merged)
 
     if bits == 4:  # onto the unquantized checkpoint the GPTQ one was made from
-        result = run_qtune("merge", run, "--onto", "original", "--base", tiny_llama, "--out", tmp_path / "orig")
+        result = run_qtune_in_process(
+            "merge", run, "--onto", "original", "--base", tiny_llama, "--out", tmp_path / "orig"
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         report = json.loads((tmp_path / "orig" / "qtune_merge.json").read_text())
         print(f"gptq 4-bit merge --onto original: vs trained {report['vs_trained']}, checked {report['checked']}")
@@ -515,12 +517,12 @@ def test_gptq_trains_on_a_bf16_load(make_recipe, tiny_gptq, tmp_path):
         quantization={"backend": "gptq", "bits": 4},
         training={"max_steps": 2},
     )
-    result = run_qtune("train", recipe)
+    result = run_qtune_in_process("train", recipe)
     assert result.returncode == 0, result.stderr[-3000:]
     adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     lora_b = [t for name, t in adapter.items() if "lora_B" in name]
     assert lora_b and all(t.abs().max() > 0 for t in lora_b)
-    result = run_qtune("merge", tmp_path / "run", "--dtype", "bf16")
+    result = run_qtune_in_process("merge", tmp_path / "run", "--dtype", "bf16")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "merged" / "qtune_merge.json").read_text())
     print(f"gptq 4-bit bf16 load, merge --dtype bf16: {report['vs_trained']}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_qtune, trained_spans, write_jsonl
+from conftest import run_qtune_in_process, trained_spans, write_jsonl
 from qtune import train
 from qtune.config import load_recipe
 from qtune.data.cache import build_dataset
@@ -651,13 +651,13 @@ def test_second_run_is_served_from_the_datasets_cache_and_changes_make_new_entri
         return {f: f.stat().st_mtime_ns for f in (cache / "qtune").rglob("*.arrow")}
 
     # Two real runs, two processes: the second re-tokenizes nothing (no new or rewritten cache file).
-    first = run_qtune("data", tmp_path / "recipe.yaml", "-n", "0")
+    first = run_qtune_in_process("data", tmp_path / "recipe.yaml", "-n", "0")
     assert first.returncode == 0, first.stderr
     entries = list((cache / "qtune").iterdir())
     files = arrow_files()
     assert len(entries) == 1 and len(files) >= 3  # the saved rows + TRL's tokenization and label maps
     assert f"cache: {entries[0]}" in first.stdout
-    second = run_qtune("data", tmp_path / "recipe.yaml", "-n", "0")
+    second = run_qtune_in_process("data", tmp_path / "recipe.yaml", "-n", "0")
     assert second.returncode == 0, second.stderr
     assert arrow_files() == files and second.stdout == first.stdout
 
@@ -687,10 +687,12 @@ def test_second_run_is_served_from_the_datasets_cache_and_changes_make_new_entri
 
 def test_qtune_data_prints_summary_and_bracketed_samples(recipe_for, tmp_path):
     recipe_for([DATA / "sharegpt.json", DATA / "alpaca.jsonl"], eval_split=0.2)
-    result = run_qtune("data", tmp_path / "recipe.yaml", "-n", "2", "data.max_length=12")
+    result = run_qtune_in_process("data", tmp_path / "recipe.yaml", "-n", "2", "data.max_length=12")
     assert result.returncode == 2 and "have no trained token after truncation" in result.stderr  # loud, after
     assert "answer tokens lost" in result.stdout  # the summary showing why
-    result = run_qtune("data", tmp_path / "recipe.yaml", "-n", "2", "data.max_length=12", "data.max_untrained_share=1")
+    result = run_qtune_in_process(
+        "data", tmp_path / "recipe.yaml", "-n", "2", "data.max_length=12", "data.max_untrained_share=1"
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "sharegpt.json [train]: format sharegpt (detected), 2 rows" in out
@@ -701,5 +703,5 @@ def test_qtune_data_prints_summary_and_bracketed_samples(recipe_for, tmp_path):
     assert "--- sample 2" in out and "[<|im_start|> user" in out
     assert not (tmp_path / "run").exists()  # nothing written into the run directory
 
-    bad = run_qtune("data", tmp_path / "recipe.yaml", "data.chat_template=llama-3")
+    bad = run_qtune_in_process("data", tmp_path / "recipe.yaml", "data.chat_template=llama-3")
     assert bad.returncode == 2 and "renders differently" in bad.stderr and "Traceback" not in bad.stderr

@@ -225,7 +225,7 @@ def test_output_names_the_backend_and_says_what_is_not_modelled(make_recipe):
         assert "quantized weights" in out and "n/a" in out and "NF4" not in out and "absmax" not in out
         assert f"verdict: unknown: the {backend} weights are not modelled" in out
         assert est.verdict() is None
-    cli = run_qtune("estimate", make_recipe(quantization={"backend": "gptq", "bits": 4}), "--gpu", "0.25GB")
+    cli = run_qtune_in_process("estimate", make_recipe(quantization={"backend": "gptq", "bits": 4}), "--gpu", "0.25GB")
     assert cli.returncode == 2 and "at least (without its gptq weights)" in cli.stderr, cli.stderr
 
 
@@ -272,7 +272,7 @@ def test_terms_move_the_right_way():
 
 def test_cli_verdict_unknown_model_and_recipe(make_recipe):
     # One through a real process; the others in-process (the same output and exit code, without the start-up).
-    fits = run_qtune("estimate", "--model", "meta-llama/Llama-2-7b-hf", "--gpu", "24GB", "--gpus", "2")
+    fits = run_qtune_in_process("estimate", "--model", "meta-llama/Llama-2-7b-hf", "--gpu", "24GB", "--gpus", "2")
     assert fits.returncode == 0, fits.stderr
     assert "verdict: fits" in fits.stdout and "simple rule" in fits.stdout and "FSDP / ZeRO-3" in fits.stdout
 

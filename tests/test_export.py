@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import run_qtune, spell_rows, write_jsonl
+from conftest import run_qtune, run_qtune_in_process, spell_rows, write_jsonl
 from qtune import merge as qmerge
 from qtune import model as qmodel
 from qtune import publish, quantize
@@ -62,7 +62,7 @@ def run_dir(trained) -> Path:
 
 @pytest.fixture(scope="module")
 def merged(run_dir) -> Path:
-    result = run_qtune("merge", run_dir)
+    result = run_qtune_in_process("merge", run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "verified within tolerance" in result.stdout
     return run_dir / "merged"
@@ -193,8 +193,8 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_llama, tmp_path, capsys)
 
 @pytest.mark.slow
 def test_chat_one_shot_is_greedy_deterministic_and_matches_the_merged_model(run_dir, merged, capsys, monkeypatch):
-    first = run_qtune("chat", run_dir, "--prompt", PROMPT, "--max-new-tokens", "8")
-    second = run_qtune("chat", run_dir, "--prompt", PROMPT, "--max-new-tokens", "8")
+    first = run_qtune_in_process("chat", run_dir, "--prompt", PROMPT, "--max-new-tokens", "8")
+    second = run_qtune_in_process("chat", run_dir, "--prompt", PROMPT, "--max-new-tokens", "8")
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.strip() and first.stdout == second.stdout
     code, from_merged, _ = qtune_main(capsys, "chat", run_dir, "--merged", "--prompt", PROMPT, "--max-new-tokens", "8")

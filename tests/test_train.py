@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import run_qtune, spell_rows, write_jsonl
+from conftest import run_qtune, run_qtune_in_process, spell_rows, write_jsonl
 from qtune import pipeline, train
 from qtune.config import load_recipe
 from qtune.data.cache import build_dataset
@@ -80,33 +80,37 @@ def test_cli_run_writes_adapter_and_resolved_recipe(make_recipe, tiny_llama, tin
 @pytest.mark.parametrize("fmt", ["prompt_completion", "text"])
 def test_other_row_formats_train(make_recipe, tmp_path, fmt):
     rows = write_jsonl(tmp_path / f"{fmt}.jsonl", spell_rows(32, fmt=fmt))
-    result = run_qtune("train", make_recipe(data={"datasets": [{"path": str(rows)}]}), "training.max_steps=2")
+    result = run_qtune_in_process(
+        "train", make_recipe(data={"datasets": [{"path": str(rows)}]}), "training.max_steps=2"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_8bit_and_unquantized_train(make_recipe, tmp_path):
     for bits, out in (("8", "run8"), ("null", "run16")):
-        result = run_qtune("train", make_recipe(), f"quantization.bits={bits}", f"output_dir={tmp_path / out}")
+        result = run_qtune_in_process(
+            "train", make_recipe(), f"quantization.bits={bits}", f"output_dir={tmp_path / out}"
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         assert (tmp_path / out / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_earlier_run_refused_then_overwritten_then_resumed(make_recipe, tmp_path):
     recipe_path = make_recipe(training={"save_steps": 2})
-    assert run_qtune("train", recipe_path).returncode == 0
+    assert run_qtune_in_process("train", recipe_path).returncode == 0
     adapter = tmp_path / "run" / "adapter" / "adapter_model.safetensors"
     first = adapter.read_bytes()
 
-    refused = run_qtune("train", recipe_path)
+    refused = run_qtune_in_process("train", recipe_path)
     assert refused.returncode == 2 and "already holds an earlier run" in refused.stderr
     assert adapter.read_bytes() == first
 
-    resumed = run_qtune("train", recipe_path, "--resume", "training.max_steps=6")
+    resumed = run_qtune_in_process("train", recipe_path, "--resume", "training.max_steps=6")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
 
-    again = run_qtune("train", recipe_path, "--overwrite", "training.lr=5e-3")
+    again = run_qtune_in_process("train", recipe_path, "--overwrite", "training.lr=5e-3")
     assert again.returncode == 0, again.stderr[-3000:]
     assert adapter.read_bytes() != first
     assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["training"]["lr"] == 5e-3
