@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -122,3 +124,19 @@ def test_readme_reference_matches_the_schema():
 
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     assert recipe_reference() in readme, "README's recipe reference is stale: paste `qtune recipe-reference`"
+
+
+def test_readme_layout_names_every_module():
+    """README's Layout block is the map of the tree: every module of qtune/ and qtune/data/ is in it, and nothing
+    it names under qtune/ is gone."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    block = (root / "README.md").read_text(encoding="utf-8").split("## Layout", 1)[1].split("```")[1]
+    modules = {p.relative_to(root / "qtune").as_posix() for p in (root / "qtune").rglob("*.py")}
+    modules -= {"__init__.py", "data/__init__.py"}
+    named = set(re.findall(r"^qtune/(\S+\.py)", block, re.M)) | {
+        f"data/{m}" for m in re.findall(r"^  (\S+\.py)", block, re.M)
+    }
+    assert modules - named == set(), "modules missing from README's Layout"
+    assert named - modules == set(), "README's Layout names modules that do not exist"
