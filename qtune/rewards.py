@@ -301,8 +301,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _check_signature(reference: str, fn: Callable) -> None:
-    """TRL calls f(prompts=…, completions=…, completion_ids=…, **columns): keyword arguments, so the function must
-    take prompts and completions by those names and the rest as **kwargs."""
+    """TRL calls f(prompts=…, completions=…, completion_ids=…, trainer_state=…, **columns): keyword arguments, so the
+    function must take prompts and completions by those names and the rest as **kwargs (it may name data columns,
+    e.g. `answer`, which TRL passes by name)."""
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -315,15 +316,6 @@ def _check_signature(reference: str, fn: Callable) -> None:
         problems.append(f"it takes no {' or '.join(missing)}")
     if not has_var_kw:
         problems.append("it has no **kwargs for the data columns TRL passes")
-    required = [
-        n
-        for n, p in params.items()
-        if p.default is p.empty
-        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        and n not in ("prompts", "completions")
-    ]
-    if required:
-        problems.append(f"it requires {', '.join(required)}, which TRL does not pass by name")
     if problems:
         raise ValueError(
             f"reward {reference} has the wrong signature {signature}: {'; '.join(problems)}; TRL's is "
