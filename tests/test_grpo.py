@@ -3,6 +3,7 @@ section, the prompt data path, the refusals before any model loads, and a run th
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -211,3 +212,55 @@ def test_a_reward_that_raises_stops_the_run_with_its_name_step_and_prompt(tmp_pa
     expected = "reward picky raised ValueError: invalid literal for int() with base 10: 'x' at step 1, prompt 0 ("
     result = _refused(recipe, expected, cwd=tmp_path)
     assert re.search(r"prompt 0 \('the digits \d 1'\), completion 0", result.stderr), result.stderr
+
+
+@pytest.mark.slow
+def test_grpo_learns_a_rewarded_answer_through_qtune_train(tmp_path):
+    """A short SFT makes the tiny model answer with one random digit; GRPO from that adapter (model.adapter),
+    rewarded by accuracy against the answer column (always 7) and a length target, lifts the mean accuracy of the
+    training batches from chance (~0.1) to ≥ 0.8 in 30 steps; per-reward metrics and samples.jsonl are written.
+    (Train-batch rewards, not held-out prompts: the held-out evaluation is not built yet.)"""
+    import random
+
+    from qtune.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny", arch="llama", initializer_range=0.2)
+    rng = random.Random(0)
+    digits = lambda: "the digits " + " ".join(str(rng.randrange(10)) for _ in range(3))  # noqa: E731
+    sft = [{"messages": [{"role": "user", "content": digits()}, {"role": "assistant", "content": str(rng.randrange(10))}]}
+           for _ in range(256)]  # fmt: skip
+    prompts = [{"prompt": [{"role": "user", "content": digits()}], "answer": "7"} for _ in range(256)]
+    training = {"micro_batch_size": 16, "grad_accum": 1, "warmup_ratio": 0.0, "gradient_checkpointing": False}
+    base = {
+        "model": {"name": str(model)},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"datasets": [{"path": str(write_jsonl(tmp_path / "sft.jsonl", sft))}], "max_length": 64},
+        "training": {**training, "max_steps": 60, "lr": 1e-2, "logging_steps": 20},
+        "output_dir": str(tmp_path / "sft_run"),
+    }
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(base))
+    assert run_qtune("train", tmp_path / "sft.yaml", "--quiet").returncode == 0
+    grpo = {
+        **base,
+        "method": "grpo",
+        "model": {"name": str(model), "adapter": str(tmp_path / "sft_run")},
+        "data": {"datasets": [{"path": str(write_jsonl(tmp_path / "p.jsonl", prompts))}], "max_length": 64},
+        "training": {**training, "max_steps": 30, "lr": 5e-3, "logging_steps": 5, "scheduler": "constant"},
+        "grpo": {
+            "num_generations": 8,
+            "max_completion_length": 3,
+            "samples_every": 10,
+            "rewards": [{"name": "accuracy"}, {"name": "length", "target": 2}],
+        },  # fmt: skip
+        "output_dir": str(tmp_path / "grpo_run"),
+    }
+    (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(grpo))
+    result = run_qtune("train", tmp_path / "grpo.yaml", "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = [json.loads(line) for line in (tmp_path / "grpo_run" / "metrics.jsonl").read_text().splitlines()]
+    accuracy = [r["rewards/accuracy/mean"] for r in logs if "rewards/accuracy/mean" in r]
+    assert accuracy[0] < 0.3 and max(accuracy[-2:]) >= 0.8, accuracy
+    assert all(k in logs[-1] for k in ("rewards/length/mean", "rewards/accuracy/std", "completions/mean_length"))
+    samples = [json.loads(line) for line in (tmp_path / "grpo_run" / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 10, 20, 30}
+    assert set(samples[0]["rewards"]) == {"accuracy", "length"}
