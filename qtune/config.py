@@ -172,15 +172,17 @@ class DatasetSource(Section):
         description="A local file (.jsonl, .json, .csv, .parquet, .txt), a folder of such files or one written by "
         "save_to_disk, or a Hub dataset name (org/name)."
     )
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "unpaired"] = (
-        Field(
-            "auto",
-            description="alpaca: instruction/input/output; sharegpt: conversations of from/value; messages: "
-            "OpenAI-style role/content chat; prompt_completion: prompt + completion; text: plain text (continued "
-            "pre-training); preference (dpo, orpo, simpo, kto): prompt + chosen + rejected as text or message lists, or "
-            "chosen + rejected as whole conversations sharing the prompt; unpaired (kto): prompt + completion + label "
-            "(true: desirable, false: undesirable); auto: detected from the columns.",
-        )
+    format: Literal[
+        "auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "unpaired", "prompt"
+    ] = Field(
+        "auto",
+        description="alpaca: instruction/input/output; sharegpt: conversations of from/value; messages: "
+        "OpenAI-style role/content chat; prompt_completion: prompt + completion; text: plain text (continued "
+        "pre-training); preference (dpo, orpo, simpo, kto): prompt + chosen + rejected as text or message lists, or "
+        "chosen + rejected as whole conversations sharing the prompt; unpaired (kto): prompt + completion + label "
+        "(true: desirable, false: undesirable); prompt (grpo, rloo): a prompt alone (text or messages ending with a "
+        "user turn, or a messages column ending with one), its other columns passed to the reward functions; "
+        "auto: detected from the columns.",
     )
     columns: dict[str, str] | None = Field(
         None,
@@ -346,7 +348,9 @@ class HubSection(Section):
 
 
 # The training methods of issue #16. One key picks the method; its settings live in a section of the same name.
-METHODS = ("sft", "dpo", "kto", "orpo", "simpo", "reward")
+METHODS = ("sft", "dpo", "kto", "orpo", "simpo", "reward", "grpo", "rloo")
+# Methods that generate their own completions from prompt-only data and score them with reward functions (issue #17).
+ONLINE_METHODS = ("grpo", "rloo")
 # DPO's loss types as TRL 1.16 DPOConfig.loss_type offers them (tests/test_dpo.py checks the list against TRL's).
 DPO_LOSS_TYPES = (
     "sigmoid",
@@ -492,8 +496,109 @@ class RewardSection(Section):
     )
 
 
+# GRPO's loss types as TRL 1.16 GRPOConfig.loss_type offers them (tests/test_grpo.py checks the list against TRL's).
+GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+
+
+class RewardEntry(BaseModel):
+    """One reward function: a built-in's name with its options, or a user function by reference."""
+
+    # extra="allow": a built-in's options sit beside name and weight (checked by qtune.rewards, strictly)
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+
+    name: str = Field(
+        description="A built-in (accuracy, format, length) or a function: path/to/rewards.py:name or "
+        "package.module:name, with TRL's signature f(prompts, completions, **columns) -> list[float]."
+    )
+    weight: float = Field(1.0, ge=-1000, le=1000, description="The reward's weight in the sum (TRL reward_weights).")
+
+    @model_validator(mode="after")
+    def _known(self) -> RewardEntry:
+        from qtune import rewards
+
+        if rewards.is_reference(self.name):  # imported by the recipe check (qtune.pipeline.prepare), not here
+            target, _, attr = self.name.rpartition(":")
+            if not target or not attr.isidentifier():
+                raise ValueError(
+                    f"reward reference '{self.name}' is not path/to/file.py:function or package.module:function"
+                )
+            if self.model_extra:
+                raise ValueError(
+                    f"reward {self.name} is a user function: options ({', '.join(self.model_extra)}) are for "
+                    "built-ins only; read settings inside the function"
+                )
+        else:
+            rewards.resolve(self.name, self.model_extra)  # built-ins: name and options checked (pure Python)
+        return self
+
+    @property
+    def options(self) -> dict:
+        return dict(self.model_extra or {})
+
+
+class _OnlineSection(Section):
+    """What grpo and rloo share: generation and rewards."""
+
+    num_generations: int = Field(
+        8,
+        ge=2,
+        le=4096,
+        description="Completions generated per prompt (the group each is compared with); must divide "
+        "training.micro_batch_size x training.grad_accum x processes (the completions per optimizer step).",
+    )
+    max_completion_length: int = Field(256, gt=0, le=2**20, description="Longest generated completion, in tokens.")
+    temperature: float = Field(1.0, gt=0, le=100, description="Sampling temperature of the generations.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest token set of this mass.")
+    rewards: list[RewardEntry] = Field(
+        min_length=1,
+        description="The reward functions, summed with their weights: [{name, weight, options…}]; built-ins: "
+        "accuracy {column, extract: last_number / boxed / regex / whole, pattern}, format {pattern}, length "
+        "{target, unit: tokens / words / chars}; or path/to/file.py:name, package.module:name.",
+    )
+    samples_every: int | None = Field(
+        10,
+        gt=0,
+        le=INT32_MAX,
+        description="Every N steps, write a few prompts with their completions and rewards to "
+        "output_dir/samples.jsonl (null: never).",
+    )
+    samples: int = Field(4, gt=0, le=1024, description="Completions written to samples.jsonl each time.")
+    use_vllm: bool = Field(
+        False,
+        description="Generate with vLLM (pip install 'qtune[vllm]', a GPU) instead of transformers' generate on the "
+        "4-bit base with the adapter.",
+    )
+
+
+class GrpoSection(_OnlineSection):
+    """Group Relative Policy Optimization (TRL GRPOConfig); used with `method: grpo`."""
+
+    beta: float = Field(
+        0.0, ge=0, le=1000, description="KL penalty towards the starting policy (0: none, no reference pass; TRL's)."
+    )
+    loss_type: Literal[GRPO_LOSS_TYPES] = Field(
+        "dapo", description="TRL's GRPO loss: dapo, grpo, dr_grpo, bnpo, cispo, sapo, luspo, vespo."
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide advantages by the reward std of the group, of the batch, or not at all (Dr GRPO)."
+    )
+
+
+class RlooSection(_OnlineSection):
+    """REINFORCE Leave-One-Out (TRL RLOOConfig); used with `method: rloo`."""
+
+    num_generations: int = Field(
+        4,
+        ge=2,
+        le=4096,
+        description="Completions per prompt (each baseline is the others' mean); must divide "
+        "training.micro_batch_size x training.grad_accum x processes.",
+    )
+    beta: float = Field(0.05, ge=0, le=1000, description="KL penalty towards the starting policy (TRL's).")
+
+
 # Each method with settings: its section in the recipe (named after it).
-METHOD_SECTIONS = ("dpo", "kto", "orpo", "simpo", "reward")
+METHOD_SECTIONS = ("dpo", "kto", "orpo", "simpo", "reward", "grpo", "rloo")
 
 
 class Recipe(Section):
@@ -503,7 +608,8 @@ class Recipe(Section):
         "sft",
         description="The training method: sft (supervised); dpo, orpo, simpo (preference pairs); kto (completions "
         "labelled desirable or not, or pairs); reward (a sequence-classification reward model from preference "
-        "pairs). The method's settings go in the section of the same name.",
+        "pairs); grpo, rloo (prompts: completions generated and scored by reward functions). The method's settings "
+        "go in the section of the same name.",
     )
     model: ModelSection
     quantization: QuantizationSection = QuantizationSection()
@@ -519,6 +625,8 @@ class Recipe(Section):
     reward: RewardSection | None = Field(
         None, description="Reward-model settings (method: reward); filled with defaults then."
     )
+    grpo: GrpoSection | None = Field(None, description="GRPO settings (method: grpo); rewards is required.")
+    rloo: RlooSection | None = Field(None, description="RLOO settings (method: rloo); rewards is required.")
     output_dir: str = Field(description="The run directory: adapter/, checkpoints/, recipe.yaml.")
 
     @field_validator("output_dir")
@@ -551,7 +659,16 @@ class Recipe(Section):
     @classmethod
     def _data_for_method(cls, v: DataSection, info: ValidationInfo) -> DataSection:
         method = info.data.get("method")
-        if method not in (None, "sft"):
+        if method in ONLINE_METHODS:
+            if v.packing or v.train_on != "completions":
+                key = "packing" if v.packing else "train_on"
+                raise ValueError(
+                    f"{key}: method {method} trains on the completions it generates from the prompts; leave "
+                    f"data.{key} at its default"
+                )
+            if v.eval_split is not None:
+                raise ValueError(f"eval_split: not supported with method {method} yet (no held-out generation pass)")
+        elif method not in (None, "sft"):
             if v.packing:
                 raise ValueError(
                     f"packing: TRL's {method.upper()} does not pack preference data; set data.packing: false"

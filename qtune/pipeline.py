@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qtune.config import Recipe
+from qtune.config import ONLINE_METHODS, Recipe
 from qtune.model import Launch
 from qtune.rundir import RunDir
 
@@ -70,6 +70,8 @@ def prepare(
     train.check_schema(recipe, fmt, rows)
     if recipe.method == "kto":
         fmt, rows = rows_for_kto(recipe, fmt, rows)  # pairs unpaired; one label alone refused
+    if recipe.method in ONLINE_METHODS:
+        train.check_online(recipe, launch)  # rewards imported, generations divide the batch, vLLM there
     if training:
         model.check_architecture(recipe)
         model.check_weight_files(recipe.model.name, allow_pickle)

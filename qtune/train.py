@@ -11,7 +11,7 @@ import time
 import typing
 from pathlib import Path
 
-from qtune.config import Recipe, dump_recipe
+from qtune.config import ONLINE_METHODS, Recipe, dump_recipe
 from qtune.errors import QtuneError
 from qtune.model import Launch
 from qtune.rundir import RunDir, write_text_atomic
@@ -94,6 +94,28 @@ def _reward_settings(recipe: Recipe) -> dict:
     return {"center_rewards_coefficient": recipe.reward.center_rewards_coefficient}
 
 
+def _online_settings(recipe: Recipe) -> dict:
+    """grpo / rloo: generation, KL and loss settings, and one weight per reward (in the rewards' order)."""
+    section = getattr(recipe, recipe.method)
+    settings = {
+        "num_generations": section.num_generations,
+        "max_completion_length": section.max_completion_length,
+        "temperature": section.temperature,
+        "top_p": section.top_p,
+        "beta": section.beta,
+        "reward_weights": [r.weight for r in section.rewards],
+        "use_vllm": section.use_vllm,
+    }
+    if recipe.method == "grpo":
+        settings.update(loss_type=section.loss_type, scale_rewards=section.scale_rewards)
+    return settings
+
+
+ONLINE_NAMED = {
+    k: f"{{method}}.{k}" for k in ("num_generations", "max_completion_length", "temperature", "top_p", "beta")
+} | {"reward_weights": "{method}.rewards[].weight", "use_vllm": "{method}.use_vllm"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     """One training method: its TRL config and trainer, the row schemas it trains on, and its config arguments."""
@@ -156,6 +178,21 @@ METHODS = {
         _reward_settings,
         generates=False,
     ),
+    "grpo": Method(
+        "GRPOConfig",
+        "GRPOTrainer",
+        ("prompt_only",),
+        {k: v.format(method="grpo") for k, v in ONLINE_NAMED.items()}
+        | {"loss_type": "grpo.loss_type", "scale_rewards": "grpo.scale_rewards"},
+        _online_settings,
+    ),
+    "rloo": Method(
+        "RLOOConfig",
+        "RLOOTrainer",
+        ("prompt_only",),
+        {k: v.format(method="rloo") for k, v in ONLINE_NAMED.items()},
+        _online_settings,
+    ),
 }
 
 
@@ -183,6 +220,18 @@ def check_schema(recipe: Recipe, fmt: str, rows) -> None:
     if fmt in method.schemas:
         return
     sources = ", ".join(f"{r['source']} ({r['format']})" for r in getattr(rows, "sources", []))
+    if "prompt_only" in method.schemas or fmt == "prompt_only":
+        if fmt == "prompt_only":
+            raise QtuneError(
+                f"data.datasets: prompts alone (no completion) but method is {recipe.method}: {sources}",
+                "set method: grpo or rloo to train on prompts with reward functions, or give completions",
+            )
+        raise QtuneError(
+            f"data.datasets: method {recipe.method} generates its completions from prompts; the data maps to "
+            f"{fmt}: {sources}",
+            "give a 'prompt' column (text or messages ending with a user turn) or 'messages' ending with a user "
+            "turn; other columns (e.g. 'answer') go to the reward functions",
+        )
     if fmt in PREFERENCE_DATA:
         takers = " or ".join(name for name, m in METHODS.items() if fmt in m.schemas)
         other = (
@@ -357,6 +406,71 @@ def check_launch(recipe: Recipe, launch: Launch) -> None:
         check_push_after_training(recipe.hub.repo_id, recipe.output_dir)
 
 
+def reward_functions(recipe: Recipe) -> list:
+    """The recipe's reward functions (grpo / rloo), each resolved (user code imported) and guarded
+    (qtune.rewards.guarded), named as the recipe names them; a reference that cannot be used is one QtuneError."""
+    from qtune import rewards
+
+    section = getattr(recipe, recipe.method)
+    functions = []
+    for i, entry in enumerate(section.rewards):
+        try:
+            fn = rewards.resolve(entry.name, entry.options)
+        except ValueError as exc:
+            raise QtuneError(
+                f"{recipe.method}.rewards.{i}: {exc}",
+                "a reward is a built-in (accuracy, format, length) or path/to/file.py:name / package.module:name "
+                "with TRL's signature f(prompts, completions, **kwargs) -> list[float]",
+            ) from None
+        functions.append(rewards.guarded(_reward_label(entry.name), fn, section.num_generations))
+    labels = [f.__name__ for f in functions]
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice:
+        raise QtuneError(
+            f"{recipe.method}.rewards: {', '.join(twice)} listed twice (TRL logs each reward under its name)",
+            "combine them into one entry, or give a user function another name",
+        )
+    return functions
+
+
+def _reward_label(name: str) -> str:
+    """The name a reward is logged under: a built-in's name, or a reference's function name."""
+    return name.rpartition(":")[2]
+
+
+def check_online(recipe: Recipe, launch: Launch) -> None:
+    """grpo / rloo before any model loads: every reward resolves (user code imported), the generations per prompt
+    divide the completions of an optimizer step, and vLLM, when asked, is installed and has a GPU."""
+    import importlib.util
+
+    section = getattr(recipe, recipe.method)
+    reward_functions(recipe)
+    per_step = recipe.training.micro_batch_size * grad_accum_for(recipe, launch) * launch.world_size
+    g = section.num_generations
+    if per_step % g:
+        valid = [d for d in range(2, per_step + 1) if per_step % d == 0]
+        nearest = sorted(valid, key=lambda d: (abs(d - g), d))[:2]
+        micro = [m for m in range(1, 4 * g + 1) if (m * grad_accum_for(recipe, launch) * launch.world_size) % g == 0]
+        raise QtuneError(
+            f"{recipe.method}.num_generations: {g} completions per prompt do not divide the {per_step} completions "
+            f"per optimizer step (training.micro_batch_size {recipe.training.micro_batch_size} x grad_accum "
+            f"{grad_accum_for(recipe, launch)} x {launch.world_size} process(es)): a prompt's group would be split",
+            (f"nearest valid num_generations: {' or '.join(map(str, sorted(nearest)))}" if nearest else "")
+            + (f"; or training.micro_batch_size {micro[0]}" if micro else ""),
+        )
+    if section.use_vllm:
+        if importlib.util.find_spec("vllm") is None:
+            raise QtuneError(
+                f"{recipe.method}.use_vllm: true but vllm is not installed",
+                "pip install 'qtune[vllm]' (needs a CUDA GPU), or set use_vllm: false (transformers' generate)",
+            )
+        if not _accelerator_available():
+            raise QtuneError(
+                f"{recipe.method}.use_vllm: true on a machine without a GPU (vLLM generates on CUDA GPUs)",
+                "set use_vllm: false: transformers' generate on the 4-bit base with the adapter works on the CPU",
+            )
+
+
 def _precision(recipe: Recipe) -> dict:
     import torch
 
@@ -478,6 +592,10 @@ def trainer_config(recipe: Recipe, launch: Launch, loss_settings: dict | None = 
         **method.settings(recipe),
         **(loss_settings or {}),
     )
+    if recipe.method in ONLINE_METHODS:  # generated batches carry no input name transformers can count tokens by
+        kwargs["include_num_input_tokens_seen"] = "no"
+    if "max_length" not in fields:  # GRPOConfig / RLOOConfig: prompts are not truncated, completions have their own
+        kwargs.pop("max_length")
     kwargs.update(t.extra)
     _check_choice("training.optimizer", t.optimizer, "transformers.training_args", "OptimizerNames")
     _check_choice("training.scheduler", t.scheduler, "transformers.trainer_utils", "SchedulerType")
@@ -680,6 +798,8 @@ def _start_lines(recipe: Recipe, dataset, args, launch: Launch, checkpoint: str 
 
 
 def _data_unit(recipe: Recipe) -> str:
+    if recipe.method in ONLINE_METHODS:
+        return "prompts"
     return "labelled completions" if recipe.method == "kto" else "pairs"
 
 
@@ -700,6 +820,17 @@ def _method_line(recipe: Recipe) -> str:
             f"kto, beta {k.beta:g}, loss {k.loss_type}, weights desirable {k.desirable_weight:g} / undesirable "
             f"{k.undesirable_weight:g}"
         )
+    elif recipe.method in ONLINE_METHODS:
+        o = getattr(recipe, recipe.method)
+        rewards = ", ".join(f"{_reward_label(r.name)} x {r.weight:g}" for r in o.rewards)
+        line = (
+            f"{recipe.method}, {o.num_generations} generations per prompt of up to {o.max_completion_length} tokens "
+            f"(temperature {o.temperature:g}, top_p {o.top_p:g}, {'vLLM' if o.use_vllm else 'transformers generate'})"
+            f", beta {o.beta:g}"
+            + (f", loss {o.loss_type}" if recipe.method == "grpo" else "")
+            + f"; rewards: {rewards}"
+        )
+        return line + ("; KL to the starting policy" if o.beta else "; no reference model")
     elif recipe.method == "orpo":
         line = f"orpo, beta (lambda) {recipe.orpo.beta:g}"
     elif recipe.method == "reward":
@@ -830,6 +961,8 @@ def build_trainer(prepared, model, dataset, callbacks=()):
     at step 0 the policy is the reference, bit for bit."""
     method = method_of(prepared.recipe)
     kwargs = {"ref_model": None} if method.reference else {}
+    if prepared.recipe.method in ONLINE_METHODS:
+        kwargs = {"reward_funcs": _recording(prepared, reward_functions(prepared.recipe))}
     trainer = trl_class(method.trainer)(
         model=model,
         args=prepared.args,
@@ -843,6 +976,50 @@ def build_trainer(prepared, model, dataset, callbacks=()):
     if method.reference:
         _policy_from_reference(trainer.model)
     return trainer
+
+
+def _recording(prepared, functions: list) -> list:
+    """The reward functions, the last of them also writing a few completions with every reward to samples.jsonl
+    (on step 1 and every `samples_every` steps; main process only)."""
+    recipe = prepared.recipe
+    section = getattr(recipe, recipe.method)
+    if not section.samples_every or not prepared.launch.is_main:
+        return functions
+    path = prepared.run.path / "samples.jsonl"
+    seen: dict[str, list] = {}
+
+    def wrap(fn, last: bool):
+        def call(prompts, completions, **kwargs):
+            values = fn(prompts, completions, **kwargs)
+            state = kwargs.get("trainer_state")
+            step = state.global_step + 1 if state is not None else 0
+            if step == 1 or step % section.samples_every == 0:
+                seen[fn.__name__] = values
+                if last:
+                    _write_samples(path, step, prompts, completions, seen, section)
+            return values
+
+        call.__name__ = call.__qualname__ = fn.__name__
+        return call
+
+    return [wrap(fn, i == len(functions) - 1) for i, fn in enumerate(functions)]
+
+
+def _write_samples(path: Path, step: int, prompts, completions, values: dict, section) -> None:
+    from qtune.rewards import completion_text
+
+    weights = {fn: entry.weight for fn, entry in zip(values, section.rewards, strict=False)}
+    with path.open("a", encoding="utf-8") as f:
+        for i in range(min(section.samples, len(completions))):
+            rewards = {name: v[i] for name, v in values.items()}
+            record = {
+                "step": step,
+                "prompt": completion_text(prompts[i]) if isinstance(prompts[i], list) else prompts[i],
+                "completion": completion_text(completions[i]),
+                "rewards": rewards,
+                "reward": sum(weights.get(name, 1.0) * v for name, v in rewards.items()),
+            }
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def _policy_from_reference(model) -> None:

@@ -92,7 +92,7 @@ def test_method_table_builds_each_methods_trl_config(tmp_path):
     )
     assert type(simpo).__name__ == "CPOConfig" and type(simpo).__module__.startswith("trl.experimental.cpo")
     assert (simpo.loss_type, simpo.beta, simpo.simpo_gamma, simpo.cpo_alpha) == ("simpo", 2.0, 0.8, 0.1)
-    assert set(train.METHODS) == {"sft", "dpo", "kto", "orpo", "simpo", "reward"}
+    assert set(train.METHODS) == {"sft", "dpo", "kto", "orpo", "simpo", "reward", "grpo", "rloo"}
     assert [m for m, row in train.METHODS.items() if row.reference] == ["dpo", "kto"]
     assert [m for m, row in train.METHODS.items() if train.experimental(row)] == ["orpo", "simpo"]
 

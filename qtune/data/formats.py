@@ -7,6 +7,7 @@ mapping), each row checked and mapped to one internal schema, as TRL names it:
   preference         {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}   (dpo, orpo,
                      simpo, kto)
   unpaired           {"prompt": str | messages, "completion": str | messages, "label": bool}   (kto)
+  prompt_only        {"prompt": str | messages, **other columns (passed to the reward functions)}   (grpo, rloo)
 
 Pure functions on rows: no files, no tokenizer."""
 
@@ -22,6 +23,7 @@ FORMAT_SCHEMA = {
     "text": "text",
     "preference": "preference",
     "unpaired": "unpaired",
+    "prompt": "prompt_only",
 }
 FORMAT_FIELDS = {
     "alpaca": ("instruction", "input", "output", "system"),
@@ -31,6 +33,7 @@ FORMAT_FIELDS = {
     "text": ("text",),
     "preference": ("prompt", "chosen", "rejected"),
     "unpaired": ("prompt", "completion", "label"),
+    "prompt": ("prompt",),  # or messages ending with a user turn; every other column goes to the reward functions
 }
 ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {
@@ -83,6 +86,8 @@ def detect_format(columns: list[str], first_row: dict | None, where: str) -> str
         return "unpaired"  # KTO's: a completion labelled good or bad (another label column stays prompt_completion)
     if {"prompt", "completion"} <= cols:
         return "prompt_completion"
+    if "prompt" in cols:
+        return "prompt"  # a prompt alone (grpo, rloo): the model writes the completions
     if "text" in cols:
         return "text"
     raise QtuneError(
@@ -260,7 +265,31 @@ def map_row(row: dict, fmt: str, roles: dict[str, str]) -> dict:
         return _preference(row)
     if fmt == "unpaired":
         return _unpaired(row)
+    if fmt == "prompt":
+        return _prompt_only(row)
     return _prompt_completion(row)
+
+
+def _prompt_only(row: dict) -> dict:
+    """A prompt for grpo / rloo: `prompt` as text or messages, or a `messages` list, either ending with a user turn
+    (the model answers it); every other column kept as it is, for the reward functions (e.g. `answer`)."""
+    key = "prompt" if "prompt" in row else "messages"
+    prompt = row.get(key)
+    if isinstance(prompt, list):
+        messages = _check_messages(prompt, key, need_assistant=False)
+        if messages[-1]["role"] != "user":
+            raise BadRow(
+                f"'{key}' ends with a {messages[-1]['role']} message: the prompt must end with the user turn the "
+                "model answers (drop the answer; put a reference answer in its own column, e.g. 'answer')"
+            )
+        _check_order([*messages, {"role": "assistant", "content": "."}], key)
+        prompt = messages
+    else:
+        prompt = _text(prompt, key)
+    extra = {k: v for k, v in row.items() if k not in ("prompt", "messages")}
+    if "completion" in extra or "completions" in extra:
+        raise BadRow("a 'completion' column: grpo / rloo generate the completions; rename it (e.g. 'answer')")
+    return {"prompt": prompt, **extra}
 
 
 def _prompt_completion(row: dict) -> dict:
@@ -366,5 +395,5 @@ def rename_columns(row: dict, columns: dict[str, str] | None) -> dict:
 def is_conversational(schema: str, rows: list[dict]) -> bool:
     """Whether the rows are chats (messages, or prompt/completion message lists) that need a chat template."""
     return schema == "messages" or (
-        schema in ("prompt_completion", "preference", "unpaired") and isinstance(rows[0]["prompt"], list)
+        schema in ("prompt_completion", "preference", "unpaired", "prompt_only") and isinstance(rows[0]["prompt"], list)
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import random
 
-from qtune.config import DatasetSource, Recipe
+from qtune.config import ONLINE_METHODS, DatasetSource, Recipe
 from qtune.data.formats import (
     FORMAT_FIELDS,
     FORMAT_SCHEMA,
@@ -42,9 +42,16 @@ def _read_split(source: DatasetSource, split: str, recipe: Recipe, index: int) -
         raise QtuneError(f"{where}: no rows", "add at least one row")
     detected = source.format == "auto"
     fmt = detect_format(columns, rename_columns(raw[0], source.columns), where) if detected else source.format
+    if recipe.method in ONLINE_METHODS and fmt == "messages" and detected:
+        fmt = "prompt"  # grpo / rloo: chats ending with the user turn the model answers
     if not detected and fmt == "messages" and "messages" not in columns and "conversations" not in columns:
         raise QtuneError(f"{where}: format messages needs a 'messages' column; columns: {sorted(columns)}")
-    if not detected and fmt != "messages":
+    if not detected and fmt == "prompt" and "prompt" not in columns and "messages" not in columns:
+        raise QtuneError(
+            f"{where}: format prompt needs a 'prompt' or 'messages' column; columns: {sorted(columns)}",
+            "map it with the source's columns: {prompt: column}",
+        )
+    if not detected and fmt not in ("messages", "prompt"):
         needed = [
             c for c in FORMAT_FIELDS[fmt] if c not in ("input", "system") and (fmt, c) != ("preference", "prompt")
         ]
@@ -75,7 +82,7 @@ def _read_split(source: DatasetSource, split: str, recipe: Recipe, index: int) -
             continue
         labels.append(f"{where}: row {number}")
     used = set(FORMAT_FIELDS[fmt]) | ({"conversations"} if fmt == "messages" else set())
-    ignored = [c for c in columns if c not in used]
+    ignored = [c for c in columns if c not in used] if fmt != "prompt" else []  # prompt: the rest go to rewards
     report = {
         "source": source.path,
         "split": split,
@@ -94,7 +101,7 @@ def _read_split(source: DatasetSource, split: str, recipe: Recipe, index: int) -
 
 def _schema_of(schema: str, rows: list[dict]) -> str:
     """prompt_completion splits into text pairs and conversational pairs, which TRL cannot mix."""
-    if schema in ("prompt_completion", "preference", "unpaired") and isinstance(rows[0]["prompt"], list):
+    if schema in ("prompt_completion", "preference", "unpaired", "prompt_only") and isinstance(rows[0]["prompt"], list):
         return f"{schema} (conversational)"
     return schema
 

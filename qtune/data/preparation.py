@@ -28,6 +28,8 @@ def loss_settings(recipe: Recipe, tokenizer, fmt: str) -> dict:
     settings = {"dataset_num_proc": recipe.data.num_proc} if recipe.data.num_proc else {}
     if fmt in ("preference", "unpaired"):  # preference methods score the completions only, always
         return settings
+    if fmt == "prompt_only":  # grpo / rloo: the loss is on the generated completions; TRL tokenizes as it generates
+        return {}
     if fmt == "text":
         return {**settings, "completion_only_loss": False}
     if per_turn_masks(recipe, tokenizer, fmt):  # pre-tokenized with assistant_masks (qtune.data.turns)
@@ -416,6 +418,8 @@ def check_training_data(
         turns = turn_report(train_rows)
         built = DatasetDict({name: split.remove_columns(STAT_COLUMNS) for name, split in built.items()})
         train_rows = built["train"]
+    if fmt == "prompt_only":
+        return check_prompts(recipe, tokenizer, rows, train_rows)
     if sample is not None and len(train_rows) > sample:
         train_rows = train_rows.select(range(sample))
     held_out = {"eval": built["eval"]} if "eval" in built else {}  # counted (for `qtune data`), not prepared
@@ -502,3 +506,31 @@ def check_trainable(recipe: Recipe, tokenizer, prepared: PreparedRows) -> None:
             "raise data.max_length, shorten the prompts, check data.train_on / the chat template, or raise "
             "data.max_untrained_share",
         )
+
+
+def check_prompts(recipe: Recipe, tokenizer, rows, train_rows) -> PreparedRows:
+    """grpo / rloo: every prompt as the model will see it (chat template with the generation prompt, or the text),
+    tokenized for its length; a prompt longer than data.max_length is refused with its row (TRL would feed it
+    whole and generate past the context the recipe plans for)."""
+    from qtune.data.formats import is_conversational
+
+    conversational = is_conversational("prompt_only", rows)
+    ids = []
+    where = getattr(rows, "where", None) or []
+    for i, row in enumerate(train_rows):
+        if conversational:
+            text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        else:
+            text = row["prompt"]
+        tokens = tokenizer(text, add_special_tokens=not conversational)["input_ids"]
+        if len(tokens) > recipe.data.max_length:
+            label = where[i] if i < len(where) and not isinstance(recipe.data.eval_split, float) else f"row {i + 1}"
+            raise QtuneError(
+                f"{label}: the prompt is {len(tokens)} tokens, longer than data.max_length {recipe.data.max_length}",
+                "shorten the prompt, drop the row, or raise data.max_length",
+            )
+        ids.append(tokens)
+    eot = end_of_turn_id(tokenizer, "messages" if conversational else "text")
+    lengths = [len(x) for x in ids]
+    stats = {"rows": len(ids), "prompt_tokens": _percentiles(lengths), "end_of_turn": eot, "end_of_turn_trained": True}
+    return PreparedRows(input_ids=ids, labels=[[] for _ in ids], collator=None, stats=stats)

@@ -306,7 +306,7 @@ def check_chats_render(rows: Rows, tokenizer, on_bad_row: str) -> None:
         elif "chosen" in row:  # a preference pair: both conversations
             conversations = [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
         else:
-            conversations = [row["prompt"] + row["completion"]]
+            conversations = [row["prompt"] + row.get("completion", [])]  # prompt_only (grpo, rloo): the prompt
         tools = tools_of(row)
         try:
             for conversation in conversations:

@@ -1,0 +1,266 @@
+"""Online RL (issue #17): method grpo / rloo with reward functions on prompt-only data; the strictly validated
+section, the prompt data path, the refusals before any model loads, and a run through `qtune train`."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from conftest import run_qtune, write_jsonl
+from qtune import train
+from qtune.config import GRPO_LOSS_TYPES, load_recipe
+from qtune.errors import QtuneError
+from qtune.model import Launch
+
+SINGLE = Launch(world_size=1, rank=0, local_rank=0, distributed_type="NO")
+REWARDS = [{"name": "accuracy"}]
+
+
+def _recipe_file(tmp_path, **top) -> str:
+    recipe = {"model": {"name": "some/model"}, "data": {"datasets": [{"path": "prompts.jsonl"}]}, **top}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return str(path)
+
+
+def test_grpo_section_defaults_and_trl_config(tmp_path):
+    recipe = load_recipe(
+        _recipe_file(
+            tmp_path,
+            method="grpo",
+            grpo={"rewards": [{"name": "accuracy"}, {"name": "length", "target": 5, "weight": 0.5}]},
+            training={"micro_batch_size": 8, "grad_accum": 1},
+        ),  # fmt: skip
+        [f"output_dir={tmp_path / 'g'}", "grpo.beta=0.04", "grpo.loss_type=dr_grpo"],
+    )
+    assert (recipe.grpo.num_generations, recipe.grpo.temperature, recipe.grpo.samples_every) == (8, 1.0, 10)
+    args = train.trainer_config(recipe, SINGLE)
+    assert type(args).__name__ == "GRPOConfig"
+    assert (args.num_generations, args.beta, args.loss_type, args.reward_weights) == (8, 0.04, "dr_grpo", [1.0, 0.5])
+    rloo = load_recipe(_recipe_file(tmp_path, method="rloo", rloo={"rewards": REWARDS}), [f"output_dir={tmp_path}/r"])
+    args = train.trainer_config(rloo, SINGLE)
+    assert type(args).__name__ == "RLOOConfig" and (args.num_generations, args.beta) == (4, 0.05)
+
+
+def test_grpo_loss_types_are_trls():
+    from trl import GRPOConfig
+
+    help_text = GRPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+    offered = set(re.findall(r"'(\w+)'", help_text.split("Supported values are")[1].split(".")[0]))
+    assert offered == set(GRPO_LOSS_TYPES)
+
+
+@pytest.mark.parametrize(
+    ("top", "message"),
+    [
+        ({"method": "grpo"}, "missing required key 'grpo.rewards'"),
+        ({"method": "grpo", "grpo": {"rewards": []}}, "grpo.rewards: List should have at least 1 item"),
+        ({"method": "grpo", "grpo": {"rewards": REWARDS, "num_generations": 1}}, "grpo.num_generations"),
+        ({"method": "grpo", "grpo": {"rewards": REWARDS, "top_p": 1.5}}, "grpo.top_p"),
+        ({"method": "grpo", "grpo": {"rewards": REWARDS, "loss_type": "ppo"}}, "grpo.loss_type"),
+        ({"method": "grpo", "grpo": {"rewards": REWARDS, "temprature": 1}}, "unknown key 'grpo.temprature'"),
+        ({"method": "rloo", "rloo": {"rewards": REWARDS, "loss_type": "dapo"}}, "unknown key 'rloo.loss_type'"),
+        ({"method": "dpo", "grpo": {"rewards": REWARDS}}, "grpo: settings for method grpo, but method is dpo"),
+        (
+            {"method": "grpo", "grpo": {"rewards": [{"name": "acurracy"}]}},
+            "'acurracy' is not a built-in reward (did you mean 'accuracy'?); built-ins: accuracy",
+        ),
+        (
+            {"method": "grpo", "grpo": {"rewards": [{"name": "accuracy", "extract": "first"}]}},
+            "r.yaml:9: grpo.rewards.0: reward accuracy: extract must be",
+        ),
+        (
+            {"method": "grpo", "grpo": {"rewards": [{"name": "r.py:f", "scale": 2}]}},
+            "options (scale) are for built-ins only",
+        ),
+        ({"method": "grpo", "grpo": {"rewards": [{"name": "accuracy", "weight": ".nan"}]}}, "weight"),
+        (
+            {"method": "grpo", "grpo": {"rewards": REWARDS}, "data": {"datasets": [{"path": "p"}], "packing": True}},
+            "data: packing: method grpo trains on the completions it generates",
+        ),
+        (
+            {"method": "grpo", "grpo": {"rewards": REWARDS}, "data": {"datasets": [{"path": "p"}], "eval_split": 0.1}},
+            "eval_split: not supported with method grpo yet",
+        ),
+    ],
+)
+def test_online_sections_are_strictly_validated(tmp_path, top, message):
+    with pytest.raises(QtuneError, match=re.escape(message)):
+        load_recipe(_recipe_file(tmp_path, **top))
+
+
+# --------------------------------------------------------------------------- refusals before any model loads
+
+
+@pytest.fixture
+def grpo_recipe(tmp_path, tiny_llama):
+    def make(rows=None, **sections) -> str:
+        data = write_jsonl(tmp_path / "prompts.jsonl", rows or [{"prompt": f"the digits {i} 1", "answer": "1"}
+                                                                 for i in range(16)])  # fmt: skip
+        recipe = {
+            "method": "grpo",
+            "model": {"name": str(tiny_llama)},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "data": {"datasets": [{"path": str(data)}], "max_length": 64},
+            "training": {"max_steps": 2, "micro_batch_size": 4, "grad_accum": 1, "logging_steps": 1},
+            "grpo": {"num_generations": 4, "max_completion_length": 4, "rewards": REWARDS},
+            "output_dir": str(tmp_path / "run"),
+        }
+        for key, value in sections.items():
+            recipe[key] = {**recipe[key], **value} if isinstance(recipe.get(key), dict) else value
+        path = tmp_path / "grpo.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+        return str(path)
+
+    return make
+
+
+def _refused(recipe: str, *expected: str, cwd=None):
+    result = run_qtune("train", recipe, cwd=cwd)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if "error: " in line]  # after a progress bar, maybe
+    assert len(lines) == 1, result.stderr[-2000:]
+    for text in expected:
+        assert text in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    return result
+
+
+@pytest.mark.parametrize(
+    ("source", "name", "expected"),
+    [
+        (
+            "import not_there_xyz\n",
+            "rw.py:f",
+            [
+                "grpo.rewards.0: reward file",
+                "rw.py:1 does not import: ModuleNotFoundError: No module named 'not_there_xyz'",
+            ],
+        ),  # fmt: skip
+        ("def g(prompts, completions, **kw):\n    return [0.0]\n", "rw.py:f", ["rw.py has no function 'f'"]),
+        ("def f(prompts):\n    return [0.0]\n", "rw.py:f", ["has the wrong signature"]),
+    ],
+)
+def test_bad_reward_references_are_refused_before_the_model_loads(tmp_path, grpo_recipe, source, name, expected):
+    (tmp_path / "rw.py").write_text(source)
+    recipe = grpo_recipe(grpo={"rewards": [{"name": name}]})
+    _refused(recipe, *expected, cwd=tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
+def test_generations_that_do_not_divide_the_batch_name_valid_values(tmp_path, grpo_recipe):
+    recipe = grpo_recipe(grpo={"num_generations": 3})
+    _refused(recipe, "grpo.num_generations: 3 completions per prompt do not divide the 4 completions",
+             "nearest valid num_generations: 2 or 4")  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+def test_vllm_asked_but_missing_is_refused_with_the_install_line(tmp_path, grpo_recipe):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    _refused(grpo_recipe(grpo={"use_vllm": True}), "grpo.use_vllm: true but vllm is not installed",
+             "pip install 'qtune[vllm]'")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        (
+            [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
+            "row 1: 'messages' ends with a assistant message",
+        ),
+        ([{"prompt": "hi", "completion": "yo"}], "method grpo generates its completions from prompts"),
+    ],
+)
+def test_data_that_is_not_prompts_is_refused(tmp_path, grpo_recipe, rows, expected):
+    _refused(grpo_recipe(rows=rows * 8), expected)
+
+
+def test_prompt_only_data_for_sft_says_to_use_grpo(tmp_path, make_recipe):
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi", "answer": "1"}] * 4)
+    _refused(str(make_recipe(data={"datasets": [{"path": str(data)}]})), "prompts alone (no completion) but method "
+             "is sft", "set method: grpo or rloo")  # fmt: skip
+
+
+def test_prompts_from_messages_ending_with_a_user_turn_keep_their_columns(tmp_path, grpo_recipe):
+    from qtune.data.loading import load_rows
+
+    rows = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"q {i}"}],
+             "answer": str(i), "level": i % 2} for i in range(4)]  # fmt: skip
+    recipe = load_recipe(grpo_recipe(rows=rows))
+    fmt, got = load_rows(recipe)
+    assert fmt == "prompt_only"
+    assert sorted(got, key=lambda r: r["answer"])[1] == {
+        "prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q 1"}],
+        "answer": "1",
+        "level": 1,
+    }
+
+
+def test_a_reward_that_raises_stops_the_run_with_its_name_step_and_prompt(tmp_path, grpo_recipe):
+    """The guard in a real run: one `error:` line naming the reward, the step and the prompt, no TRL traceback."""
+    (tmp_path / "rw.py").write_text(
+        "def picky(prompts, completions, answer, **kwargs):\n    return [float(int(a)) for a in answer]\n"
+    )
+    rows = [{"prompt": f"the digits {i} 1", "answer": "x"} for i in range(8)]
+    recipe = grpo_recipe(rows=rows, grpo={"rewards": [{"name": "rw.py:picky"}]})
+    expected = "reward picky raised ValueError: invalid literal for int() with base 10: 'x' at step 1, prompt 0 ("
+    result = _refused(recipe, expected, cwd=tmp_path)
+    assert re.search(r"prompt 0 \('the digits \d 1'\), completion 0", result.stderr), result.stderr
+
+
+@pytest.mark.slow
+def test_grpo_learns_a_rewarded_answer_through_qtune_train(tmp_path):
+    """A short SFT makes the tiny model answer with one random digit; GRPO from that adapter (model.adapter),
+    rewarded by accuracy against the answer column (always 7) and a length target, lifts the mean accuracy of the
+    training batches from chance (~0.1) to ≥ 0.8 in 30 steps; per-reward metrics and samples.jsonl are written.
+    (Train-batch rewards, not held-out prompts: the held-out evaluation is not built yet.)"""
+    import random
+
+    from qtune.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny", arch="llama", initializer_range=0.2)
+    rng = random.Random(0)
+    digits = lambda: "the digits " + " ".join(str(rng.randrange(10)) for _ in range(3))  # noqa: E731
+    sft = [{"messages": [{"role": "user", "content": digits()}, {"role": "assistant", "content": str(rng.randrange(10))}]}
+           for _ in range(256)]  # fmt: skip
+    prompts = [{"prompt": [{"role": "user", "content": digits()}], "answer": "7"} for _ in range(256)]
+    training = {"micro_batch_size": 16, "grad_accum": 1, "warmup_ratio": 0.0, "gradient_checkpointing": False}
+    base = {
+        "model": {"name": str(model)},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"datasets": [{"path": str(write_jsonl(tmp_path / "sft.jsonl", sft))}], "max_length": 64},
+        "training": {**training, "max_steps": 60, "lr": 1e-2, "logging_steps": 20},
+        "output_dir": str(tmp_path / "sft_run"),
+    }
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(base))
+    assert run_qtune("train", tmp_path / "sft.yaml", "--quiet").returncode == 0
+    grpo = {
+        **base,
+        "method": "grpo",
+        "model": {"name": str(model), "adapter": str(tmp_path / "sft_run")},
+        "data": {"datasets": [{"path": str(write_jsonl(tmp_path / "p.jsonl", prompts))}], "max_length": 64},
+        "training": {**training, "max_steps": 30, "lr": 5e-3, "logging_steps": 5, "scheduler": "constant"},
+        "grpo": {
+            "num_generations": 8,
+            "max_completion_length": 3,
+            "samples_every": 10,
+            "rewards": [{"name": "accuracy"}, {"name": "length", "target": 2}],
+        },  # fmt: skip
+        "output_dir": str(tmp_path / "grpo_run"),
+    }
+    (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(grpo))
+    result = run_qtune("train", tmp_path / "grpo.yaml", "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = [json.loads(line) for line in (tmp_path / "grpo_run" / "metrics.jsonl").read_text().splitlines()]
+    accuracy = [r["rewards/accuracy/mean"] for r in logs if "rewards/accuracy/mean" in r]
+    assert accuracy[0] < 0.3 and max(accuracy[-2:]) >= 0.8, accuracy
+    assert all(k in logs[-1] for k in ("rewards/length/mean", "rewards/accuracy/std", "completions/mean_length"))
+    samples = [json.loads(line) for line in (tmp_path / "grpo_run" / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 10, 20, 30}
+    assert set(samples[0]["rewards"]) == {"accuracy", "length"}
