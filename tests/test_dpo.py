@@ -462,7 +462,7 @@ def test_dpo_learns_a_preference_rule_through_the_cli(tmp_path, wide_tiny_llama)
     Then `qtune merge` folds the DPO adapter into the base like any LoRA adapter."""
     import json
 
-    from conftest import run_qtune, write_jsonl
+    from conftest import run_qtune_in_process, write_jsonl
     from qtune.model import load_base, load_trained
 
     data = write_jsonl(tmp_path / "pairs.jsonl", last_digit_pairs(200, seed=1))
@@ -479,7 +479,7 @@ def test_dpo_learns_a_preference_rule_through_the_cli(tmp_path, wide_tiny_llama)
     }  # fmt: skip
     path = tmp_path / "dpo.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    result = run_qtune("train", path, "--quiet")
+    result = run_qtune_in_process("train", path, "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "method     dpo, beta 0.5, loss sigmoid; reference: the base" in result.stdout
 
@@ -507,7 +507,7 @@ def test_dpo_learns_a_preference_rule_through_the_cli(tmp_path, wide_tiny_llama)
 
     # the adapter is a plain LoRA adapter (no "ref" copy saved): merge works as for SFT
     assert not (tmp_path / "run" / "adapter" / "ref").exists()
-    merged = run_qtune("merge", tmp_path / "run")
+    merged = run_qtune_in_process("merge", tmp_path / "run")
     assert merged.returncode == 0, merged.stderr[-3000:]
     assert (tmp_path / "run" / "merged" / "model.safetensors").is_file() or any(
         (tmp_path / "run" / "merged").glob("*.safetensors")

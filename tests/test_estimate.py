@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import run_qtune, run_qtune_in_process
+from conftest import run_qtune_in_process
 from qtune import estimate as E
 from qtune.quant import BACKENDS
 
@@ -297,7 +297,7 @@ def test_cli_verdict_unknown_model_and_recipe(make_recipe):
 @pytest.mark.slow
 def test_probe_runs_one_step_and_prints_measured_peak(make_recipe, tmp_path):
     recipe = make_recipe()
-    done = run_qtune("estimate", recipe, "--probe")
+    done = run_qtune_in_process("estimate", recipe, "--probe")
     assert done.returncode == 0, done.stderr
     line = next(x for x in done.stdout.splitlines() if "probe (CPU" in x)
     peak = float(line.split("peak RSS ")[1].split()[0])
@@ -307,7 +307,7 @@ def test_probe_runs_one_step_and_prints_measured_peak(make_recipe, tmp_path):
 
     # The same recipe trained for real: its own metrics (summary.json, the peak resident set of the whole process,
     # GiB) say what the probe's one step should have measured, within what 4 steps instead of 1 can add.
-    trained = run_qtune("train", recipe, "--quiet")
+    trained = run_qtune_in_process("train", recipe, "--quiet")
     assert trained.returncode == 0, trained.stderr[-3000:]
     run_peak = json.loads((tmp_path / "run" / "summary.json").read_text())["peak_rss_gb"]
     assert 0.8 * run_peak <= peak <= 1.25 * run_peak, (peak, run_peak)

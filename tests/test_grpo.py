@@ -9,7 +9,7 @@ import re
 import pytest
 import yaml
 
-from conftest import run_qtune, write_jsonl
+from conftest import run_qtune, run_qtune_in_process, write_jsonl
 from qtune import train
 from qtune.config import GRPO_LOSS_TYPES, load_recipe
 from qtune.errors import QtuneError
@@ -239,7 +239,7 @@ def test_grpo_learns_a_rewarded_answer_through_qtune_train(tmp_path):
         "output_dir": str(tmp_path / "sft_run"),
     }
     (tmp_path / "sft.yaml").write_text(yaml.safe_dump(base))
-    assert run_qtune("train", tmp_path / "sft.yaml", "--quiet").returncode == 0
+    assert run_qtune_in_process("train", tmp_path / "sft.yaml", "--quiet").returncode == 0
     grpo = {
         **base,
         "method": "grpo",
@@ -255,7 +255,7 @@ def test_grpo_learns_a_rewarded_answer_through_qtune_train(tmp_path):
         "output_dir": str(tmp_path / "grpo_run"),
     }
     (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(grpo))
-    result = run_qtune("train", tmp_path / "grpo.yaml", "--quiet")
+    result = run_qtune_in_process("train", tmp_path / "grpo.yaml", "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
     logs = [json.loads(line) for line in (tmp_path / "grpo_run" / "metrics.jsonl").read_text().splitlines()]
     accuracy = [r["rewards/accuracy/mean"] for r in logs if "rewards/accuracy/mean" in r]

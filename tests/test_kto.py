@@ -286,7 +286,7 @@ def wide_tiny_llama(tmp_path_factory):
 
 
 def _learn(tmp_path, model_dir, method: str, rows: list[dict], section: dict, steps: int, lr: float):
-    from conftest import run_qtune, write_jsonl
+    from conftest import run_qtune_in_process, write_jsonl
 
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     recipe = {
@@ -300,7 +300,7 @@ def _learn(tmp_path, model_dir, method: str, rows: list[dict], section: dict, st
     }
     path = tmp_path / f"{method}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    result = run_qtune("train", path, "--quiet")
+    result = run_qtune_in_process("train", path, "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

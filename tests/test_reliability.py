@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_qtune, start_qtune, wait_for
+from conftest import run_qtune, run_qtune_in_process, start_qtune, wait_for
 from qtune.rundir import LOCK, PREVIOUS, RunDir, checkpoint_problem, safetensors_problem
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def finished_run(tmp_path_factory, tiny_llama):
             }
         )
     )  # fmt: skip
-    result = run_qtune("train", recipe, "--quiet")
+    result = run_qtune_in_process("train", recipe, "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
     return recipe, root / "run"
 
@@ -128,7 +128,9 @@ def test_overwrite_keeps_files_qtune_did_not_write_and_never_follows_a_link(fini
     (run / "checkpoints").symlink_to(outside, target_is_directory=True)
     kept_outside = _snapshot(outside)
     (run / "notes.txt").write_text("mine")
-    done = run_qtune("train", recipe, f"output_dir={run}", "--overwrite", "training.save_steps=null", "--quiet")
+    done = run_qtune_in_process(
+        "train", recipe, f"output_dir={run}", "--overwrite", "training.save_steps=null", "--quiet"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run / "notes.txt").read_text() == "mine"
     assert _snapshot(outside) == kept_outside  # the link was moved aside and removed, not what it points to
@@ -139,11 +141,11 @@ def test_overwrite_keeps_files_qtune_did_not_write_and_never_follows_a_link(fini
     foreign = tmp_path / "not-a-run"
     foreign.mkdir()
     (foreign / "loss.png").write_bytes(b"my plot")
-    refused = run_qtune("train", recipe, f"output_dir={foreign}", "--overwrite")
+    refused = run_qtune_in_process("train", recipe, f"output_dir={foreign}", "--overwrite")
     assert "loss.png, which qtune did not write" in _one_error(refused)
     assert (foreign / "loss.png").read_bytes() == b"my plot" and sorted(os.listdir(foreign)) == ["loss.png"]
-    assert "current directory" in _one_error(run_qtune("train", recipe, "output_dir=.", "--check"))
-    assert "output_dir" in _one_error(run_qtune("train", recipe, "output_dir=", "--check"))
+    assert "current directory" in _one_error(run_qtune_in_process("train", recipe, "output_dir=.", "--check"))
+    assert "output_dir" in _one_error(run_qtune_in_process("train", recipe, "output_dir=", "--check"))
 
 
 @pytest.mark.parametrize(
@@ -164,7 +166,7 @@ def test_damaged_latest_checkpoint_is_named_and_passed_over(finished_run, tmp_pa
     assert checkpoint_problem(latest) is not None and checkpoint_problem(run / "checkpoints" / "checkpoint-2") is None
     with open(run / "metrics.jsonl", "a", encoding="utf-8") as metrics:
         metrics.write('{"step": 5, "lo')  # a kill while a log line was being written
-    resumed = run_qtune("train", recipe, f"output_dir={run}", "--resume", "training.max_steps=6", "--quiet")
+    resumed = run_qtune_in_process("train", recipe, f"output_dir={run}", "--resume", "training.max_steps=6", "--quiet")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stderr.count(f"{latest} is damaged") == 1  # said once, not again by the check under the lock
     summary = json.loads((run / "summary.json").read_text())
@@ -175,16 +177,18 @@ def test_finished_run_resumed_changes_nothing_and_settings_that_change_the_base_
     recipe, finished = finished_run
     run = _copy(finished, tmp_path)
     before = _snapshot(run)
-    done = run_qtune("train", recipe, f"output_dir={run}", "--resume")
+    done = run_qtune_in_process("train", recipe, f"output_dir={run}", "--resume")
     assert done.returncode == 0 and "the run is finished (4 of 4 steps" in done.stdout, done.stdout + done.stderr
-    auto = run_qtune("train", recipe, f"output_dir={run}", "training.resume=auto")
+    auto = run_qtune_in_process("train", recipe, f"output_dir={run}", "training.resume=auto")
     assert auto.returncode == 0 and "nothing was changed" in auto.stdout
     for override, named in (
         ("quantization.double_quant=false", "quantization.double_quant True -> False"),
         ("quantization.backend=quanto", "quantization.backend 'bnb' -> 'quanto'"),
         ("quantization.quant_type=fp4", "quantization.quant_type 'nf4' -> 'fp4'"),
     ):
-        refused = run_qtune("train", recipe, f"output_dir={run}", "--resume", "training.max_steps=6", override)
+        refused = run_qtune_in_process(
+            "train", recipe, f"output_dir={run}", "--resume", "training.max_steps=6", override
+        )
         assert named in _one_error(refused)
     assert _snapshot(run) == before
 
@@ -261,7 +265,7 @@ def test_merge_and_push_wait_their_turn_and_merged_follows_the_umask(finished_ru
         holder.wait()
     previous_mask = os.umask(0o022)  # inherited by the subprocess
     try:
-        merged = run_qtune("merge", run)
+        merged = run_qtune_in_process("merge", run)
     finally:
         os.umask(previous_mask)
     assert merged.returncode == 0, merged.stderr[-3000:]
@@ -280,9 +284,9 @@ def test_merge_refuses_a_base_whose_weights_changed_or_vanished(finished_run, tm
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # the last byte of the last tensor: same shapes, other weights
     weights.write_bytes(bytes(data))
-    assert "differ from those the run trained on" in _one_error(run_qtune("merge", run))
+    assert "differ from those the run trained on" in _one_error(run_qtune_in_process("merge", run))
     shutil.rmtree(moved)
-    assert "cannot load the base model" in _one_error(run_qtune("merge", run))
+    assert "cannot load the base model" in _one_error(run_qtune_in_process("merge", run))
     assert not (run / "merged").exists()
 
 
@@ -291,7 +295,7 @@ def test_unlucky_model_folders_end_in_one_error_line(make_recipe, tiny_llama, tm
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(tiny_llama / name, no_tokenizer / name)
-    assert "cannot load a tokenizer" in _one_error(run_qtune("train", make_recipe(model={"name": str(no_tokenizer)}),
+    assert "cannot load a tokenizer" in _one_error(run_qtune_in_process("train", make_recipe(model={"name": str(no_tokenizer)}),
                                                                   "--check"))  # fmt: skip
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_llama, pickled)
@@ -301,27 +305,29 @@ def test_unlucky_model_folders_end_in_one_error_line(make_recipe, tiny_llama, tm
     torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
     recipe = make_recipe(model={"name": str(pickled)})
-    line = _one_error(run_qtune("train", recipe, "--check"))
+    line = _one_error(run_qtune_in_process("train", recipe, "--check"))
     assert "weights are pickle files" in line
-    assert "--allow-pickle" in run_qtune("train", recipe, "--check").stderr
-    accepted = run_qtune("train", recipe, "--check", "--allow-pickle")
+    assert "--allow-pickle" in run_qtune_in_process("train", recipe, "--check").stderr
+    accepted = run_qtune_in_process("train", recipe, "--check", "--allow-pickle")
     assert accepted.returncode == 0, accepted.stderr[-2000:]
     neither = tmp_path / "neither"
     neither.mkdir()
     (neither / "notes.txt").write_text("x")
-    assert "neither a run directory" in _one_error(run_qtune("export-gguf", neither, "--out", tmp_path / "x.gguf"))
-    assert "not a qtune run directory" in _one_error(run_qtune("merge", neither))
+    assert "neither a run directory" in _one_error(
+        run_qtune_in_process("export-gguf", neither, "--out", tmp_path / "x.gguf")
+    )
+    assert "not a qtune run directory" in _one_error(run_qtune_in_process("merge", neither))
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     shutil.copy(make_recipe().parent / "train.jsonl", mixed / "a.jsonl")
     (mixed / "b.csv").write_text("text\nhello\n")
-    line = _one_error(run_qtune("train", make_recipe(data={"datasets": [{"path": str(mixed)}]}), "--check"))
+    line = _one_error(run_qtune_in_process("train", make_recipe(data={"datasets": [{"path": str(mixed)}]}), "--check"))
     assert "mixes data formats" in line and "b.csv" in line
     truncated = tmp_path / "truncated"
     shutil.copytree(tiny_llama, truncated)
     weights = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # a download cut short
     recipe = make_recipe(model={"name": str(truncated)}, output_dir=str(tmp_path / "never-made"))
-    line = _one_error(run_qtune("train", recipe, "--quiet"))
+    line = _one_error(run_qtune_in_process("train", recipe, "--quiet"))
     assert "model.safetensors" in line
     assert not (tmp_path / "never-made").exists()  # no empty run dir with a lock file left behind

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_qtune, start_qtune, wait_for
+from conftest import run_qtune_in_process, start_qtune, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def test_killed_run_resumes_to_the_same_adapter_and_step_count(make_recipe, tmp_
     assert crashed.returncode == -signal.SIGKILL
     assert not (tmp_path / "crash" / "adapter").exists()
 
-    resumed = run_qtune("train", recipe, f"output_dir={tmp_path / 'crash'}", "--resume", "--quiet")
+    resumed = run_qtune_in_process("train", recipe, f"output_dir={tmp_path / 'crash'}", "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming checkpoint-" in resumed.stdout
     out, err = reference.communicate(timeout=600)
@@ -79,14 +79,16 @@ def test_sigterm_saves_a_checkpoint_other_recipes_are_refused_resume_auto_finish
 
     snapshot = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     for override, changed in (("lora.r=4", "lora.r 8 -> 4"), (f"model.name={tiny_qwen}", "model.name")):
-        refused = run_qtune("train", recipe, "--resume", override)
+        refused = run_qtune_in_process("train", recipe, "--resume", override)
         assert refused.returncode == 2, refused.stderr[-2000:]
         assert "training.resume:" in refused.stderr and "different recipe" in refused.stderr
         assert changed in refused.stderr and "hint:" in refused.stderr and "Traceback" not in refused.stderr
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == snapshot  # nothing touched
 
     step = state["global_step"]
-    finished = run_qtune("train", recipe, "training.resume=auto", f"training.max_steps={step + 2}", "--quiet")
+    finished = run_qtune_in_process(
+        "train", recipe, "training.resume=auto", f"training.max_steps={step + 2}", "--quiet"
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == step + 2
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == checkpoint.name
@@ -94,7 +96,7 @@ def test_sigterm_saves_a_checkpoint_other_recipes_are_refused_resume_auto_finish
 
 def test_nan_loss_stops_at_the_last_good_checkpoint(make_recipe, tmp_path):
     recipe = make_recipe(training={"max_steps": 8, "logging_steps": 1, "save_steps": 1, "lr": 1e30})
-    result = run_qtune("train", recipe, "training.max_grad_norm=1e30", "--quiet")
+    result = run_qtune_in_process("train", recipe, "training.max_grad_norm=1e30", "--quiet")
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert "is not a finite number" in result.stderr and "the adapter was not saved" in result.stderr

@@ -182,7 +182,7 @@ def test_reward_model_learns_to_rank_pairs_through_the_cli(tmp_path, wide_tiny_l
     from safetensors import safe_open
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
-    from conftest import run_qtune, run_qtune_in_process, write_jsonl
+    from conftest import run_qtune_in_process, write_jsonl
 
     data = write_jsonl(tmp_path / "pairs.jsonl", last_digit_pairs(200, seed=1))
     held_out = last_digit_pairs(40, seed=2)
@@ -198,7 +198,7 @@ def test_reward_model_learns_to_rank_pairs_through_the_cli(tmp_path, wide_tiny_l
     }  # fmt: skip
     path = tmp_path / "reward.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    result = run_qtune("train", path, "--quiet")
+    result = run_qtune_in_process("train", path, "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "method     reward, a score head (sequence classification, 1 label) + LoRA" in result.stdout
     assert "AutoModelForSequenceClassification" in result.stdout and "talk to the fine-tuned model" not in result.stdout
