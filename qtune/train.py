@@ -889,6 +889,7 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
         if guard.bad or guard.signal_name:
             if launch.is_main:
                 monitor.plot_loss(run.metrics, run.loss_plot)
+                monitor.plot_rewards(run.metrics, run.reward_plot)
             raise _stopped_early(guard, trainer, run)
 
         final_eval = trainer.evaluate() if dataset.get("eval") is not None else {}  # all ranks take part
@@ -900,7 +901,11 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
             summary["stop_tokens"] = describe_stops(tokenizer, stops)  # what generation stops at (qtune.stops)
             summary["replicas_identical"] = len(set(fingerprints)) == 1 if full_state is None else None
             write_text_atomic(run.summary_file, json.dumps(summary, indent=2) + "\n")
-            plotted = monitor.plot_loss(run.metrics, run.loss_plot)
+            plots = {
+                run.loss_plot: monitor.plot_loss(run.metrics, run.loss_plot),
+                run.reward_plot: monitor.plot_rewards(run.metrics, run.reward_plot),  # preference methods only
+            }
+            plotted = [path.name for path, ok in plots.items() if ok]
             if tracker is not None:
                 _report_final(tracker, summary, recipe, adapter_dir)
             if summary["replicas_identical"] is False:
@@ -920,7 +925,7 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
     return run
 
 
-def _print_done(summary: dict, run: RunDir, plotted: bool, tracker, recipe: Recipe) -> None:
+def _print_done(summary: dict, run: RunDir, plotted: list[str], tracker, recipe: Recipe) -> None:
     """Where everything is, and the next command to run."""
     import shlex
 
@@ -939,7 +944,7 @@ def _print_done(summary: dict, run: RunDir, plotted: bool, tracker, recipe: Reci
         figures.append(f"RSS peak {summary['peak_rss_gb']:.2f} GB")
     if figures:
         print("qtune: " + ", ".join(figures))
-    files = [run.recipe_file.name, run.summary_file.name, run.metrics.name] + ([run.loss_plot.name] if plotted else [])
+    files = [run.recipe_file.name, run.summary_file.name, run.metrics.name] + plotted
     if run.checkpoints.is_dir():
         files.append(run.checkpoints.name + "/")
     print(f"  run dir      {run.path}: {', '.join(files)}")

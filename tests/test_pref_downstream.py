@@ -1,0 +1,88 @@
+"""Everything downstream of training works for the preference methods (issue #16): per-step reward figures in
+metrics.jsonl, on the console and in rewards.png; kill + --resume; the model card; chat, export-gguf; bad input;
+the estimate. One short DPO run is shared by the tests that only read it (`dpo_run`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from test_dpo import last_digit_pairs
+
+from conftest import run_qtune, write_jsonl
+
+RUN_TRAINING = {"max_steps": 6, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-3, "logging_steps": 1}
+RUN_TRAINING |= {"save_steps": 2, "save_total_limit": 3, "eval_steps": 3}
+
+
+def _dpo_recipe(folder: Path, model: Path) -> Path:
+    data = write_jsonl(folder / "pairs.jsonl", last_digit_pairs(40, seed=1))
+    recipe = {
+        "method": "dpo",
+        "model": {"name": str(model)},
+        "quantization": {"bits": 4},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "dpo": {"beta": 0.2},
+        "data": {"datasets": [{"path": str(data)}], "max_length": 32, "eval_split": 0.2},
+        "training": RUN_TRAINING,
+        "output_dir": str(folder / "run"),
+    }
+    path = folder / "dpo.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory, tiny_llama):
+    """A finished 6-step DPO run through the CLI (`qtune train --quiet`): (recipe path, run dir, its stdout)."""
+    folder = tmp_path_factory.mktemp("dpo-run")
+    recipe = _dpo_recipe(folder, tiny_llama)
+    result = run_qtune("train", recipe, "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return recipe, folder / "run", result.stdout
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- 1. metrics
+
+
+@pytest.mark.slow
+def test_reward_figures_reach_metrics_console_and_a_plot(dpo_run):
+    _, run_dir, out = dpo_run
+    records = _records(run_dir)
+    train_logs = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_logs] == [1, 2, 3, 4, 5, 6]  # every step
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected"):  # fmt: skip
+        assert all(isinstance(r.get(key), float) for r in train_logs), key
+    for r in train_logs:
+        assert r["rewards/margins"] == pytest.approx(r["rewards/chosen"] - r["rewards/rejected"], abs=1e-5)
+        assert 0.0 <= r["rewards/accuracies"] <= 1.0
+    evals = [r for r in records if "eval_loss" in r]
+    assert {r["step"] for r in evals} == {3, 6} and all("eval_rewards/margins" in r for r in evals)
+
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert len(lines) >= 6, out
+    first = train_logs[0]
+    assert (
+        f"margin {first['rewards/margins']:+.3f}" in lines[0] and f"acc {first['rewards/accuracies']:.0%}" in lines[0]
+    )
+    assert "rewards: chosen" in lines[0] and "logp chosen" in lines[0]
+    assert any("eval margin" in line for line in lines)
+
+    png = run_dir / "rewards.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (run_dir / "loss.png").is_file()
+    assert "rewards.png" in out  # the run dir listing names it
+
+
+def test_sft_runs_draw_no_reward_plot(tmp_path):
+    from qtune.monitor import plot_rewards
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    assert plot_rewards(metrics, tmp_path / "rewards.png") is False and not (tmp_path / "rewards.png").exists()
