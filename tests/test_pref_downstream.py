@@ -5,13 +5,14 @@ the estimate. One short DPO run is shared by the tests that only read it (`dpo_r
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
 import yaml
 from test_dpo import last_digit_pairs
 
-from conftest import run_qtune, write_jsonl
+from conftest import run_qtune, start_qtune, wait_for, write_jsonl
 
 RUN_TRAINING = {"max_steps": 6, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-3, "logging_steps": 1}
 RUN_TRAINING |= {"save_steps": 2, "save_total_limit": 3, "eval_steps": 3}
@@ -86,3 +87,42 @@ def test_sft_runs_draw_no_reward_plot(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
     assert plot_rewards(metrics, tmp_path / "rewards.png") is False and not (tmp_path / "rewards.png").exists()
+
+
+# --------------------------------------------------------------------------- 2. resume
+
+
+@pytest.mark.slow
+def test_killed_dpo_run_resumes_to_the_uninterrupted_runs_adapter(dpo_run, tmp_path):
+    """SIGKILL after checkpoint-2, then `--resume`: the same 6 steps, one metrics line per step, and the adapter
+    of the uninterrupted shared run (same recipe and seed) to 1e-6."""
+    import torch
+    from safetensors.torch import load_file
+
+    recipe, reference, _ = dpo_run
+    crash = tmp_path / "crash"
+    proc = start_qtune("train", recipe, f"output_dir={crash}", "--quiet")
+    wait_for(crash / "checkpoints" / "checkpoint-2" / "trainer_state.json", proc)
+    assert proc.poll() is None, "the run should still be training when it is killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and not (crash / "adapter").exists()
+
+    resumed = run_qtune("train", recipe, f"output_dir={crash}", "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming checkpoint-" in resumed.stdout
+
+    ref = load_file(reference / "adapter" / "adapter_model.safetensors")
+    res = load_file(crash / "adapter" / "adapter_model.safetensors")
+    assert ref.keys() == res.keys() and all(v.dtype == torch.float32 for v in res.values())
+    assert not any(".ref." in k for k in res)  # the frozen reference copy is not part of the result
+    max_diff = max((ref[k] - res[k]).abs().max().item() for k in ref)
+    print(f"dpo kill-and-resume: max abs adapter difference {max_diff:.3g} over {len(ref)} tensors")
+    assert max_diff <= 1e-6
+    summary = json.loads((crash / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["resumed_from"].startswith("checkpoint-")
+    ref_logs = [r for r in _records(reference) if "loss" in r]
+    res_logs = [r for r in _records(crash) if "loss" in r]
+    assert [r["step"] for r in res_logs] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "rewards/margins", "rewards/accuracies"):
+        assert [r[key] for r in res_logs] == pytest.approx([r[key] for r in ref_logs], abs=1e-5), key
