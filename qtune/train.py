@@ -775,6 +775,8 @@ def _summary(trainer, result, watcher, final_eval: dict, wall: float, launch: La
         "train_loss": result.training_loss,
         "final_loss": watcher.final.get("loss"),
         "eval_loss": final_eval.get("eval_loss"),
+        # preference methods: the reward figures of the last train log and of the final eval (model card, W&B)
+        "rewards": {k: v for k, v in {**watcher.final, **final_eval}.items() if "rewards/" in k} or None,
         "wall_time_s": round(wall, 2),
         "tokens_per_s": round(session_tokens / wall, 2) if wall else None,
         "tokens_per_s_per_device": round(session_tokens / wall / launch.world_size, 2) if wall else None,

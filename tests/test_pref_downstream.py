@@ -12,7 +12,7 @@ import pytest
 import yaml
 from test_dpo import last_digit_pairs
 
-from conftest import run_qtune, start_qtune, wait_for, write_jsonl
+from conftest import run_qtune, run_qtune_in_process, start_qtune, wait_for, write_jsonl
 
 RUN_TRAINING = {"max_steps": 6, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-3, "logging_steps": 1}
 RUN_TRAINING |= {"save_steps": 2, "save_total_limit": 3, "eval_steps": 3}
@@ -126,3 +126,54 @@ def test_killed_dpo_run_resumes_to_the_uninterrupted_runs_adapter(dpo_run, tmp_p
     assert [r["step"] for r in res_logs] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "rewards/margins", "rewards/accuracies"):
         assert [r[key] for r in res_logs] == pytest.approx([r[key] for r in ref_logs], abs=1e-5), key
+
+
+# --------------------------------------------------------------------------- 3. model card
+
+
+@pytest.mark.slow
+def test_push_dry_run_card_names_the_method_its_settings_and_data(dpo_run, tmp_path):
+    _, run_dir, _ = dpo_run
+    staged = tmp_path / "stage"
+    result = run_qtune_in_process("push", run_dir, "--repo-id", "me/tiny-dpo", "--dry-run", staged)
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = (staged / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert "dpo" in meta["tags"] and "sft" not in meta["tags"]
+    assert "by Direct Preference Optimization (DPO)" in card and "## Training method" in card
+    assert "- **method**: `dpo`, Direct Preference Optimization (DPO), trained with TRL's `DPOTrainer`" in card
+    assert "`beta`: 0.2" in card and "`loss_type`: ['sigmoid']" in card
+    assert "- **reference model**: the base model (the starting policy), frozen" in card
+    assert "- **data**: preference pairs (prompt / chosen / rejected), max_length 32 tokens, from:" in card
+    assert f"`{run_dir.parent / 'pairs.jsonl'}` (a local file" in card
+    summary = json.loads((run_dir / "summary.json").read_text())
+    accuracy = summary["rewards"]["eval_rewards/accuracies"]
+    assert f"| eval reward accuracy | {accuracy:.4g} |" in card and "| reward margin (last train step) |" in card
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        ("sft", ["`sft`, supervised fine-tuning (SFT), trained with TRL's `SFTTrainer`", "`packing`: False",
+                 "- **data**: chats, prompt / completion pairs or plain text"]),
+        ("kto", ["Kahneman-Tversky Optimization (KTO)", "`KTOTrainer`", "`desirable_weight`: 1.0",
+                 "- **reference model**: the base model", "- **data**: unpaired rows (prompt / completion / label)"]),
+        ("orpo", ["Odds Ratio Preference Optimization (ORPO)", "`ORPOTrainer`", "`beta`: 0.1",
+                  "- **reference model**: none"]),
+        ("simpo", ["Simple Preference Optimization (SimPO)", "`CPOTrainer`", "`loss_type`: simpo", "`simpo_gamma`"]),
+    ],
+)  # fmt: skip
+def test_card_text_for_every_method(tmp_path, method, expected):
+    from qtune.config import load_recipe
+    from qtune.publish import model_card
+
+    path = tmp_path / "r.yaml"
+    recipe = {"method": method, "model": {"name": "meta-llama/Llama-3.1-8B"}}
+    recipe["data"] = {"datasets": [{"path": "trl-lib/ultrafeedback_binarized", "split": "train_prefs"}]}
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    card = model_card(load_recipe(path), "me/x", merged=False, summary=None)
+    for text in expected:
+        assert text in card, (text, card)
+    assert yaml.safe_load(card.split("---")[1])["tags"][3] == method
+    link = "[trl-lib/ultrafeedback_binarized](https://huggingface.co/datasets/trl-lib/ultrafeedback_binarized)"
+    assert f"  - {link} (format auto; split train_prefs)" in card
