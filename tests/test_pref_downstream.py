@@ -26,7 +26,7 @@ def _dpo_recipe(folder: Path, model: Path) -> Path:
         "quantization": {"bits": 4},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "dpo": {"beta": 0.2},
-        "data": {"datasets": [{"path": str(data)}], "max_length": 32, "eval_split": 0.2},
+        "data": {"datasets": [{"path": str(data)}], "max_length": 48, "eval_split": 0.2, "chat_template": "chatml"},
         "training": RUN_TRAINING,
         "output_dir": str(folder / "run"),
     }
@@ -36,10 +36,13 @@ def _dpo_recipe(folder: Path, model: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dpo_run(tmp_path_factory, tiny_llama):
-    """A finished 6-step DPO run through the CLI (`qtune train --quiet`): (recipe path, run dir, its stdout)."""
+def dpo_run(tmp_path_factory):
+    """A finished 6-step DPO run through the CLI (`qtune train --quiet`): (recipe path, run dir, its stdout). The
+    base is a tiny Qwen2 with a byte-level BPE tokenizer (tests/test_gguf.py's), so export-gguf can write it too."""
+    from test_gguf import bpe_tokenizer, build_model
+
     folder = tmp_path_factory.mktemp("dpo-run")
-    recipe = _dpo_recipe(folder, tiny_llama)
+    recipe = _dpo_recipe(folder, build_model(folder / "tiny-qwen2-bpe", "qwen2", bpe_tokenizer()))
     result = run_qtune("train", recipe, "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
     return recipe, folder / "run", result.stdout
@@ -144,7 +147,7 @@ def test_push_dry_run_card_names_the_method_its_settings_and_data(dpo_run, tmp_p
     assert "- **method**: `dpo`, Direct Preference Optimization (DPO), trained with TRL's `DPOTrainer`" in card
     assert "`beta`: 0.2" in card and "`loss_type`: ['sigmoid']" in card
     assert "- **reference model**: the base model (the starting policy), frozen" in card
-    assert "- **data**: preference pairs (prompt / chosen / rejected), max_length 32 tokens, from:" in card
+    assert "- **data**: preference pairs (prompt / chosen / rejected), max_length 48 tokens, from:" in card
     assert f"`{run_dir.parent / 'pairs.jsonl'}` (a local file" in card
     summary = json.loads((run_dir / "summary.json").read_text())
     accuracy = summary["rewards"]["eval_rewards/accuracies"]
@@ -177,3 +180,23 @@ def test_card_text_for_every_method(tmp_path, method, expected):
     assert yaml.safe_load(card.split("---")[1])["tags"][3] == method
     link = "[trl-lib/ultrafeedback_binarized](https://huggingface.co/datasets/trl-lib/ultrafeedback_binarized)"
     assert f"  - {link} (format auto; split train_prefs)" in card
+
+
+# --------------------------------------------------------------------------- 4. chat, export-gguf
+
+
+@pytest.mark.slow
+def test_chat_and_export_gguf_work_on_a_dpo_run(dpo_run, tmp_path):
+    """The DPO adapter is a plain LoRA adapter: chat (one-shot, greedy: the same answer twice) and export-gguf
+    (merged, written, verified against the merged model) through the CLI."""
+    _, run_dir, _ = dpo_run
+    prompt = "say the word of 3 1 4"
+    first = run_qtune("chat", run_dir, "--prompt", prompt, "--max-new-tokens", "6")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_qtune("chat", run_dir, "--prompt", prompt, "--max-new-tokens", "6")
+    assert first.stdout.strip() and first.stdout == second.stdout
+
+    out = tmp_path / "dpo.gguf"
+    result = run_qtune("export-gguf", run_dir, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "verified within tolerance" in result.stdout and out.read_bytes()[:4] == b"GGUF"
