@@ -311,6 +311,60 @@ def _accelerator_available() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+def _extra(recipe: Recipe, key: str):
+    return recipe.training.extra.get(key)
+
+
+def _kto_kl(recipe: Recipe) -> bool:
+    """KTO with a loss that estimates the KL term from neighbouring rows (every KTO loss but apo_zero_unpaired)."""
+    return recipe.method == "kto" and recipe.kto.loss_type != "apo_zero_unpaired"
+
+
+# Method × settings × launch combinations TRL cannot run, refused before any weight loads instead of failing inside
+# the trainer: (methods, applies(recipe, launch), what, hint).
+UNSUPPORTED = [
+    (
+        ("dpo", "kto"),
+        lambda r, launch: bool(_extra(r, "sync_ref_model")),
+        "training.extra.sync_ref_model: true with method {method}: TRL cannot sync the reference of a LoRA run (the "
+        "reference is the frozen starting adapter on the same base, not a model of its own to update)",
+        "remove sync_ref_model; to move the reference, train again with model.adapter set to this run",
+    ),
+    (
+        ("dpo", "kto"),
+        lambda r, launch: bool((_extra(r, "liger_kernel_config") or {}).get("fused_linear_cross_entropy")),
+        "training.extra.liger_kernel_config.fused_linear_cross_entropy with method {method}: TRL's {trainer} patches "
+        "the LM head itself and cannot use Liger's fused one",
+        "remove fused_linear_cross_entropy from liger_kernel_config",
+    ),
+    (
+        ("kto",),
+        lambda r, launch: _kto_kl(r) and _extra(r, "train_sampling_strategy") not in (None, "sequential"),
+        "training.extra.train_sampling_strategy: {strategy} with kto.loss_type {kto_loss}: the KL term pairs each "
+        "row with its neighbours in a fixed-order batch, so TRL's KTOTrainer needs sequential sampling",
+        "remove train_sampling_strategy (qtune keeps TRL's sequential default), or set kto.loss_type: "
+        "apo_zero_unpaired",
+    ),
+]
+
+
+def check_method_combination(recipe: Recipe, launch: Launch) -> None:
+    """The recipe's method with its settings and this launch is one TRL can run (UNSUPPORTED)."""
+    method = method_of(recipe)
+    for methods, applies, what, hint in UNSUPPORTED:
+        if recipe.method in methods and applies(recipe, launch):
+            raise QtuneError(
+                what.format(
+                    method=recipe.method,
+                    trainer=method.trainer.rpartition(".")[2],
+                    strategy=_extra(recipe, "train_sampling_strategy"),
+                    kto_loss=recipe.kto.loss_type if recipe.kto else None,
+                )
+                + f" ({_accelerate_config(launch)})",
+                hint,
+            )
+
+
 def check_launch(recipe: Recipe, launch: Launch) -> None:
     """Launch topology × placement × quantization × checkpointing, before any model loads."""
     extra = recipe.training.extra
@@ -410,6 +464,7 @@ def trainer_config(recipe: Recipe, launch: Launch, loss_settings: dict | None = 
     t = recipe.training
     method = method_of(recipe)
     config_class = trl_class(method.config)
+    check_method_combination(recipe, launch)
     named = {**NAMED_BY_SCHEMA, **method.named}
     fields = {f.name for f in dataclasses.fields(config_class)}
     for key in t.extra:

@@ -200,3 +200,150 @@ def test_chat_and_export_gguf_work_on_a_dpo_run(dpo_run, tmp_path):
     result = run_qtune("export-gguf", run_dir, "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "verified within tolerance" in result.stdout and out.read_bytes()[:4] == b"GGUF"
+
+
+# --------------------------------------------------------------------------- 5. bad input
+
+
+def _pairs(n: int = 8) -> list[dict]:
+    return json.loads(json.dumps(last_digit_pairs(n, seed=3)))  # no shared message objects between rows
+
+
+def _implicit(n: int = 8) -> list[dict]:
+    return [{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]} for p in _pairs(n)]
+
+
+def _bad(rows: list[dict], row: int, **change) -> list[dict]:
+    for key, value in change.items():
+        if value is KeyError:
+            del rows[row][key]
+        else:
+            rows[row][key] = value
+    return rows
+
+
+BAD_ROWS = [  # (rows, the error after "file: row 4: ", the reason counted when skipped)
+    (_bad(_pairs(), 3, rejected=KeyError), "missing 'rejected'", "missing 'rejected'"),
+    (_bad(_pairs(), 3, chosen=None), "missing 'chosen'", "missing 'chosen'"),
+    (_bad(_pairs(), 3, chosen=[]), "'chosen' must be a non-empty list", "'chosen' must be a non-empty list"),
+    (
+        _bad(_pairs(), 3, rejected=[{"role": "assistant", "content": ""}]),
+        "rejected[0] is an empty assistant answer",
+        "rejected is an empty assistant answer",
+    ),
+    (
+        _bad([{"prompt": "say :", "chosen": " one", "rejected": " two"} for _ in range(8)], 3, chosen=""),
+        "missing, null or empty 'chosen'",
+        "missing, null or empty 'chosen'",
+    ),
+    (
+        _bad(_implicit(), 3, chosen=[{"role": "user", "content": "another question"}, {"role": "assistant", "content": "x"}]),
+        "'chosen' and 'rejected' share no prompt (their first messages differ)",
+        "'chosen' and 'rejected' share no prompt",
+    ),
+    (
+        _bad([{"chosen": "say 1 : one", "rejected": "say 1 : two"} for _ in range(8)], 3, chosen="tell 1 : one"),
+        "no 'prompt', and 'chosen' and 'rejected' share no prefix to take as the prompt",
+        "no 'prompt', and 'chosen' and 'rejected' share no prefix",
+    ),
+]  # fmt: skip
+
+
+def _pref_recipe(tmp_path, model, rows, **sections) -> Path:
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    recipe = {
+        "method": "dpo",
+        "model": {"name": str(model)},
+        "data": {"datasets": [{"path": str(data)}], "max_length": 64},
+        "training": {"max_steps": 1, "micro_batch_size": 4},
+        "output_dir": str(tmp_path / "run"),
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _one_error_nothing_written(result, run_dir: Path) -> str:
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert not run_dir.exists()
+    return errors[0]
+
+
+@pytest.mark.parametrize(("rows", "error", "reason"), BAD_ROWS)
+def test_bad_preference_rows_name_file_and_row_or_are_skipped_and_counted(tmp_path, tiny_llama, rows, error, reason):
+    recipe = _pref_recipe(tmp_path, tiny_llama, rows)
+    line = _one_error_nothing_written(run_qtune_in_process("train", recipe), tmp_path / "run")
+    assert f"pairs.jsonl: row 4: {error}" in line, line
+
+    skipped = run_qtune_in_process("data", recipe, "data.on_bad_row=skip")
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    assert f"pairs.jsonl: skipped 1 bad row(s) (1 {reason}" in skipped.stderr, skipped.stderr[-2000:]
+    assert "first: row 4: " + error in skipped.stderr and "7 rows" in skipped.stdout
+
+
+@pytest.fixture(scope="module")
+def wider_adapter(tmp_path_factory, tiny_llama) -> Path:
+    """An adapter trained on another base (hidden size 128, not 64) whose config names tiny_llama as its base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qtune.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("wider")
+    other = build_tiny_model(root / "wider-llama", hidden_size=128, intermediate_size=256)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    model.save_pretrained(root / "adapter", safe_serialization=True)
+    config = json.loads((root / "adapter" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tiny_llama)
+    (root / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    return root / "adapter"
+
+
+def test_an_adapter_from_another_base_says_whether_name_or_shapes_differ(tmp_path, tiny_llama, wider_adapter):
+    recipe = _pref_recipe(tmp_path, tiny_llama, _pairs())
+    line = _one_error_nothing_written(
+        run_qtune_in_process("train", recipe, f"model.adapter={wider_adapter}"), tmp_path / "run"
+    )
+    assert "LoRA shapes differ; the base name matches" in line, line
+    assert (
+        "model.layers.0." in line and "lora_A.weight has shape [4, 256], for 256 inputs" in line and "has 128" in line
+    )
+
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for item in wider_adapter.iterdir():
+        (renamed / item.name).write_bytes(item.read_bytes())
+    config = json.loads((renamed / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "org/another-base"
+    (renamed / "adapter_config.json").write_text(json.dumps(config))
+    line = _one_error_nothing_written(
+        run_qtune_in_process("train", recipe, f"model.adapter={renamed}"), tmp_path / "run"
+    )
+    assert "was trained on org/another-base" in line and f"not on model.name {tiny_llama}" in line
+
+
+COMBINATIONS = [  # (method, overrides, the error's words) TRL cannot run, refused before any weight loads
+    ("dpo", ["training.extra.sync_ref_model=true"], "sync_ref_model: true with method dpo"),
+    ("kto", ["training.extra.sync_ref_model=true"], "sync_ref_model: true with method kto"),
+    (
+        "dpo",
+        ["training.extra.liger_kernel_config={fused_linear_cross_entropy: true}"],
+        "TRL's DPOTrainer patches the LM head itself",
+    ),
+    ("kto", ["training.extra.train_sampling_strategy=random"], "KTOTrainer needs sequential sampling"),
+]
+
+
+@pytest.mark.parametrize(("method", "overrides", "words"), COMBINATIONS)
+def test_method_combinations_trl_cannot_run_are_refused(tmp_path, tiny_llama, method, overrides, words):
+    recipe = _pref_recipe(tmp_path, tiny_llama, _pairs(), method=method)
+    line = _one_error_nothing_written(run_qtune_in_process("train", recipe, *overrides), tmp_path / "run")
+    assert words in line and "accelerate config: distributed_type NO" in line, line
