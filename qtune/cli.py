@@ -149,6 +149,12 @@ def _estimate_parser(sub) -> None:
     p.add_argument("--lora-r", type=int, help="LoRA rank (default 16, on all linear layers)")
     p.add_argument("--optimizer", help="transformers optimizer name (default adamw_torch)")
     p.add_argument("--no-checkpointing", action="store_true", help="without gradient checkpointing")
+    p.add_argument(
+        "--method",
+        choices=["sft", "dpo", "kto", "orpo", "simpo"],
+        help="training method (default: the recipe's, or sft): dpo / orpo / simpo forward chosen + rejected "
+        "together, dpo / kto add a frozen reference adapter",
+    )
     p.add_argument("--gpu", help="memory of one GPU, e.g. 24GB (GB read as GiB) for the verdict")
     p.add_argument("--gpus", type=int, help="number of GPUs: per-GPU figures under DDP and FSDP / ZeRO-3")
     p.add_argument("--probe", action="store_true", help="also run one real training step of RECIPE, print its peak")
@@ -177,6 +183,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         checkpointing=False if args.no_checkpointing else None,
         gpu=args.gpu,
         gpus=args.gpus,
+        method=args.method,
     )
     options = {k: v for k, v in options.items() if v is not None}
     if args.bits == 16:

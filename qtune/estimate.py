@@ -24,6 +24,13 @@ bitsandbytes quantizes (every nn.Linear but the output layer: `qtune.model.linea
 - LoRA: r·(in+out) parameters per targeted linear, fp32 (qtune keeps fp32 master weights), + fp32 grads
   + optimizer state (AdamW 32-bit 8 B/param, 8-bit 2 B/param).
 - Activations: see `activation_bytes`. CUDA context: ~0.5 GiB outside torch's allocator (stated apart).
+- Preference methods (`METHOD_PASSES`): dpo, orpo and simpo run chosen and rejected through one forward (TRL
+  concatenates them), so activations and logits are those of 2 x micro-batch rows; kto runs one completion per row.
+  dpo and kto score with TRL's fused LM head (log-probs in tiles: no logits term).
+  dpo and kto train against a reference: a second adapter ("ref") on the same base, its LoRA weights in fp32 with
+  no gradients or optimizer state, run without grad before the policy's forward (kto also scores its KL
+  completions without grad): that pass keeps one layer's activations and its logits at a time, freed before the
+  policy's forward, so it adds to the peak only where it is larger than the training activations.
 """
 
 from __future__ import annotations
@@ -263,6 +270,30 @@ def optimizer_state(name: str) -> tuple[int, str]:
     return 8, "two fp32 moments"
 
 
+@dataclass(frozen=True)
+class Passes:
+    """How a training method's step runs its forward passes (what the memory terms scale with)."""
+
+    rows: int  # sequences per example in the forward with grad (chosen + rejected: 2)
+    reference: bool  # a frozen reference adapter on the same base, run without grad
+    no_grad_rows: int  # sequences per example in the no-grad forwards (reference; kto's KL completions)
+    what: str
+    fused_head: bool = False  # TRL's fused LM head (trl.trainer.utils.add_fused_lm_head): no full logits kept
+
+
+METHOD_PASSES = {
+    "sft": Passes(1, False, 0, "one sequence per example"),
+    "dpo": Passes(
+        2, True, 2, "chosen + rejected in one forward (2 rows per pair); reference forward without grad", True
+    ),
+    "kto": Passes(
+        1, True, 2, "one completion per row, plus its KL completion and the reference forward, both without grad", True
+    ),
+    "orpo": Passes(2, False, 0, "chosen + rejected in one forward (2 rows per pair); no reference"),
+    "simpo": Passes(2, False, 0, "chosen + rejected in one forward (2 rows per pair); no reference"),
+}
+
+
 def lora_params(shape: Shape, r: int, targets) -> int:
     chosen = shape.linears if targets == "all-linear" else [
         (n, i, o) for n, i, o in shape.linears if n.rsplit(".", 1)[-1] in set(targets)
@@ -271,7 +302,7 @@ def lora_params(shape: Shape, r: int, targets) -> int:
 
 
 def activation_bytes(shape: Shape, batch: int, length: int, checkpointing: bool, compute_bytes: int, r: int,
-                     dropout: bool, residual_bytes: int = 4) -> dict[str, int]:  # fmt: skip
+                     dropout: bool, residual_bytes: int = 4, fused_head: bool = False) -> dict[str, int]:  # fmt: skip
     """Saved activations at the start of backward (the peak), for full-length rows.
 
     Per decoder layer, b·s times: p·(3q + 3kv + 2h + 4i) [q, k, v and their rotary copies, attention output,
@@ -292,7 +323,7 @@ def activation_bytes(shape: Shape, batch: int, length: int, checkpointing: bool,
     per_layer += b * s * p * 7 * r
     if dropout:
         per_layer += b * s * p * (5 * h + shape.q_dim + shape.intermediate)
-    logits = b * s * shape.vocab * (p + 8)
+    logits = 0 if fused_head else b * s * shape.vocab * (p + 8)  # fused: log-probs in tiles, no full logits
     if checkpointing:
         layers = shape.layers * b * s * h * residual_bytes + max(0, per_layer - logits)
     else:
@@ -319,6 +350,7 @@ class Estimate:
     gpus: int = 1
     backend: str = "bnb"
     group_size: int | None = None  # hqq's quantization group (None: hqq's default, 64)
+    method: str = "sft"  # the training method (METHOD_PASSES): preference methods double rows or add a reference
     terms: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -333,19 +365,28 @@ class Estimate:
         self.other_training = s.other_params * (4 if self.upcast else self.load_bytes) + s.buffer_bytes
         self.lora = lora_params(s, self.lora_r, self.lora_targets)
         self.opt_per_param, self.opt_what = optimizer_state(self.optimizer)
-        run = (self.compute_bytes, self.lora_r, self.lora_dropout, 4 if self.upcast else self.compute_bytes)
-        acts = activation_bytes(s, self.batch, self.length, self.checkpointing, *run)
-        other_acts = activation_bytes(s, self.batch, self.length, not self.checkpointing, *run)
+        self.passes = METHOD_PASSES.get(self.method, METHOD_PASSES["sft"])
+        self.rows = self.batch * self.passes.rows  # sequences in the forward with grad
+        run = (self.compute_bytes, self.lora_r, self.lora_dropout, 4 if self.upcast else self.compute_bytes,
+               self.passes.fused_head)  # fmt: skip
+        acts = activation_bytes(s, self.rows, self.length, self.checkpointing, *run)
+        other_acts = activation_bytes(s, self.rows, self.length, not self.checkpointing, *run)
         self.acts_other_mode = other_acts["layers"] + other_acts["logits"]
+        # the no-grad forwards (reference, kto's KL): one layer's activations and the logits of their rows at a time
+        no_grad = activation_bytes(s, self.batch * self.passes.no_grad_rows, self.length, False, *run)
+        self.no_grad_peak = (no_grad["per_layer"] + no_grad["logits"]) if self.passes.no_grad_rows else 0
         self.terms = {
             "quantized weights": self.quantized,
             "non-quantized parts": self.other_training,
             "LoRA weights": self.lora * 4,
             "LoRA gradients": self.lora * 4,
             "optimizer state": self.lora * self.opt_per_param,
+            **({"reference adapter": self.lora * 4} if self.passes.reference else {}),
             "activations (layers)": acts["layers"],
             "logits + loss": acts["logits"],
         }
+        if self.no_grad_peak > acts["layers"] + acts["logits"]:
+            self.terms["no-grad forward"] = self.no_grad_peak - acts["layers"] - acts["logits"]
         self.per_layer = acts["per_layer"]
 
     @property
@@ -369,9 +410,11 @@ class Estimate:
         """Per-GPU bytes under FSDP / ZeRO-3 over n GPUs: weights, adapter, grads and optimizer state sharded,
         two decoder layers gathered at a time (the current one and the prefetched next), activations per GPU."""
         t = self.terms
-        states = sum(v for k, v in t.items() if not k.startswith(("activations", "logits")))
+        per_gpu = ("activations", "logits", "no-grad")
+        states = sum(v for k, v in t.items() if not k.startswith(per_gpu))
+        acts = sum(v for k, v in t.items() if k.startswith(per_gpu))
         layer = self.quantized / max(self.shape.layers, 1)
-        return math.ceil(states / n) + int(2 * layer) + t["activations (layers)"] + t["logits + loss"] + CUDA_CONTEXT
+        return math.ceil(states / n) + int(2 * layer) + acts + CUDA_CONTEXT
 
     def verdict(self) -> QtuneError | None:
         """The error for a run that cannot fit --gpu, naming the largest term and what to change; None otherwise."""
@@ -420,9 +463,16 @@ class Estimate:
             f"  run             micro-batch {self.batch} x max_length {self.length}, gradient checkpointing "
             f"{'on' if self.checkpointing else 'off'}, LoRA r {self.lora_r} on {self._targets()}, "
             f"{self.optimizer}",
+            *(
+                [f"  method          {self.method}: {self.passes.what}" + (
+                    "; the reference is a second adapter on the same base (its LoRA weights, no gradients or "
+                    "optimizer state)" if self.passes.reference else "")]
+                if self.method != "sft"
+                else []
+            ),
             "",
             f"  {'term':<24}{'GiB':>9}  how",
-        ]
+        ]  # fmt: skip
         hows = {
             "quantized weights": self._quant_how(),
             "non-quantized parts": f"{s.other_params:,} x " + (
@@ -441,12 +491,34 @@ class Estimate:
             )
             + f"; checkpointing {'off' if self.checkpointing else 'on'}: {_gib(self.acts_other_mode)} GiB incl. logits",
             "logits + loss": f"b·s·vocab·(p+4+4), vocab {s.vocab:,}",
+            "reference adapter": f"{self.lora:,} params x 4 B (fp32, frozen: no gradients, no optimizer state)",
+            "no-grad forward": f"{_gib(self.no_grad_peak)} GiB at its peak (one layer + logits of "
+            f"{self.batch * self.passes.no_grad_rows} rows): above the training activations by this much",
         }  # fmt: skip
+        if self.passes.rows > 1:
+            for key in ("activations (layers)", "logits + loss"):
+                hows[key] += (
+                    f"; b = {self.rows} rows (micro-batch {self.batch} x {self.passes.rows}: chosen + rejected)"
+                )
+        if self.passes.fused_head:
+            hows["logits + loss"] = (
+                "none kept: TRL's fused LM head scores the completion tokens in tiles, no (rows, length, vocab) logits"
+            )
+            hows["activations (layers)"] = hows["activations (layers)"].replace(
+                "overlaps the logits, the larger counts", "on top (no logits to overlap)"
+            )
         for key, value in self.terms.items():
             figure = _gib(value) if self.modelled or key != "quantized weights" else "n/a"
             lines.append(f"  {key:<24}{figure:>9}  {hows[key]}")
         if not self.modelled:
             lines.append(f"  (the figures below leave out the {self.backend} weights)")
+        if self.passes.no_grad_rows and "no-grad forward" not in self.terms:
+            lines.append(
+                f"  (the no-grad forward{'s' if self.method == 'kto' else ''} of the "
+                f"{'reference and KL completions' if self.method == 'kto' else 'reference'}: "
+                f"{_gib(self.no_grad_peak)} GiB at {'their' if self.method == 'kto' else 'its'} peak, before the policy's forward: below the training "
+                "activations, so not added)"
+            )
         lines += [
             f"  {'allocated (torch)':<24}{_gib(self.allocated):>9}  compare with torch.cuda.max_memory_allocated",
             f"  {'CUDA context':<24}{_gib(CUDA_CONTEXT):>9}  ~0.5 GiB per process, outside torch's allocator",
@@ -541,6 +613,7 @@ def estimate(
     trust_remote_code: bool = False,
     backend: str = "bnb",
     group_size: int | None = None,
+    method: str = "sft",
 ) -> Estimate:
     """The estimate for a model name / folder / config.json and the run's settings (GPU training figures)."""
     if batch < 1 or length < 1 or lora_r < 1 or gpus < 1:
@@ -579,6 +652,7 @@ def estimate(
         gpus=gpus,
         backend=backend,
         group_size=group_size,
+        method=method,
     )
 
 
@@ -603,6 +677,7 @@ def from_recipe(recipe, **overrides) -> Estimate:
         trust_remote_code=recipe.model.trust_remote_code,
         backend=q.backend,
         group_size=getattr(q, "group_size", None),  # hqq's, where the recipe has the key (else hqq's 64)
+        method=recipe.method,
     )
     settings.update({k: v for k, v in overrides.items() if v is not None or k == "bits"})  # bits None: --bits 16
     return estimate(recipe.model.name, **settings)

@@ -576,6 +576,7 @@ def start_adapter(recipe: Recipe) -> str | None:
             f"model.adapter: {spec} was trained on {trained_on} ({where}), not on model.name {recipe.model.name}",
             "set model.name to the base the adapter was trained on",
         )
+    _check_adapter_shapes(recipe, spec, folder)
     return str(folder)
 
 
@@ -587,6 +588,40 @@ def _adapter_task(folder: Path) -> str | None:
         return json.loads((Path(folder) / "adapter_config.json").read_text()).get("task_type")
     except (OSError, ValueError):
         return None
+
+
+def _check_adapter_shapes(recipe: Recipe, spec: str, folder: Path) -> None:
+    """The adapter's LoRA matrices fit model.name's layers (read from the safetensors header and the meta model, no
+    weights): an adapter trained on another base of the same name (a re-saved or edited local folder) is refused
+    naming the first layer whose shape differs."""
+    from safetensors import safe_open
+
+    _, meta = _meta_model(recipe)
+    modules = dict(meta.named_modules())
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    for key, shape in sorted(shapes.items()):
+        for part, axis in ((".lora_A.", 1), (".lora_B.", 0)):
+            if part not in key:
+                continue
+            name = key.split(part)[0].removeprefix("base_model.model.")
+            module = modules.get(name)
+            if module is None:
+                raise QtuneError(
+                    f"model.adapter: {spec} has LoRA weights for {name}, a layer model.name {recipe.model.name} does "
+                    f"not have ({type(meta).__name__}): the adapter was trained on another base (LoRA shapes differ; "
+                    "the base name matches)",
+                    "set model.name to the base the adapter was trained on",
+                )
+            want = getattr(module, "in_features" if axis else "out_features", None)
+            if want is not None and len(shape) == 2 and shape[axis] != want:
+                side = "inputs" if axis else "outputs"
+                raise QtuneError(
+                    f"model.adapter: {spec}: {key.removeprefix('base_model.model.')} has shape {list(shape)}, for "
+                    f"{shape[axis]} {side}, but {name} of model.name {recipe.model.name} has {want}: the adapter was "
+                    "trained on another base (LoRA shapes differ; the base name matches)",
+                    "set model.name to the base the adapter was trained on",
+                )
 
 
 def load_for_training(recipe: Recipe, launch: Launch, tokenizer, verbose: bool = True, allow_pickle: bool = False):

@@ -77,6 +77,7 @@ def format_line(record: dict, max_steps: int) -> str:
         parts.append(f"lr {record['lr']:.2e}")
     if record.get("grad_norm") is not None:
         parts.append(f"grad {record['grad_norm']:.3f}")
+    parts += _preference_parts(record)
     if "tokens_per_s" in record:
         per_device = record.get("tokens_per_s_per_device", record["tokens_per_s"])
         parts.append(f"{record['tokens_per_s']:,.0f} tok/s ({per_device:,.0f}/device)")
@@ -89,6 +90,31 @@ def format_line(record: dict, max_steps: int) -> str:
     if "elapsed_s" in record:
         parts.append(f"{_clock(record['elapsed_s'])} elapsed, {_clock(record.get('remaining_s'))} left")
     return " | ".join(parts)
+
+
+# Preference methods' per-step figures (TRL's DPO / KTO / ORPO / CPO names; eval ones prefixed eval_), as the
+# console shows them: key → label, format.
+PREFERENCE_FIGURES = {
+    "rewards/chosen": ("chosen", "{:+.3f}"),
+    "rewards/rejected": ("rejected", "{:+.3f}"),
+    "rewards/margins": ("margin", "{:+.3f}"),
+    "rewards/accuracies": ("acc", "{:.0%}"),
+    "logps/chosen": ("logp chosen", "{:.2f}"),
+    "logps/rejected": ("logp rejected", "{:.2f}"),
+}
+
+
+def _preference_parts(record: dict) -> list[str]:
+    """The reward figures of a preference run's log step (train, or eval with their eval_ prefix)."""
+    parts = []
+    for prefix in ("", "eval_"):
+        for key, (label, fmt) in PREFERENCE_FIGURES.items():
+            value = record.get(prefix + key)
+            if isinstance(value, (int, float)):
+                parts.append(f"{'eval ' if prefix else ''}{label} {fmt.format(value)}")
+    if parts:
+        parts[0] = "rewards: " + parts[0]
+    return parts
 
 
 def _logged_step(line: str) -> int | None:
@@ -342,6 +368,50 @@ def plot_loss(metrics_path: Path, png_path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(png_path.parent.name)
+    fig.tight_layout()
+    tmp = png_path.with_name(png_path.name + ".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(png_path)
+    return True
+
+
+def plot_rewards(metrics_path: Path, png_path: Path) -> bool:
+    """Preference runs: the implicit reward margin (chosen - rejected) and the reward accuracy (share of pairs whose
+    chosen answer out-scores the rejected one), train and eval, against step, into a PNG; False when metrics.jsonl
+    has no reward figures (SFT) or is missing."""
+    if not metrics_path.is_file():
+        return False
+    series: dict[str, list] = {}
+    for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if _logged_step(line) is None:
+            continue
+        record = json.loads(line)
+        for key in ("rewards/margins", "rewards/accuracies", "eval_rewards/margins", "eval_rewards/accuracies"):
+            if isinstance(record.get(key), (int, float)):
+                series.setdefault(key, []).append((record["step"], record[key]))
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 6), dpi=100)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    for ax, what, label in ((top, "margins", "reward margin"), (bottom, "accuracies", "reward accuracy")):
+        for prefix, name in (("", "train"), ("eval_", "eval")):
+            points = series.get(f"{prefix}rewards/{what}")
+            if points:
+                marker = "o" if prefix or len(points) < 40 else None
+                ax.plot(*zip(*points, strict=True), label=f"{name} {label}", marker=marker)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    bottom.set_xlabel("optimizer step")
+    if "rewards/accuracies" in series or "eval_rewards/accuracies" in series:
+        bottom.set_ylim(-0.05, 1.05)
+    top.set_title(f"{png_path.parent.name}: chosen vs rejected")
     fig.tight_layout()
     tmp = png_path.with_name(png_path.name + ".tmp.png")
     fig.savefig(tmp)

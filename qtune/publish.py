@@ -93,6 +93,56 @@ def _hub_id(name: str) -> str | None:
     return name
 
 
+METHOD_NAMES = {
+    "sft": "supervised fine-tuning (SFT)",
+    "dpo": "Direct Preference Optimization (DPO)",
+    "kto": "Kahneman-Tversky Optimization (KTO)",
+    "orpo": "Odds Ratio Preference Optimization (ORPO)",
+    "simpo": "Simple Preference Optimization (SimPO)",
+}
+SFT_DATA = "chats, prompt / completion pairs or plain text"
+
+
+def method_section(recipe: Recipe) -> list[str]:
+    """The model card's "Training method" lines: the method, its TRL trainer and settings (as passed to TRL), the
+    reference model, and the data (its kind and sources)."""
+    from qtune.train import PREFERENCE_DATA, method_of
+
+    method = method_of(recipe)
+    trainer = method.trainer.rpartition(".")[2]
+    name = METHOD_NAMES.get(recipe.method, recipe.method)
+    lines = [f"- **method**: `{recipe.method}`, {name}, trained with TRL's `{trainer}`"]
+    settings = method.settings(recipe)
+    if settings:
+        shown = ", ".join(f"`{k}`: {v}" for k, v in settings.items() if v is not None)
+        lines.append(f"- **settings** (`{recipe.method}:` section of the recipe, as given to TRL): {shown}")
+    if method.reference:
+        reference = (
+            f"the starting adapter `{recipe.model.adapter}`, frozen"
+            if recipe.model.adapter
+            else "the base model (the starting policy), frozen"
+        )
+        lines.append(f"- **reference model**: {reference}")
+    elif recipe.method != "sft":
+        lines.append("- **reference model**: none (this method needs none)")
+    if recipe.model.adapter and not method.reference:
+        lines.append(f"- **started from**: adapter `{recipe.model.adapter}`")
+    kind = SFT_DATA if recipe.method == "sft" else PREFERENCE_DATA[method.schemas[0]]
+    if recipe.method == "kto":
+        kind += ", or preference pairs split into one desirable and one undesirable row"
+    lines.append(f"- **data**: {kind}, max_length {recipe.data.max_length} tokens, from:")
+    for source in recipe.data.datasets:
+        hub = _hub_id(source.path)
+        where = f"[{hub}](https://huggingface.co/datasets/{hub})" if hub else f"`{source.path}` (a local file)"
+        details = [f"format {source.format}"]
+        if source.split != "train":
+            details.append(f"split {source.split}")
+        if source.columns:
+            details.append("columns " + ", ".join(f"{k} ← {v}" for k, v in source.columns.items()))
+        lines.append(f"  - {where} ({'; '.join(details)})")
+    return lines
+
+
 def model_card(recipe: Recipe, repo_id: str, merged: bool, summary: dict | None, license: str = "other") -> str:
     """README.md with YAML metadata (base_model, library_name, tags, datasets, license) and a usage snippet."""
     import yaml
@@ -107,7 +157,7 @@ def model_card(recipe: Recipe, repo_id: str, merged: bool, summary: dict | None,
     data = ModelCardData(
         base_model=base_id,
         library_name="transformers" if merged else "peft",
-        tags=["qtune", "qlora", "lora", "sft", "trl", "peft"] + (["merged"] if merged else []),
+        tags=["qtune", "qlora", "lora", recipe.method, "trl", "peft"] + (["merged"] if merged else []),
         license=license,
         datasets=datasets or None,
         pipeline_tag="text-generation",
@@ -118,11 +168,15 @@ def model_card(recipe: Recipe, repo_id: str, merged: bool, summary: dict | None,
         ("steps", "steps"),
         ("train_loss", "train loss"),
         ("eval_loss", "eval loss"),
+        ("rewards/accuracies", "reward accuracy (last train step)"),
+        ("rewards/margins", "reward margin (last train step)"),
+        ("eval_rewards/accuracies", "eval reward accuracy"),
+        ("eval_rewards/margins", "eval reward margin"),
         ("wall_time_s", "wall time (s)"),
         ("world_size", "processes"),
     ]:
-        if summary and summary.get(key) is not None:
-            value = summary[key]
+        value = (summary or {}).get(key, ((summary or {}).get("rewards") or {}).get(key))
+        if value is not None:
             figures.append(f"| {label} | {value:.4g} |" if isinstance(value, float) else f"| {label} | {value} |")
     if merged:
         usage = (
@@ -143,7 +197,11 @@ def model_card(recipe: Recipe, repo_id: str, merged: bool, summary: dict | None,
         f"# {repo_id.split('/')[-1]}",
         "",
         f"A {kind} fine-tuned with [qtune](https://github.com/) (QLoRA: {quant} base, LoRA r={recipe.lora.r}, "
-        f"alpha={recipe.lora.alpha:g}) from {base_text} on {sources}.",
+        f"alpha={recipe.lora.alpha:g}) from {base_text} on {sources}, by {METHOD_NAMES.get(recipe.method, recipe.method)}.",
+        "",
+        "## Training method",
+        "",
+        *method_section(recipe),
         "",
         "## Training figures",
         "",

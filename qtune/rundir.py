@@ -6,7 +6,7 @@ destination and renamed into place (`staged_output`, `write_text_atomic`), so a 
     runs/<name>/
       recipe.yaml      the resolved recipe          adapter/       safetensors adapter + tokenizer
       checkpoints/     trainer checkpoints          metrics.jsonl  one line per log step
-      summary.json     final figures                loss.png       the loss curve
+      summary.json     final figures                loss.png       the loss curve (rewards.png: preference margins/accuracy)
       tensorboard/     TensorBoard events           wandb_run_id   the W&B run a resume continues
       merged/          after `qtune merge`          wandb/         W&B offline runs (never removed by qtune)
 """
@@ -59,7 +59,8 @@ class RunDir:
     # Outputs `train` writes; `--overwrite` removes exactly these, nothing else (not wandb/: an unsynced
     # offline W&B run is never deleted).
     OUTPUTS = (
-        "adapter", "checkpoints", "recipe.yaml", "summary.json", "metrics.jsonl", "loss.png", "tensorboard", "wandb_run_id"
+        "adapter", "checkpoints", "recipe.yaml", "summary.json", "metrics.jsonl", "loss.png", "rewards.png",
+        "tensorboard", "wandb_run_id",
     )  # fmt: skip
 
     def __post_init__(self):
@@ -92,6 +93,11 @@ class RunDir:
     @property
     def loss_plot(self) -> Path:
         return self.path / "loss.png"
+
+    @property
+    def reward_plot(self) -> Path:
+        """Preference methods: the implicit reward margins and accuracy per step."""
+        return self.path / "rewards.png"
 
     @property
     def tensorboard(self) -> Path:

@@ -373,6 +373,60 @@ def _accelerator_available() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+def _extra(recipe: Recipe, key: str):
+    return recipe.training.extra.get(key)
+
+
+def _kto_kl(recipe: Recipe) -> bool:
+    """KTO with a loss that estimates the KL term from neighbouring rows (every KTO loss but apo_zero_unpaired)."""
+    return recipe.method == "kto" and recipe.kto.loss_type != "apo_zero_unpaired"
+
+
+# Method × settings × launch combinations TRL cannot run, refused before any weight loads instead of failing inside
+# the trainer: (methods, applies(recipe, launch), what, hint).
+UNSUPPORTED = [
+    (
+        ("dpo", "kto"),
+        lambda r, launch: bool(_extra(r, "sync_ref_model")),
+        "training.extra.sync_ref_model: true with method {method}: TRL cannot sync the reference of a LoRA run (the "
+        "reference is the frozen starting adapter on the same base, not a model of its own to update)",
+        "remove sync_ref_model; to move the reference, train again with model.adapter set to this run",
+    ),
+    (
+        ("dpo", "kto"),
+        lambda r, launch: bool((_extra(r, "liger_kernel_config") or {}).get("fused_linear_cross_entropy")),
+        "training.extra.liger_kernel_config.fused_linear_cross_entropy with method {method}: TRL's {trainer} patches "
+        "the LM head itself and cannot use Liger's fused one",
+        "remove fused_linear_cross_entropy from liger_kernel_config",
+    ),
+    (
+        ("kto",),
+        lambda r, launch: _kto_kl(r) and _extra(r, "train_sampling_strategy") not in (None, "sequential"),
+        "training.extra.train_sampling_strategy: {strategy} with kto.loss_type {kto_loss}: the KL term pairs each "
+        "row with its neighbours in a fixed-order batch, so TRL's KTOTrainer needs sequential sampling",
+        "remove train_sampling_strategy (qtune keeps TRL's sequential default), or set kto.loss_type: "
+        "apo_zero_unpaired",
+    ),
+]
+
+
+def check_method_combination(recipe: Recipe, launch: Launch) -> None:
+    """The recipe's method with its settings and this launch is one TRL can run (UNSUPPORTED)."""
+    method = method_of(recipe)
+    for methods, applies, what, hint in UNSUPPORTED:
+        if recipe.method in methods and applies(recipe, launch):
+            raise QtuneError(
+                what.format(
+                    method=recipe.method,
+                    trainer=method.trainer.rpartition(".")[2],
+                    strategy=_extra(recipe, "train_sampling_strategy"),
+                    kto_loss=recipe.kto.loss_type if recipe.kto else None,
+                )
+                + f" ({_accelerate_config(launch)})",
+                hint,
+            )
+
+
 def check_launch(recipe: Recipe, launch: Launch) -> None:
     """Launch topology × placement × quantization × checkpointing, before any model loads."""
     extra = recipe.training.extra
@@ -537,6 +591,7 @@ def trainer_config(recipe: Recipe, launch: Launch, loss_settings: dict | None = 
     t = recipe.training
     method = method_of(recipe)
     config_class = trl_class(method.config)
+    check_method_combination(recipe, launch)
     named = {**NAMED_BY_SCHEMA, **method.named}
     fields = {f.name for f in dataclasses.fields(config_class)}
     for key in t.extra:
@@ -927,6 +982,8 @@ def _summary(trainer, result, watcher, final_eval: dict, wall: float, launch: La
         "train_loss": result.training_loss,
         "final_loss": watcher.final.get("loss"),
         "eval_loss": final_eval.get("eval_loss"),
+        # preference methods: the reward figures of the last train log and of the final eval (model card, W&B)
+        "rewards": {k: v for k, v in {**watcher.final, **final_eval}.items() if "rewards/" in k} or None,
         "wall_time_s": round(wall, 2),
         "tokens_per_s": round(session_tokens / wall, 2) if wall else None,
         "tokens_per_s_per_device": round(session_tokens / wall / launch.world_size, 2) if wall else None,
@@ -1087,6 +1144,7 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
         if guard.bad or guard.signal_name:
             if launch.is_main:
                 monitor.plot_loss(run.metrics, run.loss_plot)
+                monitor.plot_rewards(run.metrics, run.reward_plot)
             raise _stopped_early(guard, trainer, run)
 
         final_eval = trainer.evaluate() if dataset.get("eval") is not None else {}  # all ranks take part
@@ -1100,7 +1158,11 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
             summary["stop_tokens"] = describe_stops(tokenizer, stops)  # what generation stops at (qtune.stops)
             summary["replicas_identical"] = len(set(fingerprints)) == 1 if full_state is None else None
             write_text_atomic(run.summary_file, json.dumps(summary, indent=2) + "\n")
-            plotted = monitor.plot_loss(run.metrics, run.loss_plot)
+            plots = {
+                run.loss_plot: monitor.plot_loss(run.metrics, run.loss_plot),
+                run.reward_plot: monitor.plot_rewards(run.metrics, run.reward_plot),  # preference methods only
+            }
+            plotted = [path.name for path, ok in plots.items() if ok]
             if tracker is not None:
                 _report_final(tracker, summary, recipe, adapter_dir)
             if summary["replicas_identical"] is False:
@@ -1120,7 +1182,7 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
     return run
 
 
-def _print_done(summary: dict, run: RunDir, plotted: bool, tracker, recipe: Recipe) -> None:
+def _print_done(summary: dict, run: RunDir, plotted: list[str], tracker, recipe: Recipe) -> None:
     """Where everything is, and the next command to run."""
     import shlex
 
@@ -1139,7 +1201,7 @@ def _print_done(summary: dict, run: RunDir, plotted: bool, tracker, recipe: Reci
         figures.append(f"RSS peak {summary['peak_rss_gb']:.2f} GB")
     if figures:
         print("qtune: " + ", ".join(figures))
-    files = [run.recipe_file.name, run.summary_file.name, run.metrics.name] + ([run.loss_plot.name] if plotted else [])
+    files = [run.recipe_file.name, run.summary_file.name, run.metrics.name] + plotted
     if run.checkpoints.is_dir():
         files.append(run.checkpoints.name + "/")
     print(f"  run dir      {run.path}: {', '.join(files)}")

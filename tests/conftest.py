@@ -193,6 +193,7 @@ SHARED_BUILDS = {
     "tiny_gptq": "gptq-checkpoints",
     "finished_run": "reliability-run",
     "stop_run": "stop-tokens-run",
+    "dpo_run": "dpo-downstream-run",
     "corpus": "real-templates",  # built once on disk (tests/corpus.py): two workers must not build it at once
 }
 

@@ -311,3 +311,48 @@ def test_probe_runs_one_step_and_prints_measured_peak(make_recipe, tmp_path):
     assert trained.returncode == 0, trained.stderr[-3000:]
     run_peak = json.loads((tmp_path / "run" / "summary.json").read_text())["peak_rss_gb"]
     assert 0.8 * run_peak <= peak <= 1.25 * run_peak, (peak, run_peak)
+
+
+def test_preference_methods_count_the_reference_and_both_answers():
+    """dpo / kto: a second (reference) adapter of the same size, frozen (no gradients, no optimizer state), and TRL's
+    fused LM head (no logits term); dpo / orpo / simpo: chosen + rejected forward together (activations of 2 x
+    micro-batch rows); kto one completion per row."""
+    model, b = "meta-llama/Llama-3.1-8B", 2
+    sft = E.estimate(model, batch=b, length=1024)
+    by = {m: E.estimate(model, batch=b, length=1024, method=m) for m in ("dpo", "kto", "orpo", "simpo")}
+    for m in ("dpo", "kto"):
+        e = by[m]
+        assert e.terms["reference adapter"] == sft.terms["LoRA weights"]
+        for key in ("LoRA weights", "LoRA gradients", "optimizer state", "quantized weights"):
+            assert e.terms[key] == sft.terms[key], (m, key)
+        assert e.terms["logits + loss"] == 0
+    for m in ("orpo", "simpo"):
+        assert "reference adapter" not in by[m].terms
+        doubled = E.estimate(model, batch=2 * b, length=1024)  # the SFT figure for twice the rows
+        assert by[m].terms["activations (layers)"] == doubled.terms["activations (layers)"]
+        assert by[m].terms["logits + loss"] == doubled.terms["logits + loss"] == 2 * sft.terms["logits + loss"]
+    # dpo: twice kto's rows through the same fused head; with checkpointing: 2x the stored layer inputs
+    kto_2b = E.estimate(model, batch=2 * b, length=1024, method="kto")
+    assert by["dpo"].terms["activations (layers)"] == kto_2b.terms["activations (layers)"]
+    assert by["dpo"].allocated > by["kto"].allocated
+    assert by["dpo"].no_grad_peak < by["dpo"].terms["activations (layers)"]  # reference forward: below the peak
+    assert "no-grad forward" not in by["dpo"].terms
+
+
+def test_cli_says_how_a_preference_method_is_counted(make_recipe):
+    dpo = run_qtune_in_process("estimate", make_recipe(method="dpo"), "--max-length", "32")
+    assert dpo.returncode == 0, dpo.stderr
+    out = dpo.stdout
+    assert (
+        "method          dpo: chosen + rejected in one forward (2 rows per pair); reference forward without grad" in out
+    )
+    assert (
+        "the reference is a second adapter on the same base (its LoRA weights, no gradients or optimizer state)" in out
+    )
+    assert "reference adapter" in out and "frozen: no gradients, no optimizer state" in out
+    assert "b = 8 rows (micro-batch 4 x 2: chosen + rejected)" in out and "TRL's fused LM head" in out
+    assert "the no-grad forward of the reference:" in out
+    kto = run_qtune_in_process("estimate", "--model", "meta-llama/Llama-3.1-8B", "--method", "kto")
+    assert kto.returncode == 0 and "KL completion and the reference forward, both without grad" in kto.stdout
+    sft = run_qtune_in_process("estimate", make_recipe(), "--max-length", "32")
+    assert "method " not in sft.stdout and "reference" not in sft.stdout

@@ -43,3 +43,16 @@ def test_zephyr_dpo_recipe_continues_the_sft_adapter():
     assert (r.dpo.beta, r.training.lr, r.data.max_length) == (0.01, 5e-6, 1024)
     args = train.trainer_config(r, Launch(1, 0, 0, "NO"))
     assert type(args) is DPOConfig and args.beta == 0.01 and args.loss_type == ["sigmoid"]
+
+
+def test_llama31_orpo_recipe_follows_its_source():
+    """recipes/llama3.1-8b-orpo.yaml: ORPO after the named post (its header), building TRL's ORPOConfig."""
+    r = load_recipe(RECIPES[0].parent / "llama3.1-8b-orpo.yaml")
+    assert r.method == "orpo" and r.model.name == "meta-llama/Llama-3.1-8B" and r.model.adapter is None
+    assert (r.orpo.beta, r.training.lr, r.data.max_length, r.data.chat_template) == (0.1, 8e-6, 1024, "chatml")
+    assert (r.lora.r, r.lora.alpha, r.lora.dropout) == (16, 32, 0.05)
+    assert (r.training.micro_batch_size, r.training.grad_accum, r.training.optimizer) == (2, 4, "paged_adamw_8bit")
+    args = train.trainer_config(r, Launch(1, 0, 0, "NO"))
+    assert type(args).__name__ == "ORPOConfig" and args.beta == 0.1 and args.lr_scheduler_type == "linear"
+    header = (RECIPES[0].parent / "llama3.1-8b-orpo.yaml").read_text().split("\nmethod:")[0]
+    assert "huggingface.co/blog/mlabonne/orpo-llama-3" in header and "arXiv:2403.07691" in header

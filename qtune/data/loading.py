@@ -23,6 +23,18 @@ from qtune.data.sources import read_source, skipped_text
 from qtune.errors import QtuneError
 
 
+def skip_reason(exc: Exception) -> str:
+    """A bad row's reason as counted among the skipped ones: the message without its row-specific indices, or
+    only its head ("wrong role order: messages[3] …" → "wrong role order")."""
+    import re
+
+    text = str(exc)
+    head, colon, _ = text.partition(":")
+    if colon and re.fullmatch(r"[\w.\[\]' ]{1,40}", head):
+        text = head
+    return re.sub(r"\[\d+\]", "", text).strip()
+
+
 def _read_split(source: DatasetSource, split: str, recipe: Recipe, index: int) -> tuple[str, list, list, dict]:
     """(schema, rows, where-labels, report) for one source and split: read, map, check every row."""
     on_bad_row = recipe.data.on_bad_row
@@ -77,7 +89,7 @@ def _read_split(source: DatasetSource, split: str, recipe: Recipe, index: int) -
                     f"{where}: row {number}: {exc} (format {fmt})",
                     "fix or remove the row, or set data.on_bad_row: skip to drop bad rows (counted)",
                 ) from None
-            skipped[str(exc).split(":")[0].split("[")[0].strip("' ")] += 1
+            skipped[skip_reason(exc)] += 1
             first_skip = first_skip or f"row {number}: {exc}"
             continue
         labels.append(f"{where}: row {number}")
