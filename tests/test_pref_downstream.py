@@ -12,7 +12,7 @@ import pytest
 import yaml
 from test_dpo import last_digit_pairs
 
-from conftest import run_qtune, run_qtune_in_process, start_qtune, wait_for, write_jsonl
+from conftest import run_qtune_in_process, start_qtune, wait_for, write_jsonl
 
 RUN_TRAINING = {"max_steps": 6, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-3, "logging_steps": 1}
 RUN_TRAINING |= {"save_steps": 2, "save_total_limit": 3, "eval_steps": 3}
@@ -43,7 +43,7 @@ def dpo_run(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("dpo-run")
     recipe = _dpo_recipe(folder, build_model(folder / "tiny-qwen2-bpe", "qwen2", bpe_tokenizer()))
-    result = run_qtune("train", recipe, "--quiet")
+    result = run_qtune_in_process("train", recipe, "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
     return recipe, folder / "run", result.stdout
 
@@ -111,7 +111,7 @@ def test_killed_dpo_run_resumes_to_the_uninterrupted_runs_adapter(dpo_run, tmp_p
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL and not (crash / "adapter").exists()
 
-    resumed = run_qtune("train", recipe, f"output_dir={crash}", "--resume", "--quiet")
+    resumed = run_qtune_in_process("train", recipe, f"output_dir={crash}", "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming checkpoint-" in resumed.stdout
 
@@ -191,13 +191,13 @@ def test_chat_and_export_gguf_work_on_a_dpo_run(dpo_run, tmp_path):
     (merged, written, verified against the merged model) through the CLI."""
     _, run_dir, _ = dpo_run
     prompt = "say the word of 3 1 4"
-    first = run_qtune("chat", run_dir, "--prompt", prompt, "--max-new-tokens", "6")
+    first = run_qtune_in_process("chat", run_dir, "--prompt", prompt, "--max-new-tokens", "6")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_qtune("chat", run_dir, "--prompt", prompt, "--max-new-tokens", "6")
+    second = run_qtune_in_process("chat", run_dir, "--prompt", prompt, "--max-new-tokens", "6")
     assert first.stdout.strip() and first.stdout == second.stdout
 
     out = tmp_path / "dpo.gguf"
-    result = run_qtune("export-gguf", run_dir, "--out", out)
+    result = run_qtune_in_process("export-gguf", run_dir, "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "verified within tolerance" in result.stdout and out.read_bytes()[:4] == b"GGUF"
 
