@@ -269,6 +269,43 @@ def test_a_prompt_truncated_away_fails_loudly(pairs_recipe):
     assert result.returncode == 2 and "no chosen or rejected token to score" in result.stderr
 
 
+def test_pairs_that_differ_only_after_max_length_fail_loudly(pairs_recipe):
+    from conftest import run_qtune_in_process
+
+    rows = digit_pairs(8)
+    shared = "one two three four five six seven eight nine ten " * 8  # well past max_length 64
+    rows[4]["chosen"][0]["content"] = shared + "yes"
+    rows[4]["rejected"][0]["content"] = shared + "no"
+    result = run_qtune_in_process("data", pairs_recipe(rows))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "1 of 8 preference pairs (12.5%) have chosen and rejected answers that differ only after" in result.stderr
+    assert "pairs.jsonl: row 5" in result.stderr
+    shown = run_qtune_in_process("data", pairs_recipe(rows), "data.max_untrained_share=0.5")
+    assert shown.returncode == 0 and "chosen = rejected once cut at max_length: 1" in shown.stdout
+
+
+def test_sharegpt_preference_form_maps_to_message_pairs(pairs_recipe):
+    from conftest import run_qtune_in_process
+
+    rows = [
+        {
+            "system": "answer in one word",
+            "conversations": [{"from": "human", "value": r["prompt"][0]["content"]}],
+            "chosen": {"from": "gpt", "value": r["chosen"][0]["content"]},
+            "rejected": {"from": "gpt", "value": r["rejected"][0]["content"]},
+        }
+        for r in digit_pairs(8)
+    ]
+    result = run_qtune_in_process("data", pairs_recipe(rows), "--samples", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "format preference (detected), 8 rows" in result.stdout
+    chosen = result.stdout.split("--- pair 1, chosen ([prompt: no loss]) ---\n")[1].split("--- pair 1, rejected")[0]
+    assert "answer in one word" in chosen.split("]", 1)[0]  # the system prompt is in the (unscored) prompt
+    rows[3]["rejected"] = {"from": "gpt"}
+    bad = run_qtune_in_process("data", pairs_recipe(rows))
+    assert bad.returncode == 2 and "pairs.jsonl: row 4: rejected[0] needs 'from' and 'value'" in bad.stderr
+
+
 def test_method_and_data_must_match(pairs_recipe, chat_data):
     from conftest import run_qtune_in_process
 

@@ -5,7 +5,7 @@ mapping), each row checked and mapped to one internal schema, as TRL names it:
   prompt_completion  {"prompt": str | messages, "completion": str | messages}
   text               {"text": str}
   preference         {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}   (dpo, orpo,
-                     simpo, kto)
+                     simpo, kto, reward; also ShareGPT's form: conversations + chosen/rejected {from, value})
   unpaired           {"prompt": str | messages, "completion": str | messages, "label": bool}   (kto)
   prompt_only        {"prompt": str | messages, **other columns (passed to the reward functions)}   (grpo, rloo)
 
@@ -239,22 +239,7 @@ def map_row(row: dict, fmt: str, roles: dict[str, str]) -> dict:
         messages = [{"role": "system", "content": system}] if system.strip() else []
         return {"messages": [*messages, {"role": "user", "content": user}, {"role": "assistant", "content": output}]}
     if fmt == "sharegpt":
-        turns = row.get("conversations")
-        if not isinstance(turns, list) or not turns:
-            raise BadRow("'conversations' must be a non-empty list of {from, value} turns")
-        messages = []
-        for i, turn in enumerate(turns):
-            if not isinstance(turn, dict) or turn.get("from") is None or "value" not in turn:
-                raise BadRow(f"conversations[{i}] needs 'from' and 'value'")
-            if turn["from"] not in roles:
-                raise BadRow(
-                    f"conversations[{i}].from '{turn['from']}' is not a known speaker "
-                    f"(known: {', '.join(sorted(roles))}; add it with the source's roles: {{name: role}})"
-                )
-            if turn["from"] == "function_call":
-                messages.append({"role": "assistant", "content": "", "tool_calls": turn["value"]})
-            else:
-                messages.append({"role": roles[turn["from"]], "content": turn["value"]})
+        messages = _sharegpt_turns(row.get("conversations"), "conversations", roles)
         system = row.get("system")
         if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system})
@@ -262,12 +247,50 @@ def map_row(row: dict, fmt: str, roles: dict[str, str]) -> dict:
     if fmt == "text":
         return {"text": _text(row.get("text"), "text")}
     if fmt == "preference":
-        return _preference(row)
+        return _preference(_sharegpt_pair(row, roles) if "conversations" in row else row)
     if fmt == "unpaired":
         return _unpaired(row)
     if fmt == "prompt":
         return _prompt_only(row)
     return _prompt_completion(row)
+
+
+def _sharegpt_turns(turns, key: str, roles: dict[str, str]) -> list[dict]:
+    """ShareGPT {from, value} turns (one turn alone: a list of it) as messages, speakers mapped by `roles`."""
+    if isinstance(turns, dict):
+        turns = [turns]
+    if not isinstance(turns, list) or not turns:
+        raise BadRow(f"'{key}' must be a non-empty list of {{from, value}} turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("from") is None or "value" not in turn:
+            raise BadRow(f"{key}[{i}] needs 'from' and 'value'")
+        if turn["from"] not in roles:
+            raise BadRow(
+                f"{key}[{i}].from '{turn['from']}' is not a known speaker "
+                f"(known: {', '.join(sorted(roles))}; add it with the source's roles: {{name: role}})"
+            )
+        if turn["from"] == "function_call":
+            messages.append({"role": "assistant", "content": "", "tool_calls": turn["value"]})
+        else:
+            messages.append({"role": roles[turn["from"]], "content": turn["value"]})
+    return messages
+
+
+def _sharegpt_pair(row: dict, roles: dict[str, str]) -> dict:
+    """The ShareGPT preference form (LLaMA-Factory's): `conversations` (the prompt turns) with `chosen` and
+    `rejected` as {from, value} answers (or lists of them), and an optional `system`: mapped to message lists."""
+    prompt = _sharegpt_turns(row.get("conversations"), "conversations", roles)
+    system = row.get("system")
+    if isinstance(system, str) and system.strip() and prompt[0]["role"] != "system":
+        prompt.insert(0, {"role": "system", "content": system})
+    pair = {"prompt": prompt}
+    for key in ("chosen", "rejected"):
+        value = row.get(key)
+        if value in (None, "", []):
+            raise BadRow(f"missing '{key}'")
+        pair[key] = _sharegpt_turns(value, key, roles)
+    return pair
 
 
 def _prompt_only(row: dict) -> dict:

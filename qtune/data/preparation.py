@@ -189,7 +189,7 @@ def pair_stats(recipe: Recipe, prepared: PreparedRows) -> dict:
     max_length, prompt + completion), and the pairs whose prompt alone fills max_length (TRL's DPO and KTO drop
     those silently; ORPO and CPO keep them with nothing to score)."""
     limit = recipe.data.max_length
-    lengths, truncated, no_room, lost = [], 0, [], 0
+    lengths, truncated, no_room, same_cut, lost = [], 0, [], [], 0
     trained_tokens = total_tokens = 0
     dropping = recipe.method == "reward"  # TRL's RewardTrainer drops a pair longer than max_length; never cuts one
     for i, (prompt, *completions) in enumerate(prepared.pairs):
@@ -207,6 +207,9 @@ def pair_stats(recipe: Recipe, prepared: PreparedRows) -> dict:
             no_room.append(i)
         elif longest > limit:
             truncated += 1
+            room = limit - len(prompt)
+            if len(completions) == 2 and completions[0][:room] == completions[1][:room]:
+                same_cut.append(i)  # chosen and rejected differ only after max_length: nothing left to prefer
         for completion in completions:
             kept = max(0, min(len(completion), limit - len(prompt)))
             lost += len(completion) - kept
@@ -226,7 +229,9 @@ def pair_stats(recipe: Recipe, prepared: PreparedRows) -> dict:
         "prompt_fills_max_length": len(no_room) if not dropping else 0,
         "dropped": len(no_room) if dropping else 0,  # reward: pairs TRL drops as longer than max_length
         "first_prompt_fills": no_room[0] if no_room else None,
-        "untrained": len(no_room),
+        "same_within_max_length": len(same_cut),  # pairs whose kept chosen and rejected tokens are identical
+        "first_same": same_cut[0] if same_cut else None,
+        "untrained": len(no_room) + len(same_cut),
         "trained_tokens": trained_tokens,
         "tokens": total_tokens,
     }
@@ -236,6 +241,16 @@ def check_pairs(recipe: Recipe, prepared: PreparedRows, where: list[str] | None 
     """Fail loudly where TRL would drop pairs silently: prompts that alone fill data.max_length leave no completion
     token to score (TRL's DPO filters them out), above data.max_untrained_share of the pairs."""
     s = prepared.stats
+    same = s.get("same_within_max_length", 0)
+    if same and same / max(1, s["pairs"]) > recipe.data.max_untrained_share:
+        first = s["first_same"]
+        label = where[first] if where and first < len(where) else f"pair {first + 1}"
+        raise QtuneError(
+            f"data: {same} of {s['pairs']} preference pairs ({100 * same / s['pairs']:.1f}%) have chosen and "
+            f"rejected answers that differ only after data.max_length {recipe.data.max_length} tokens: cut there, "
+            f"they are identical and teach no preference (first: {label})",
+            "raise data.max_length, shorten the prompts, or raise data.max_untrained_share",
+        )
     bad = s["prompt_fills_max_length"] or s.get("dropped", 0)
     if not bad or bad / max(1, s["pairs"]) <= recipe.data.max_untrained_share:
         return

@@ -102,7 +102,8 @@ def render_pairs(recipe: Recipe, tokenizer, prepared: PreparedRows, lines: list[
             f"tokens per pair (prompt + longer completion): min {length.get('min')}, p50 {length.get('p50')}, "
             f"p90 {length.get('p90')}, max {length.get('max')} (max_length {s['max_length']})",
             f"truncated: {s['truncated']} pairs, {s['answer_tokens_lost']} completion tokens lost; prompt alone fills "
-            f"max_length (nothing left to score): {s['prompt_fills_max_length']}",
+            f"max_length (nothing left to score): {s['prompt_fills_max_length']}; chosen = rejected once cut at "
+            f"max_length: {s['same_within_max_length']}",
         ]
     lines += [
         *head,
