@@ -306,6 +306,20 @@ def test_sharegpt_preference_form_maps_to_message_pairs(pairs_recipe):
     assert bad.returncode == 2 and "pairs.jsonl: row 4: rejected[0] needs 'from' and 'value'" in bad.stderr
 
 
+def test_text_pairs_with_a_system_column_keep_the_system_prompt(pairs_recipe):
+    from conftest import run_qtune_in_process
+
+    rows = [
+        {"system": "answer in one word", "question": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+        for r in digit_pairs(8, form="text")
+    ]  # the orca_dpo_pairs shape, its question mapped to the prompt
+    recipe = pairs_recipe(rows)
+    result = run_qtune_in_process("data", recipe, "--samples", "1", 'data.datasets.0.columns={"prompt": "question"}')
+    assert result.returncode == 0, result.stderr[-2000:]
+    chosen = result.stdout.split("--- pair 1, chosen ([prompt: no loss]) ---\n")[1].split("--- pair 1, rejected")[0]
+    assert "answer in one word" in chosen.split("]", 1)[0] and "<|im_start|> system" in chosen
+
+
 def test_method_and_data_must_match(pairs_recipe, chat_data):
     from conftest import run_qtune_in_process
 

@@ -336,6 +336,12 @@ def _preference(row: dict) -> dict:
     prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
     if chosen is None or rejected is None:
         raise BadRow(f"missing '{'chosen' if chosen is None else 'rejected'}'")
+    system = row.get("system")
+    if isinstance(system, str) and system.strip() and all(isinstance(v, str) for v in (prompt, chosen, rejected)):
+        # a text pair with a system prompt (Intel/orca_dpo_pairs: system, question, chosen, rejected): as messages,
+        # so the chat template places the system prompt where the model expects it instead of dropping it
+        prompt = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+        chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
     if isinstance(chosen, list) != isinstance(rejected, list):
         raise BadRow("'chosen' and 'rejected' must both be text or both be message lists")
     if chosen == rejected:
