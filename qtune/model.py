@@ -403,14 +403,19 @@ def load_tokenizer(recipe: Recipe):
     from transformers import AutoTokenizer
 
     m = recipe.model
+    # A run continued from a local adapter (SFT -> DPO) uses the tokenizer saved with it: the chat template and pad
+    # token it was trained with. A Hub adapter's tokenizer is named with model.tokenizer.
+    continued = _local_adapter_folder(m.adapter) if m.adapter and not m.tokenizer else None
+    continued = continued if continued is not None and (continued / "tokenizer_config.json").is_file() else None
+    source = m.tokenizer or (str(continued) if continued else m.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            m.tokenizer or m.name, revision=m.revision, trust_remote_code=m.trust_remote_code
+            source, revision=None if continued else m.revision, trust_remote_code=m.trust_remote_code
         )
     except (OSError, ValueError, TypeError) as exc:
-        key = "model.tokenizer" if m.tokenizer else "model.name"
+        key = "model.tokenizer" if m.tokenizer else "model.adapter" if continued else "model.name"
         raise QtuneError(
-            f"{key}: cannot load a tokenizer from '{m.tokenizer or m.name}': {first_line(exc)}",
+            f"{key}: cannot load a tokenizer from '{source}': {first_line(exc)}",
             "the folder needs tokenizer.json or tokenizer.model (+ tokenizer_config.json); set model.tokenizer to "
             "the folder or hub id that has them",
         ) from None
@@ -529,6 +534,16 @@ def _same_model(a: str, b: str) -> bool:
     if os.path.isdir(a) and os.path.isdir(b):
         return os.path.samefile(a, b)
     return a.rstrip("/") == b.rstrip("/")
+
+
+def _local_adapter_folder(spec: str) -> Path | None:
+    """model.adapter's folder when it is local: a run dir's adapter/ or an adapter folder; None for a Hub id."""
+    from qtune.rundir import RunDir
+
+    path = Path(spec)
+    if RunDir.is_run(path):
+        return RunDir.open(path).adapter
+    return path if (path / "adapter_config.json").is_file() else None
 
 
 def start_adapter(recipe: Recipe) -> str | None:

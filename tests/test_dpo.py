@@ -352,6 +352,27 @@ def start_adapter_dir(tmp_path_factory, tiny_llama) -> str:
     return str(out)
 
 
+def test_a_continued_run_uses_the_tokenizer_saved_with_its_adapter(pairs_recipe, start_adapter_dir, tmp_path):
+    """SFT -> DPO in one line: the starting adapter's tokenizer (its chat template, as the SFT run trained with it)
+    is the one the DPO data is rendered with, not the base's."""
+    import shutil
+
+    from conftest import run_qtune_in_process
+    from qtune.tiny import CHATML_TEMPLATE, build_tokenizer
+
+    adapter = tmp_path / "sft-adapter"
+    shutil.copytree(start_adapter_dir, adapter)
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = CHATML_TEMPLATE.replace("'\\n' + message['content']", "'\\nplease ' + message['content']")
+    assert "please" in tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False)
+    tokenizer.save_pretrained(adapter)
+    recipe = pairs_recipe()
+    base = run_qtune_in_process("data", recipe, "--samples", "1")
+    continued = run_qtune_in_process("data", recipe, "--samples", "1", f"model.adapter={adapter}")
+    assert base.returncode == 0 and continued.returncode == 0, continued.stderr[-2000:]
+    assert "please say the word of" not in base.stdout and "please say the word of" in continued.stdout
+
+
 def _completion_logps(model, batch):
     """Sum of log p(token) over the completion tokens, computed here from plain logits (not TRL's code)."""
     import torch

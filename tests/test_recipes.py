@@ -39,7 +39,9 @@ def test_zephyr_dpo_recipe_continues_the_sft_adapter():
     from trl import DPOConfig
 
     r = load_recipe(RECIPES[0].parent / "zephyr-7b-dpo-qlora.yaml")
-    assert r.method == "dpo" and r.model.adapter == "alignment-handbook/zephyr-7b-sft-qlora"
+    assert r.method == "dpo" and r.model.adapter == r.model.tokenizer == "alignment-handbook/zephyr-7b-sft-qlora"
+    assert r.data.chat_template is None  # the SFT adapter's tokenizer carries the template it trained with
+    assert (r.training.micro_batch_size, r.training.grad_accum, r.training.seed) == (4, 1, 42)
     assert (r.dpo.beta, r.training.lr, r.data.max_length) == (0.01, 5e-6, 1024)
     args = train.trainer_config(r, Launch(1, 0, 0, "NO"))
     assert type(args) is DPOConfig and args.beta == 0.01 and args.loss_type == ["sigmoid"]
@@ -56,3 +58,11 @@ def test_llama31_orpo_recipe_follows_its_source():
     assert type(args).__name__ == "ORPOConfig" and args.beta == 0.1 and args.lr_scheduler_type == "linear"
     header = (RECIPES[0].parent / "llama3.1-8b-orpo.yaml").read_text().split("\nmethod:")[0]
     assert "huggingface.co/blog/mlabonne/orpo-llama-3" in header and "arXiv:2403.07691" in header
+
+
+def test_every_recipe_names_a_chat_template_qtune_has():
+    from qtune.data.templates import BUILTINS
+
+    for path in RECIPES:
+        template = load_recipe(path).data.chat_template
+        assert template is None or template in BUILTINS or "{%" in template, (path.name, template)
