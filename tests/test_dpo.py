@@ -238,6 +238,7 @@ def test_qtune_data_shows_pairs_as_trl_prepares_them(pairs_recipe, form):
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "format preference (detected), 12 rows" in out and "pairs: 12 train" in out
+    assert re.search(r"tokens per part: prompt p50 \d+, p90 \d+, max \d+; chosen p50 \d+, .*; rejected p50 \d+", out)
     chosen = out.split("--- pair 1, chosen ([prompt: no loss]) ---\n")[1].split("--- pair 1, rejected")[0]
     prompt_part, scored = chosen.split("]", 1)
     assert "say the word of" in prompt_part and "say" not in scored  # the prompt is masked, only the answer scored

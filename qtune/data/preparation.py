@@ -223,6 +223,12 @@ def pair_stats(recipe: Recipe, prepared: PreparedRows) -> dict:
         "examples": n,
         "eval_examples": prepared.eval_size,
         "length": _percentiles(lengths),
+        "part_lengths": {  # each part on its own: prompt, then chosen / rejected (or KTO's one completion)
+            part: _percentiles([len(p[i]) for p in prepared.pairs])
+            for i, part in enumerate(
+                ("prompt", "chosen", "rejected") if n and len(prepared.pairs[0]) == 3 else ("prompt", "completion")
+            )
+        },  # fmt: skip
         "max_length": limit,
         "truncated": truncated,
         "answer_tokens_lost": lost,

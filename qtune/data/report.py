@@ -105,8 +105,12 @@ def render_pairs(recipe: Recipe, tokenizer, prepared: PreparedRows, lines: list[
             f"max_length (nothing left to score): {s['prompt_fills_max_length']}; chosen = rejected once cut at "
             f"max_length: {s['same_within_max_length']}",
         ]
+    parts = "; ".join(
+        f"{part} p50 {q.get('p50')}, p90 {q.get('p90')}, max {q.get('max')}" for part, q in s["part_lengths"].items()
+    )
     lines += [
         *head,
+        f"tokens per part: {parts}",
         f"scored tokens: {s['trained_tokens']} of {s['tokens']} ({100 * s['trained_tokens'] / max(1, s['tokens']):.1f}%)",
     ]
     if prepared.cache_files:
