@@ -51,7 +51,7 @@ def test_llama31_orpo_recipe_follows_its_source():
     """recipes/llama3.1-8b-orpo.yaml: ORPO after the named post (its header), building TRL's ORPOConfig."""
     r = load_recipe(RECIPES[0].parent / "llama3.1-8b-orpo.yaml")
     assert r.method == "orpo" and r.model.name == "meta-llama/Llama-3.1-8B" and r.model.adapter is None
-    assert (r.orpo.beta, r.training.lr, r.data.max_length, r.data.chat_template) == (0.1, 8e-6, 1024, "chatml")
+    assert (r.orpo.beta, r.training.lr, r.data.max_length, r.data.chat_template) == (0.1, 8e-6, 1024, "llama-3.1")
     assert (r.lora.r, r.lora.alpha, r.lora.dropout) == (16, 32, 0.05)
     assert (r.training.micro_batch_size, r.training.grad_accum, r.training.optimizer) == (2, 4, "paged_adamw_8bit")
     args = train.trainer_config(r, Launch(1, 0, 0, "NO"))
