@@ -705,3 +705,25 @@ def test_qtune_data_prints_summary_and_bracketed_samples(recipe_for, tmp_path):
 
     bad = run_qtune_in_process("data", tmp_path / "recipe.yaml", "data.chat_template=llama-3")
     assert bad.returncode == 2 and "renders differently" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_trl_warnings_during_preparation_are_told_once_each_and_the_logger_restored(capsys):
+    import logging
+
+    from qtune.data.preparation import _trl_warnings_told_once
+
+    trl_log = logging.getLogger("trl.trainer.sft_trainer")
+    root = logging.getLogger("trl")
+    before = (root.level, root.propagate, list(root.handlers))
+    with pytest.raises(RuntimeError), _trl_warnings_told_once():
+        for _ in range(3):  # once per example, as TRL logs it
+            trl_log.warning("Mismatch between tokenized prompt and the start of tokenized prompt+completion.")
+        trl_log.info("not a warning")
+        trl_log.warning("another   warning\n  across lines")
+        raise RuntimeError("a failed preparation still tells them")
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "qtune: warning: TRL: Mismatch between tokenized prompt and the start of tokenized prompt+completion.",
+        "qtune: warning: TRL: another warning across lines",
+    ]
+    assert (root.level, root.propagate, list(root.handlers)) == before

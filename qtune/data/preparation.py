@@ -6,6 +6,8 @@ runs exactly that preparation for `qtune data` and the checks. Knows nothing abo
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass, field
 
 from qtune.config import Recipe
@@ -86,7 +88,6 @@ def prepare_pairs_with_trl(recipe: Recipe, tokenizer, dataset, args) -> Prepared
     tokenizes each whole sequence (prompt + answer) and drops pairs longer than max_length instead of cutting them;
     `pairs` holds (shared prefix, chosen rest, rejected rest) and nothing is masked (the head scores it all)."""
     import dataclasses
-    import logging
     import tempfile
 
     import datasets
@@ -104,31 +105,21 @@ def prepare_pairs_with_trl(recipe: Recipe, tokenizer, dataset, args) -> Prepared
         else:  # orpo, simpo: TRL's experimental trainers need an int max_length; one nothing reaches
             changes, kwargs = {"max_length": 2**31 - 1}, {}
         view = dataclasses.replace(args, output_dir=tmp, report_to="none", eval_strategy="no", **changes)
-        said = _TrlWarnings()
-        trl_log = logging.getLogger("trl")
-        level, propagate = trl_log.level, trl_log.propagate
-        trl_log.setLevel(logging.WARNING)
-        trl_log.propagate = False
-        trl_log.addHandler(said)
-        try:
-            trainer = trl_class(method.trainer)(
-                model=_carrier_model(tokenizer, scores=not method.generates),
-                args=view,
-                train_dataset=dataset["train"],
-                processing_class=tokenizer,
-                **kwargs,
-            )
-        except Exception as exc:
-            what = "labelled completions" if recipe.method == "kto" else "preference pairs"
-            raise QtuneError(
-                f"data: TRL could not prepare the {what}: {first_line(exc)}",
-                "run `qtune data RECIPE` to see the rows; check data.chat_template",
-            ) from None
-        finally:
-            trl_log.removeHandler(said)
-            trl_log.setLevel(level)
-            trl_log.propagate = propagate
-            said.tell()
+        with _trl_warnings_told_once():
+            try:
+                trainer = trl_class(method.trainer)(
+                    model=_carrier_model(tokenizer, scores=not method.generates),
+                    args=view,
+                    train_dataset=dataset["train"],
+                    processing_class=tokenizer,
+                    **kwargs,
+                )
+            except Exception as exc:
+                what = "labelled completions" if recipe.method == "kto" else "preference pairs"
+                raise QtuneError(
+                    f"data: TRL could not prepare the {what}: {first_line(exc)}",
+                    "run `qtune data RECIPE` to see the rows; check data.chat_template",
+                ) from None
         prepared = trainer.train_dataset
         desirable = None
         if recipe.method == "kto":
@@ -285,7 +276,6 @@ def prepare_with_trl(recipe: Recipe, tokenizer, dataset, args) -> PreparedRows:
     """Run TRL's own dataset preparation (chat template, tokenization, loss masks) on the train split, with
     the training's SFTConfig minus truncation and packing, so truncation losses can be measured."""
     import dataclasses
-    import logging
     import tempfile
 
     import datasets
@@ -303,29 +293,19 @@ def prepare_with_trl(recipe: Recipe, tokenizer, dataset, args) -> PreparedRows:
             eval_strategy="no",
             dataset_num_proc=args.dataset_num_proc,
         )
-        said = _TrlWarnings()
-        trl_log = logging.getLogger("trl")
-        level, propagate = trl_log.level, trl_log.propagate
-        trl_log.setLevel(logging.WARNING)
-        trl_log.propagate = False
-        trl_log.addHandler(said)
-        try:
-            trainer = SFTTrainer(
-                model=_carrier_model(tokenizer),
-                args=view,
-                train_dataset=dataset["train"],
-                processing_class=tokenizer,
-            )
-        except Exception as exc:
-            raise QtuneError(
-                f"data: TRL could not prepare the rows: {first_line(exc)}",
-                "run `qtune data RECIPE` to see the rows; check data.chat_template and data.train_on",
-            ) from None
-        finally:
-            trl_log.removeHandler(said)
-            trl_log.setLevel(level)
-            trl_log.propagate = propagate
-            said.tell()
+        with _trl_warnings_told_once():
+            try:
+                trainer = SFTTrainer(
+                    model=_carrier_model(tokenizer),
+                    args=view,
+                    train_dataset=dataset["train"],
+                    processing_class=tokenizer,
+                )
+            except Exception as exc:
+                raise QtuneError(
+                    f"data: TRL could not prepare the rows: {first_line(exc)}",
+                    "run `qtune data RECIPE` to see the rows; check data.chat_template and data.train_on",
+                ) from None
         prepared = trainer.train_dataset
         out = PreparedRows(prepared["input_ids"], prepared["labels"], trainer.data_collator)
         out.cache_files = [f["filename"] for f in prepared.cache_files]
@@ -334,7 +314,25 @@ def prepare_with_trl(recipe: Recipe, tokenizer, dataset, args) -> PreparedRows:
     return out
 
 
-class _TrlWarnings(__import__("logging").Handler):
+@contextlib.contextmanager
+def _trl_warnings_told_once():
+    """While TRL prepares the rows: its logger's warnings collected (not printed per example), then told once each."""
+    said = _TrlWarnings()
+    trl_log = logging.getLogger("trl")
+    level, propagate = trl_log.level, trl_log.propagate
+    trl_log.setLevel(logging.WARNING)
+    trl_log.propagate = False
+    trl_log.addHandler(said)
+    try:
+        yield
+    finally:
+        trl_log.removeHandler(said)
+        trl_log.setLevel(level)
+        trl_log.propagate = propagate
+        said.tell()
+
+
+class _TrlWarnings(logging.Handler):
     """TRL's warnings during the preparation (e.g. "the tokenized prompt is not a prefix of prompt+completion"),
     told once each, in words, instead of lost in its logger or repeated per example."""
 
