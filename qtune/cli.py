@@ -212,7 +212,7 @@ def cmd_recipe_reference(_: argparse.Namespace) -> int:
 
 
 def _export_parsers(sub) -> None:
-    """merge / push / chat / quantize (qtune/merge.py, publish.py, chat.py, quantize.py)."""
+    """merge / push / chat / quantize (qtune/merging.py, publish.py, chat.py, quantize.py)."""
     debug = {"action": "store_true", "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
     allow_pickle = {"action": "store_true", "help": "accept .bin/.pt (pickle) weights: loading a pickle can run code"}
 
@@ -318,7 +318,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from qtune.merge import merge
+    from qtune.merging import merge
 
     merge(
         args.run_dir,
