@@ -18,6 +18,7 @@ examples:
   accelerate launch qtune train recipes/llama2-qlora.yaml
   accelerate launch --multi_gpu --num_processes 2 qtune train recipes/qwen2.5-7b-qlora.yaml
   qtune recipe-reference          # every recipe key, its type, default and meaning
+  qtune schema > recipe.schema.json   # the recipe's JSON Schema, for editor completion
 """
 
 
@@ -55,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     sub.add_parser("recipe-reference", help="print every recipe key with its type, default and meaning")
+    sub.add_parser(
+        "schema",
+        help="print the recipe's JSON Schema (editor completion and checks; kept in recipes/recipe.schema.json)",
+        description="Print the recipe's JSON Schema (draft-07), generated from the same model `train` validates "
+        "with: every key's type, default, description and choices; unknown keys are refused. Point a YAML language "
+        "server at it (VS Code: the Red Hat YAML extension) with a first line "
+        "`# yaml-language-server: $schema=PATH`, or the `yaml.schemas` setting (see the README).",
+    )
     data_cmd = sub.add_parser(
         "data",
         help="prepare a recipe's data as training would and show it (stats, masked samples)",
@@ -208,6 +217,13 @@ def cmd_recipe_reference(_: argparse.Namespace) -> int:
     from qtune.config import recipe_reference
 
     print(recipe_reference())
+    return 0
+
+
+def cmd_schema(_: argparse.Namespace) -> int:
+    from qtune.config import recipe_json_schema_text
+
+    sys.stdout.write(recipe_json_schema_text())
     return 0
 
 
@@ -379,6 +395,7 @@ COMMANDS = {
     "data": cmd_data,
     "train": cmd_train,
     "recipe-reference": cmd_recipe_reference,
+    "schema": cmd_schema,
     "merge": cmd_merge,
     "export-gguf": cmd_export_gguf,
     "push": cmd_push,
