@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Silence known-harmless noise from the libraries (kept out of users' logs, errors still show)."""
     import logging
     import warnings
@@ -106,22 +106,10 @@ def _recipe_with_flags(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`qtune train RECIPE`: everything checked before the model loads (seconds, not a GPU hour), then trained."""
-    from qtune import pipeline
-    from qtune.rundir import RunFinished
+    from qtune.pipeline import train_recipe
 
-    try:
-        prepared = pipeline.prepare(_recipe_with_flags(args), allow_pickle=args.allow_pickle)
-    except RunFinished as done:  # a restarted job (--resume, training.resume: auto) after the last step
-        print(f"qtune: {done.message}")
-        return 0
-    if args.check:
-        if prepared.launch.is_main:
-            print(
-                f"qtune: {args.recipe} is ready: {len(prepared.rows)} {prepared.fmt} rows, "
-                f"output in {prepared.recipe.output_dir}"
-            )
-        return 0
-    pipeline.train(prepared, quiet=args.quiet)
+    recipe = _recipe_with_flags(args)
+    train_recipe(recipe, check=args.check, quiet=args.quiet, allow_pickle=args.allow_pickle, name=args.recipe)
     return 0
 
 
@@ -417,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command is None:
         parser.print_help()
         sys.exit(2)
-    _quiet_libraries()  # before any command imports the libraries it quiets
+    quiet_libraries()  # before any command imports the libraries it quiets
     try:
         code = COMMANDS[args.command](args)
     except QtuneError as exc:

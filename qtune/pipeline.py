@@ -1,19 +1,21 @@
 """One pipeline for every command that trains, or shows what training would see: `prepare`, then `train`.
 
-    qtune train x.yaml → cli.cmd_train → prepare(recipe)        everything that can be wrong, before any weight
-                                          ├ training.check_launch  loads: launch × placement × quantization
-                                          ├ RunDir.check_can_start  refuse / resume / overwrite
-                                          ├ data.loading.load_rows  sources → rows of one format
-                                          ├ training.check_schema      the rows fit the method (training.METHODS)
-                                          ├ data.loading.rows_for_kto  kto: pairs unpaired, both labels present
-                                          ├ model.check_architecture   (meta device), model.start_adapter, model.load_tokenizer
+    qtune train x.yaml → cli.cmd_train ─┬→ train_recipe(recipe): the one implementation of both
+    qtune.train(recipe) → api.train ────┘
+                                       → prepare(recipe)        everything that can be wrong, before any weight
+                                          ├ training.check_launch       loads: launch × placement × quantization
+                                          ├ RunDir.check_can_start      refuse / resume / overwrite
+                                          ├ data.loading.load_rows      sources → rows of one format
+                                          ├ training.check_schema       the rows fit the method (training.METHODS)
+                                          ├ data.loading.rows_for_kto   kto: pairs unpaired, both labels present
+                                          ├ model.check_architecture    (meta device), model.start_adapter, model.load_tokenizer
                                           ├ data.templates.use_chat_template  the recipe's template, set once, here
-                                          ├ training.trainer_config    the method's TRL config (SFTConfig, DPOConfig …)
+                                          ├ training.trainer_config     the method's TRL config (SFTConfig, DPOConfig …)
                                           └ data.preparation.check_training_data  TRL's own preparation of the rows
                                        → train(prepared)
-                                          ├ model.load_for_training    4-bit base + k-bit prep + LoRA (fresh or model.adapter)
-                                          ├ data.cache.build_dataset   the rows from the cache the check wrote
-                                          └ training.run_training      the method's TRL trainer → adapter/ (with the
+                                          ├ model.load_for_training     4-bit base + k-bit prep + LoRA (fresh or model.adapter)
+                                          ├ data.cache.build_dataset    the rows from the cache the check wrote
+                                          └ training.run_training       the method's TRL trainer → adapter/ (with the
                                                                         run's stop tokens: qtune.stops), summary.json …
 
 `qtune data` and `qtune estimate --probe` use the same `prepare`.
@@ -92,6 +94,30 @@ def prepare(
     return PreparedRun(
         recipe, launch, run, fmt, rows, tokenizer, loss, args, examples, resume_from, allow_pickle, stops
     )
+
+
+def train_recipe(
+    recipe: Recipe, *, check: bool = False, quiet: bool = False, allow_pickle: bool = False, name: str | None = None
+) -> RunDir | None:
+    """`qtune train` and `qtune.train()`, one implementation: every check (`prepare`), then `train`; the run.
+
+    check: stop after the checks and say so (None). A run already finished (training.resume after its last step)
+    is said and returned as it is. `name`: the recipe as the user gave it, for the ready line."""
+    from qtune.rundir import RunFinished
+
+    try:
+        prepared = prepare(recipe, allow_pickle=allow_pickle)
+    except RunFinished as done:  # a restarted job (--resume, training.resume: auto) after the last step
+        print(f"qtune: {done.message}")
+        return RunDir.open(recipe.output_dir)
+    if check:
+        if prepared.launch.is_main:
+            print(
+                f"qtune: {name or 'the recipe'} is ready: {len(prepared.rows)} {prepared.fmt} rows, "
+                f"output in {prepared.recipe.output_dir}"
+            )
+        return None
+    return train(prepared, quiet=quiet)
 
 
 def train(prepared: PreparedRun, quiet: bool = False) -> RunDir:
