@@ -18,6 +18,7 @@ examples:
   accelerate launch qtune train recipes/llama2-qlora.yaml
   accelerate launch --multi_gpu --num_processes 2 qtune train recipes/qwen2.5-7b-qlora.yaml
   qtune recipe-reference          # every recipe key, its type, default and meaning
+  qtune schema > recipe.schema.json   # the recipe's JSON Schema, for editor completion
 """
 
 
@@ -55,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     sub.add_parser("recipe-reference", help="print every recipe key with its type, default and meaning")
+    sub.add_parser(
+        "schema",
+        help="print the recipe's JSON Schema (editor completion and checks; kept in recipes/recipe.schema.json)",
+        description="Print the recipe's JSON Schema (draft-07), generated from the same model `train` validates "
+        "with: every key's type, default, description and choices; unknown keys are refused. Point a YAML language "
+        "server at it (VS Code: the Red Hat YAML extension) with a first line "
+        "`# yaml-language-server: $schema=PATH`, or the `yaml.schemas` setting (see the README).",
+    )
     data_cmd = sub.add_parser(
         "data",
         help="prepare a recipe's data as training would and show it (stats, masked samples)",
@@ -73,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Silence known-harmless noise from the libraries (kept out of users' logs, errors still show)."""
     import logging
     import warnings
@@ -97,22 +106,10 @@ def _recipe_with_flags(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`qtune train RECIPE`: everything checked before the model loads (seconds, not a GPU hour), then trained."""
-    from qtune import pipeline
-    from qtune.rundir import RunFinished
+    from qtune.pipeline import train_recipe
 
-    try:
-        prepared = pipeline.prepare(_recipe_with_flags(args), allow_pickle=args.allow_pickle)
-    except RunFinished as done:  # a restarted job (--resume, training.resume: auto) after the last step
-        print(f"qtune: {done.message}")
-        return 0
-    if args.check:
-        if prepared.launch.is_main:
-            print(
-                f"qtune: {args.recipe} is ready: {len(prepared.rows)} {prepared.fmt} rows, "
-                f"output in {prepared.recipe.output_dir}"
-            )
-        return 0
-    pipeline.train(prepared, quiet=args.quiet)
+    recipe = _recipe_with_flags(args)
+    train_recipe(recipe, check=args.check, quiet=args.quiet, allow_pickle=args.allow_pickle, name=args.recipe)
     return 0
 
 
@@ -211,8 +208,15 @@ def cmd_recipe_reference(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(_: argparse.Namespace) -> int:
+    from qtune.config import recipe_json_schema_text
+
+    sys.stdout.write(recipe_json_schema_text())
+    return 0
+
+
 def _export_parsers(sub) -> None:
-    """merge / push / chat / quantize (qtune/merge.py, publish.py, chat.py, quantize.py)."""
+    """merge / push / chat / quantize (qtune/merging.py, publish.py, chat.py, quantize.py)."""
     debug = {"action": "store_true", "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
     allow_pickle = {"action": "store_true", "help": "accept .bin/.pt (pickle) weights: loading a pickle can run code"}
 
@@ -318,7 +322,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from qtune.merge import merge
+    from qtune.merging import merge
 
     merge(
         args.run_dir,
@@ -379,6 +383,7 @@ COMMANDS = {
     "data": cmd_data,
     "train": cmd_train,
     "recipe-reference": cmd_recipe_reference,
+    "schema": cmd_schema,
     "merge": cmd_merge,
     "export-gguf": cmd_export_gguf,
     "push": cmd_push,
@@ -400,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command is None:
         parser.print_help()
         sys.exit(2)
-    _quiet_libraries()  # before any command imports the libraries it quiets
+    quiet_libraries()  # before any command imports the libraries it quiets
     try:
         code = COMMANDS[args.command](args)
     except QtuneError as exc:

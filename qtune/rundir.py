@@ -154,6 +154,13 @@ class RunDir:
             return None
         return json.loads(self.summary_file.read_text(encoding="utf-8"))
 
+    def read_metrics(self) -> list[dict]:
+        """metrics.jsonl: one dict per log step (loss, lr, grad norm, tokens/s, memory …), [] when there is none."""
+        if not self.metrics.is_file():
+            return []
+        lines = self.metrics.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
     def require_merged(self) -> Path:
         if not (self.merged / "config.json").is_file():
             raise QtuneError(f"{self.merged}: no merged model in the run", f"run `qtune merge {self.path}` first")

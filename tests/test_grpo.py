@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import run_qtune, run_qtune_in_process, write_jsonl
-from qtune import train
+from qtune import training
 from qtune.config import GRPO_LOSS_TYPES, load_recipe
 from qtune.errors import QtuneError
 from qtune.model import Launch
@@ -37,11 +37,11 @@ def test_grpo_section_defaults_and_trl_config(tmp_path):
         [f"output_dir={tmp_path / 'g'}", "grpo.beta=0.04", "grpo.loss_type=dr_grpo"],
     )
     assert (recipe.grpo.num_generations, recipe.grpo.temperature, recipe.grpo.samples_every) == (8, 1.0, 10)
-    args = train.trainer_config(recipe, SINGLE)
+    args = training.trainer_config(recipe, SINGLE)
     assert type(args).__name__ == "GRPOConfig"
     assert (args.num_generations, args.beta, args.loss_type, args.reward_weights) == (8, 0.04, "dr_grpo", [1.0, 0.5])
     rloo = load_recipe(_recipe_file(tmp_path, method="rloo", rloo={"rewards": REWARDS}), [f"output_dir={tmp_path}/r"])
-    args = train.trainer_config(rloo, SINGLE)
+    args = training.trainer_config(rloo, SINGLE)
     assert type(args).__name__ == "RLOOConfig" and (args.num_generations, args.beta) == (4, 0.05)
 
 

@@ -178,7 +178,7 @@ def test_unknown_backend_and_resume_auto_are_checked(make_recipe):
 
 
 def test_disk_too_small_for_the_checkpoints_fails_before_training(make_recipe, tmp_path):
-    from qtune.train import check_free_space
+    from qtune.training import check_free_space
 
     recipe = load_recipe(make_recipe(training={"save_steps": 10, "save_total_limit": 3}))
     check_free_space(Path(recipe.output_dir), 16_384, recipe)  # a tiny adapter fits
