@@ -68,7 +68,7 @@ def evaluate_run(
 ) -> dict:
     """Evaluate a finished run on its eval split (or `data`: a file, folder or Hub dataset id in any format `qtune
     data` reads) and write RUN_DIR/eval/ (staged beside it, renamed into place; nothing else in the run dir changes
-    but the manifest's line for it). Returns what eval.json holds (`generations`: the answers, as
+    but the manifest's line for it and the lock file's holder). Returns what eval.json holds (`generations`: the answers, as
     generations.jsonl). `base`: the base's figures too (the same loaded model with the adapter disabled). `n`:
     prompts to generate answers for (all of them when the data has fewer). `quiet`: no progress bar."""
     from qtune.rundir import RunDir
@@ -90,7 +90,15 @@ def _evaluate(run, data: str | None, base: bool, n: int, max_new_tokens: int, qu
     from qtune.data.loading import load_rows
 
     recipe = _recipe_for_data(run, data)
-    fmt, rows = load_rows(recipe)
+    try:
+        fmt, rows = load_rows(recipe)
+    except QtuneError as exc:
+        if data is None:  # the run's own sources, read again: moved or deleted since training
+            exc.hint = (f"{exc.hint}; " if exc.hint else "") + (
+                f"qtune eval reads the run's data sources ({run.recipe_file}) again to find its eval split: run it "
+                "where training ran, or pass --data"
+            )
+        raise
     recipe = _recipe_for_method(run, recipe, fmt, data)
     prepared = pipeline.prepare_eval(recipe, fmt, rows)
     held_out = _held_out(prepared, data)

@@ -448,3 +448,9 @@ def test_data_that_eval_cannot_read_is_refused(fake_run, tmp_path):
     _refused(result, "unpaired rows")
     assert not (fake_run / "eval").exists()
     assert run_qtune_in_process("eval", fake_run, "-n", "-1").returncode == 2  # argparse: 0 or more
+    recipe = yaml.safe_load((fake_run / "recipe.yaml").read_text())
+    recipe["data"].update(eval_split=0.25, datasets=[{"path": str(tmp_path / "moved.jsonl")}])
+    (fake_run / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    result = run_qtune_in_process("eval", fake_run)
+    _refused(result, "moved.jsonl")
+    assert "reads the run's data sources" in result.stderr and "pass --data" in result.stderr
