@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     data_cmd.add_argument("-n", "--samples", type=int, default=3, help="rendered samples to show (default 3)")
     data_cmd.add_argument("--color", action="store_true", help="dim masked tokens instead of [bracketing] them")
     data_cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _eval_parser(sub)
     _export_parsers(sub)
     _gguf_parser(sub)
     _estimate_parser(sub)
@@ -122,6 +123,75 @@ def cmd_data(args: argparse.Namespace) -> int:
     p = pipeline.prepare(_recipe_with_flags(args), training=False)
     print(render_summary(p.recipe, p.tokenizer, p.fmt, p.rows, p.examples, p.loss, max(0, args.samples), args.color))
     check_trainable(p.recipe, p.tokenizer, p.examples)  # after the summary, so the user sees what is wrong
+    return 0
+
+
+def _count(minimum: int):
+    """An argparse type: an int of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: give {minimum} or more")
+        return value
+
+    return parse
+
+
+def _eval_parser(sub) -> None:
+    from qtune.evaluation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLES
+
+    p = sub.add_parser(
+        "eval",
+        help="held-out loss, perplexity, generations (exact match, ROUGE-L), reward accuracy; base vs tuned",
+        description="Evaluate a finished run on its eval split (data.eval_split) or --data: held-out loss and "
+        "perplexity (TRL's eval loss on the masked labels), greedy answers to N prompts with exact match and ROUGE-L "
+        "against the reference answers, and for preference pairs the share where the chosen answer scores above the "
+        "rejected one. --base adds the base's figures (the same 4-bit load with the adapter disabled). Writes "
+        "RUN_DIR/eval/: eval.json, generations.jsonl and report.html (one self-contained page).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "--data", metavar="FILE|HUB_ID", help="evaluate on these rows instead (any format `qtune data` reads)"
+    )
+    p.add_argument("--base", action="store_true", help="also evaluate the base (the adapter disabled)")
+    p.add_argument(
+        "-n",
+        "--samples",
+        type=_count(0),
+        default=DEFAULT_SAMPLES,
+        metavar="N",
+        help=f"prompts to generate answers for (default {DEFAULT_SAMPLES}; all when the data has fewer)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=_count(1),
+        default=DEFAULT_MAX_NEW_TOKENS,
+        metavar="K",
+        help=f"longest generated answer, in tokens (default {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`qtune eval RUN_DIR`: base vs tuned on held-out data, written to RUN_DIR/eval/."""
+    import shlex
+
+    from qtune.evaluation import evaluate_run
+
+    evaluate_run(
+        args.run_dir,
+        data=args.data,
+        base=args.base,
+        n=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        quiet=args.quiet,
+        command=shlex.join(["qtune", *args.argv]),
+    )
     return 0
 
 
@@ -390,13 +460,16 @@ COMMANDS = {
     "chat": cmd_chat,
     "quantize": cmd_quantize,
     "estimate": cmd_estimate,
+    "eval": cmd_eval,
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     # Overrides may come after options (`train r.yaml --resume lora.r=8`): collect them wherever they are.
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = parser.parse_known_args(argv)
+    args.argv = argv
     stray = [r for r in rest if r.startswith("-") or "=" not in r or args.command not in ("train", "data", "estimate")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")

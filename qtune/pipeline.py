@@ -18,7 +18,8 @@
                                           └ training.run_training       the method's TRL trainer → adapter/ (with the
                                                                         run's stop tokens: qtune.stops), summary.json …
 
-`qtune data` and `qtune estimate --probe` use the same `prepare`.
+`qtune data` and `qtune estimate --probe` use the same `prepare`; `qtune eval` uses `prepare_eval`, the same steps
+for the rows it scores (no launch, run-dir, model-shape or training-data checks).
 """
 
 from __future__ import annotations
@@ -118,6 +119,23 @@ def train_recipe(
             )
         return None
     return train(prepared, quiet=quiet)
+
+
+def prepare_eval(recipe: Recipe, fmt: str, rows) -> PreparedRun:
+    """`qtune eval`: rows already read with `load_rows` (the run's eval split or --data; the caller picks the method
+    whose TRL preparation reads them), with the tokenizer (the recipe's chat template set once) and the trainer config
+    exactly as `prepare` makes them. None of training's checks: the launch, the run directory, the model's shape and
+    TRL's pass over the training rows (eval prepares only the rows it scores)."""
+    from qtune import model, training
+    from qtune.data.preparation import loss_settings
+    from qtune.data.templates import use_chat_template
+
+    launch = model.detect_launch()
+    tokenizer = model.load_tokenizer(recipe)
+    use_chat_template(recipe, tokenizer)
+    loss = loss_settings(recipe, tokenizer, fmt)
+    args = training.trainer_config(recipe, launch, loss) if fmt != "prompt_only" else None
+    return PreparedRun(recipe, launch, RunDir(recipe.output_dir, recipe), fmt, rows, tokenizer, loss, args, None)
 
 
 def train(prepared: PreparedRun, quiet: bool = False) -> RunDir:

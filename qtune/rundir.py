@@ -125,7 +125,8 @@ class RunDir:
                 run.recover()
         if not run.recipe_file.is_file():
             raise QtuneError(
-                f"{path}: not a qtune run directory (no recipe.yaml)",
+                f"{path}: not a qtune run directory (no recipe.yaml): a run directory is the output_dir of `qtune "
+                "train`, holding recipe.yaml (the resolved recipe), adapter/ (the trained adapter) and summary.json",
                 "give the output_dir of a finished `qtune train`, or a model folder where a MODEL is accepted",
             )
         if not (run.adapter / "adapter_config.json").is_file():

@@ -29,6 +29,20 @@ fetch_and_build() {
 build_log="$(mktemp)"
 fetch_and_build >"$build_log" 2>&1 &
 build_pid=$!
+# Debian's chromium, for tests/test_eval.py's check of report.html in a real headless browser (it loads the page and
+# reads what it renders); installed once, in the background too (mostly download and unpack). CI runs as root;
+# without chromium that test is skipped, saying so.
+install_chromium() {
+  [ ! -x /usr/bin/chromium ] || return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+  else
+    echo "scripts/test.sh: no /usr/bin/chromium (apt-get install chromium): the report.html browser test is skipped"
+  fi
+}
+chromium_log="$(mktemp)"
+install_chromium >"$chromium_log" 2>&1 &
+chromium_pid=$!
 bash scripts/setup.sh
 . .venv/bin/activate
 # GPT-QModel, for the gptq backend's tests: gptqmodel 7.7 declares torch>=2.14.1 (pip would swap in a multi-GB CUDA
@@ -44,6 +58,12 @@ if ! wait "$build_pid"; then
 fi
 rm -f "$build_log"
 python -c "import llama_cpp" 2>/dev/null || python -m pip install -q "$built"/llama_cpp_python-*.whl
+if ! wait "$chromium_pid"; then
+  cat "$chromium_log" >&2
+  echo "scripts/test.sh: installing chromium failed (log above): the report.html browser test will be skipped" >&2
+fi
+grep -h "browser test is skipped" "$chromium_log" >&2 || true
+rm -f "$chromium_log"
 # Two workers (pytest-xdist): a test runs on one core (OMP_NUM_THREADS=1), so the 2-core CI machine runs two at a
 # time. loadgroup keeps the tests that share an expensive fixture on one worker (tests/conftest.py). Arguments
 # come after, so `bash scripts/test.sh -n 0` runs in one process and `-n auto` uses every core.

@@ -195,6 +195,8 @@ SHARED_BUILDS = {
     "stop_run": "stop-tokens-run",
     "dpo_run": "dpo-downstream-run",
     "api_run": "api-run",
+    "eval_sft_run": "eval-sft-run",
+    "eval_dpo_run": "eval-dpo-run",
     "corpus": "real-templates",  # built once on disk (tests/corpus.py): two workers must not build it at once
 }
 
