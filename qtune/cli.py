@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     data_cmd.add_argument("-n", "--samples", type=int, default=3, help="rendered samples to show (default 3)")
     data_cmd.add_argument("--color", action="store_true", help="dim masked tokens instead of [bracketing] them")
     data_cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _eval_parser(sub)
     _export_parsers(sub)
     _gguf_parser(sub)
     _estimate_parser(sub)
@@ -125,6 +126,69 @@ def cmd_data(args: argparse.Namespace) -> int:
     p = pipeline.prepare(_recipe_with_flags(args), training=False)
     print(render_summary(p.recipe, p.tokenizer, p.fmt, p.rows, p.examples, p.loss, max(0, args.samples), args.color))
     check_trainable(p.recipe, p.tokenizer, p.examples)  # after the summary, so the user sees what is wrong
+    return 0
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a run: lm-evaluation-harness tasks (--tasks) on the adapter, and on the base with --base",
+        description="Evaluate a finished run. --tasks runs lm-evaluation-harness tasks (pip install "
+        "'qtune[harness]') on the adapter on its base loaded as trained, and with --base on the base alone (the "
+        "same 4-bit load, the adapter disabled); writes RUN_DIR/eval/harness/ (results.json, samples.jsonl).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--base", action="store_true", help="also evaluate the base (the adapter disabled)")
+    _harness_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="less output from lm-eval and datasets (the table stays)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _harness_arguments(p) -> None:
+    """`qtune eval`'s lm-evaluation-harness options (lm-eval's own names; qtune/harness.py)."""
+    p.add_argument(
+        "--tasks",
+        metavar="NAME[,NAME]",
+        help="lm-eval task, group or tag names, comma-separated (`lm-eval ls tasks` lists them)",
+    )
+    p.add_argument("--include-path", metavar="DIR", help="a folder of your own lm-eval task YAML files")
+    p.add_argument(
+        "--limit", type=float, metavar="N", help="only the first N examples of each task (or a fraction below 1)"
+    )
+    p.add_argument("--num-fewshot", type=int, metavar="K", help="examples in each prompt (default: the task's own)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="examples per forward pass (default 8)")
+    p.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="wrap each prompt in the tokenizer's chat template (for a run trained on chats)",
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`qtune eval RUN_DIR --tasks NAME[,NAME]`: lm-evaluation-harness tasks on the run (and its base)."""
+    if args.tasks is None:
+        raise QtuneError("qtune eval: give --tasks NAME[,NAME]", "e.g. qtune eval RUN_DIR --tasks hellaswag --base")
+    return _eval_tasks(args)
+
+
+def _eval_tasks(args: argparse.Namespace) -> int:
+    """The --tasks branch of `qtune eval` (qtune/harness.py): results in RUN_DIR/eval/harness/."""
+    import shlex
+
+    from qtune.harness import run_tasks
+
+    run_tasks(
+        args.run_dir,
+        args.tasks,
+        limit=args.limit,
+        base=args.base,
+        quiet=args.quiet,
+        include_path=args.include_path,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        apply_chat_template=args.apply_chat_template,
+        command=shlex.join(["qtune", *args.argv]),
+    )
     return 0
 
 
@@ -385,13 +449,16 @@ COMMANDS = {
     "chat": cmd_chat,
     "quantize": cmd_quantize,
     "estimate": cmd_estimate,
+    "eval": cmd_eval,
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     # Overrides may come after options (`train r.yaml --resume lora.r=8`): collect them wherever they are.
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = parser.parse_known_args(argv)
+    args.argv = argv
     stray = [r for r in rest if r.startswith("-") or "=" not in r or args.command not in ("train", "data", "estimate")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
