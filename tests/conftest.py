@@ -194,6 +194,7 @@ SHARED_BUILDS = {
     "finished_run": "reliability-run",
     "stop_run": "stop-tokens-run",
     "dpo_run": "dpo-downstream-run",
+    "harness_run": "harness-run",
     "corpus": "real-templates",  # built once on disk (tests/corpus.py): two workers must not build it at once
 }
 
