@@ -173,7 +173,8 @@ def _eval_parser(sub) -> None:
         metavar="K",
         help=f"longest generated answer, in tokens (default {DEFAULT_MAX_NEW_TOKENS})",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _harness_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar (with --tasks: less output from lm-eval)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
@@ -183,6 +184,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from qtune.evaluation import evaluate_run
 
+    if args.tasks is not None:
+        if args.data is not None:
+            raise QtuneError(
+                "qtune eval: --tasks runs lm-evaluation-harness tasks on their own data; --data is for qtune's figures",
+                "run them as two commands: qtune eval RUN_DIR --data FILE, then qtune eval RUN_DIR --tasks NAME",
+            )
+        return _eval_tasks(args)
     evaluate_run(
         args.run_dir,
         data=args.data,
@@ -190,6 +198,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
         n=args.samples,
         max_new_tokens=args.max_new_tokens,
         quiet=args.quiet,
+        command=shlex.join(["qtune", *args.argv]),
+    )
+    return 0
+
+
+def _harness_arguments(p) -> None:
+    """`qtune eval`'s lm-evaluation-harness options (lm-eval's own names; qtune/harness.py)."""
+    p.add_argument(
+        "--tasks",
+        metavar="NAME[,NAME]",
+        help="lm-eval task, group or tag names, comma-separated (`lm-eval ls tasks` lists them)",
+    )
+    p.add_argument("--include-path", metavar="DIR", help="a folder of your own lm-eval task YAML files")
+    p.add_argument(
+        "--limit", type=float, metavar="N", help="only the first N examples of each task (or a fraction below 1)"
+    )
+    p.add_argument("--num-fewshot", type=int, metavar="K", help="examples in each prompt (default: the task's own)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="examples per forward pass (default 8)")
+    p.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="wrap each prompt in the tokenizer's chat template (for a run trained on chats)",
+    )
+
+
+def _eval_tasks(args: argparse.Namespace) -> int:
+    """The --tasks branch of `qtune eval` (qtune/harness.py): results in RUN_DIR/eval/harness/."""
+    import shlex
+
+    from qtune.harness import run_tasks
+
+    run_tasks(
+        args.run_dir,
+        args.tasks,
+        limit=args.limit,
+        base=args.base,
+        quiet=args.quiet,
+        include_path=args.include_path,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        apply_chat_template=args.apply_chat_template,
         command=shlex.join(["qtune", *args.argv]),
     )
     return 0

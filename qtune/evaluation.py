@@ -31,6 +31,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -633,6 +634,8 @@ def _write(run, result: dict, log) -> None:
     target = run.path / "eval"
     with run.lock("eval"):
         with staged_output(target) as stage:
+            if (target / "harness").is_dir():  # `qtune eval --tasks` results (qtune.harness) stay as they are
+                shutil.copytree(target / "harness", stage / "harness")
             (stage / "eval.json").write_text(json.dumps(figures, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             (stage / "generations.jsonl").write_text(
                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"

@@ -197,6 +197,7 @@ SHARED_BUILDS = {
     "api_run": "api-run",
     "eval_sft_run": "eval-sft-run",
     "eval_dpo_run": "eval-dpo-run",
+    "harness_run": "harness-run",
     "corpus": "real-templates",  # built once on disk (tests/corpus.py): two workers must not build it at once
 }
 

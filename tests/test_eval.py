@@ -183,8 +183,12 @@ def test_scorers():
 
 @pytest.mark.slow
 def test_eval_on_a_data_file_with_fewer_rows_than_n(eval_sft_run, tmp_path):
-    """--data in another format (prompt/completion text), -n above its size: every row answered, and said."""
+    """--data in another format (prompt/completion text), -n above its size: every row answered, and said. An
+    earlier `qtune eval --tasks` result (eval/harness/) stays as it was."""
     run = _copy(eval_sft_run, tmp_path)
+    harness = run / "eval" / "harness" / "results.json"
+    harness.parent.mkdir(parents=True, exist_ok=True)
+    harness.write_text('{"results": {"task": {"acc,none": 0.5}}}\n')
     rows = [{"prompt": [r["messages"][0]], "completion": [r["messages"][1]]} for r in spell_rows(5, seed=7)]
     data = write_jsonl(tmp_path / "held.jsonl", rows)
     result = run_qtune_in_process("eval", run, "--data", data, "-n", "50", "--max-new-tokens", "3", "--quiet")
@@ -197,6 +201,7 @@ def test_eval_on_a_data_file_with_fewer_rows_than_n(eval_sft_run, tmp_path):
     answers = _generations(run)
     assert sorted(a["row"] for a in answers) == [f"{data}: row {i}" for i in range(1, 6)]
     assert all("base" not in a for a in answers)
+    assert harness.read_text() == '{"results": {"task": {"acc,none": 0.5}}}\n'
 
 
 # --------------------------------------------------------------------------- preference pairs
