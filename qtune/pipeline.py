@@ -3,6 +3,7 @@
     qtune train x.yaml → cli.cmd_train → prepare(recipe)        everything that can be wrong, before any weight
                                           ├ train.check_launch   loads: launch × placement × quantization
                                           ├ RunDir.check_can_start   refuse / resume / overwrite
+                                          ├ train.check_tracking   MLflow: store writable, server answering
                                           ├ data.loading.load_rows     sources → rows of one format
                                           ├ train.check_schema         the rows fit the method (train.METHODS)
                                           ├ data.loading.rows_for_kto  kto: pairs unpaired, both labels present
@@ -66,6 +67,7 @@ def prepare(
     if training:
         train.check_launch(recipe, launch)
         resume_from = run.check_can_start()
+        train.check_tracking(recipe)  # MLflow: the store writable / the server answering, within seconds
     fmt, rows = load_rows(recipe)
     train.check_schema(recipe, fmt, rows)
     if recipe.method == "kto":
