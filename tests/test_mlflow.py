@@ -27,10 +27,12 @@ SET_BY_QTUNE = ("MLFLOW_TRACKING_URI", "MLFLOW_MAX_LOG_PARAMS", "HF_MLFLOW_LOG_A
 
 
 @pytest.fixture(autouse=True)
-def _mlflow_state(monkeypatch):
-    """MLflow keeps the tracking URI and the active run in process globals: each test starts without them."""
+def _mlflow_state(monkeypatch, tmp_path):
+    """MLflow keeps the tracking URI and the active run in process globals: each test starts without them, in its
+    own directory (MLflow's local defaults, mlflow.db and mlruns/, are relative to it)."""
     import mlflow
 
+    monkeypatch.chdir(tmp_path)
     for key in (*SET_BY_QTUNE, "MLFLOW_RUN_ID", "MLFLOW_ALLOW_FILE_STORE"):
         monkeypatch.delenv(key, raising=False)
     mlflow.set_tracking_uri(None)
