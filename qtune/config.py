@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import posixpath
+import re
 import types
 import typing
 from pathlib import Path
@@ -29,6 +31,16 @@ from qtune.errors import QtuneError
 from qtune.quant import BACKENDS, offered_bits
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+SECRET_WORDS = ("token", "key", "secret", "password")  # recipe keys redacted wherever a recipe is written
+
+
+def mlflow_name_ok(name: str) -> bool:
+    """MLflow's rule for param, metric and tag names (mlflow.utils.validation): these characters, up to 250 of them,
+    and no name a path normalisation would change (they may be stored as files)."""
+    norm = posixpath.normpath(name)
+    return bool(re.fullmatch(r"[\w\-. :/]{1,250}", name)) and norm == name and not norm.startswith(("/", ".."))
 
 
 # Upper bounds that keep a value inside what the libraries downstream can hold (a 400-digit step count is a
@@ -350,20 +362,81 @@ class TrainingSection(Section):
 
 
 class TrackingSection(Section):
-    """Experiment tracking."""
+    """Experiment tracking (credentials come from the environment: WANDB_API_KEY, MLFLOW_TRACKING_TOKEN or
+    MLFLOW_TRACKING_USERNAME + MLFLOW_TRACKING_PASSWORD; never from a recipe)."""
 
-    backend: Literal["wandb", "tensorboard", "none"] = Field(
+    backend: Literal["wandb", "tensorboard", "mlflow", "none"] = Field(
         "none", description="Where metrics go besides the console."
     )
-    project: str = Field("qtune", description="W&B project.")
-    run_name: str | None = Field(None, description="Run name shown by the tracker.")
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI: http(s)://server:port, databricks, sqlite:///file.db, or a folder (MLflow's "
+        "file store). null: MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the directory qtune runs from "
+        "(artifacts in ./mlruns), as MLflow itself does.",
+    )
+    project: str = Field("qtune", description="W&B project; MLflow experiment.")
+    run_name: str | None = Field(None, description="Run name shown by the tracker (W&B, MLflow).")
     entity: str | None = Field(None, description="W&B team or user.")
-    tags: list[str] = Field(default_factory=list, description="W&B tags.")
+    tags: list[str] = Field(
+        default_factory=list, description="W&B tags; MLflow: one run tag each, `key=value` gives it a value."
+    )
     group: str | None = Field(None, description="W&B run group.")
     mode: Literal["online", "offline"] = Field(
         "online", description="W&B mode; offline writes output_dir/wandb for `wandb sync`."
     )
-    log_model: bool = Field(False, description="Upload the final adapter folder to W&B as a model artifact.")
+    log_model: bool = Field(
+        False,
+        description="Upload the final adapter folder: to W&B as a model artifact, to MLflow as the run's adapter/ "
+        "artifacts.",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials_in_uri(cls, v: str | None) -> str | None:
+        """A recipe is written into the run dir and the tracker's params: a password in the URI would be too."""
+        from urllib.parse import parse_qsl, urlsplit
+
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("must not be empty (null: MLflow's default)")
+        parts = urlsplit(v)
+        secret_query = [k for k, _ in parse_qsl(parts.query) if any(w in k.lower() for w in SECRET_WORDS)]
+        if "@" in parts.netloc or secret_query:
+            raise ValueError(
+                "credentials in the URI would be written to recipe.yaml and the run's params: remove them and set "
+                "MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, in the environment"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _keys_of_the_backend(self) -> TrackingSection:
+        # Values other than the defaults only (a resolved recipe.yaml writes the defaults back, so they must pass).
+        if self.uri is not None and self.backend not in ("mlflow", "none"):  # none: tracking switched off
+            raise ValueError(f"tracking.uri is MLflow's; backend is {self.backend}: set backend: mlflow or remove uri")
+        if self.backend == "mlflow":
+            unread = [
+                k
+                for k, default in (("entity", None), ("group", None), ("mode", "online"))
+                if getattr(self, k) != default
+            ]
+            if unread:
+                raise ValueError(
+                    f"tracking.{unread[0]} is a W&B setting; MLflow has none (backend: mlflow): remove it"
+                    + (
+                        " (MLflow logs to tracking.uri; a local sqlite:/// file works offline)"
+                        if unread[0] == "mode"
+                        else ""
+                    )
+                )
+            for i, tag in enumerate(self.tags):
+                key = tag.split("=", 1)[0]
+                if not mlflow_name_ok(key):
+                    raise ValueError(
+                        f"tracking.tags.{i}: '{key}' is not an MLflow tag name (letters, digits, _ - . : / and "
+                        "spaces, up to 250 characters; no leading /, no // or trailing /)"
+                    )
+        return self
 
 
 class HubSection(Section):
@@ -1173,9 +1246,6 @@ def _check_output_dir(recipe: Recipe, source: str, lines: dict[tuple, int], over
                 "qtune reads every file under a data folder as training data, its own outputs too: "
                 "put output_dir outside it",
             )
-
-
-SECRET_WORDS = ("token", "key", "secret", "password")
 
 
 def _redact(value: Any, key: str = "") -> Any:

@@ -5,6 +5,7 @@
                                        → prepare(recipe)        everything that can be wrong, before any weight
                                           ├ training.check_launch       loads: launch × placement × quantization
                                           ├ RunDir.check_can_start      refuse / resume / overwrite
+                                          ├ training.check_tracking     MLflow: store writable, server answering
                                           ├ data.loading.load_rows      sources → rows of one format
                                           ├ training.check_schema       the rows fit the method (training.METHODS)
                                           ├ data.loading.rows_for_kto   kto: pairs unpaired, both labels present
@@ -62,7 +63,7 @@ def prepare(
     from qtune.data.report import warn_skipped
     from qtune.data.templates import use_chat_template
     from qtune.stops import stop_tokens
-    from qtune.training import check_launch, check_online, check_schema, trainer_config
+    from qtune.training import check_launch, check_online, check_schema, check_tracking, trainer_config
 
     launch = launch if launch is not None else model.detect_launch()
     run = RunDir(recipe.output_dir, recipe)
@@ -70,6 +71,7 @@ def prepare(
     if training:
         check_launch(recipe, launch)
         resume_from = run.check_can_start()
+        check_tracking(recipe)  # MLflow: the store writable / the server answering, within seconds
     fmt, rows = load_rows(recipe)
     check_schema(recipe, fmt, rows)
     if recipe.method == "kto":

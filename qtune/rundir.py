@@ -9,6 +9,7 @@ destination and renamed into place (`staged_output`, `write_text_atomic`), so a 
       summary.json     final figures                loss.png       the loss curve (rewards.png: preference margins/accuracy)
       tensorboard/     TensorBoard events           wandb_run_id   the W&B run a resume continues
       merged/          after `qtune merge`          wandb/         W&B offline runs (never removed by qtune)
+      mlflow_run_id    the MLflow run a resume continues
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class RunDir:
     # offline W&B run is never deleted).
     OUTPUTS = (
         "adapter", "checkpoints", "recipe.yaml", "summary.json", "metrics.jsonl", "loss.png", "rewards.png",
-        "tensorboard", "wandb_run_id",
+        "tensorboard", "wandb_run_id", "mlflow_run_id",
     )  # fmt: skip
 
     def __post_init__(self):
@@ -106,6 +107,10 @@ class RunDir:
     @property
     def wandb_run_id(self) -> Path:
         return self.path / "wandb_run_id"
+
+    @property
+    def mlflow_run_id(self) -> Path:
+        return self.path / "mlflow_run_id"
 
     # ----------------------------------------------------------------------- reading a finished run back
 

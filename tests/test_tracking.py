@@ -171,7 +171,7 @@ def test_wandb_online_without_login_is_refused_before_loading(make_recipe, tmp_p
 
 def test_unknown_backend_and_resume_auto_are_checked(make_recipe):
     with pytest.raises(QtuneError, match="tracking.backend"):
-        load_recipe(make_recipe(tracking={"backend": "mlflow"}))
+        load_recipe(make_recipe(tracking={"backend": "comet"}))
     assert load_recipe(make_recipe(), ["training.resume=auto"]).training.resume == "auto"
     with pytest.raises(QtuneError, match="training.resume"):
         load_recipe(make_recipe(), ["training.resume=maybe"])
