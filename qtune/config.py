@@ -241,7 +241,8 @@ class DataSection(Section):
     eval_split: float | str | None = Field(
         None,
         description="A fraction of the rows held out for eval loss, or the name of a split every source has "
-        "(null: no eval).",
+        "(null: no eval). grpo / rloo: held-out prompts whose mean reward (per function and total) is measured "
+        "before training, at training.eval_steps if set, and at the end.",
     )
     dedup: bool = Field(False, description="Drop exact duplicate rows (after format mapping).")
     on_bad_row: Literal["error", "skip"] = Field(
@@ -666,8 +667,6 @@ class Recipe(Section):
                     f"{key}: method {method} trains on the completions it generates from the prompts; leave "
                     f"data.{key} at its default"
                 )
-            if v.eval_split is not None:
-                raise ValueError(f"eval_split: not supported with method {method} yet (no held-out generation pass)")
         elif method not in (None, "sft"):
             if v.packing:
                 raise ValueError(
