@@ -194,6 +194,8 @@ SHARED_BUILDS = {
     "finished_run": "reliability-run",
     "stop_run": "stop-tokens-run",
     "dpo_run": "dpo-downstream-run",
+    "digit_task": "grpo-digit-task",
+    "grpo_run": "grpo-downstream-run",
     "corpus": "real-templates",  # built once on disk (tests/corpus.py): two workers must not build it at once
 }
 
