@@ -180,6 +180,18 @@ def test_vllm_asked_but_missing_is_refused_with_the_install_line(tmp_path, grpo_
              "pip install 'qtune[vllm]'")  # fmt: skip
 
 
+def test_the_vllm_extra_the_refusal_names_exists_and_stays_out_of_dev():
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert any(dep.startswith("trl[vllm]") for dep in extras["vllm"])
+    assert not any("vllm" in dep for dep in extras["dev"])  # GPU-only: never installed in CI
+
+
 @pytest.mark.parametrize(
     ("rows", "expected"),
     [
