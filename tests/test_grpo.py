@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -178,11 +179,80 @@ def test_vllm_asked_but_missing_is_refused_with_the_install_line(tmp_path, grpo_
         pytest.skip("vllm is installed here")
     _refused(grpo_recipe(grpo={"use_vllm": True}), "grpo.use_vllm: true but vllm is not installed",
              "pip install 'qtune[vllm]'")  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+def _refused_in_process(recipe: str, *expected: str, command: str = "train", cwd=None) -> str:
+    """The CLI in this process: exit 2, one `error:` line holding every expected text, no traceback, no run dir;
+    returns the error line (train) or what was shown before it (data)."""
+    result = run_qtune_in_process(command, recipe, cwd=cwd)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for text in expected:
+        assert text in errors[0], errors[0]
+    assert not (Path(recipe).parent / "run").exists()
+    return result.stdout if command == "data" else errors[0]
+
+
+def test_vllm_asked_without_a_gpu_is_refused(tmp_path, grpo_recipe, monkeypatch):
+    """vLLM installed (its spec found) on a machine without CUDA: refused before any model loads."""
+    import importlib.machinery
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    real = importlib.util.find_spec
+    fake = importlib.machinery.ModuleSpec("vllm", None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: fake if name == "vllm" else real(name, *a))
+    _refused_in_process(grpo_recipe(grpo={"use_vllm": True}), "grpo.use_vllm: true on a machine without a GPU",
+                        "vLLM generates on CUDA GPUs")  # fmt: skip
+
+
+def test_weights_live_on_each_reward_so_a_separate_list_is_refused(tmp_path, grpo_recipe):
+    """A weight per reward entry (grpo.rewards[].weight) cannot disagree in number with the rewards; TRL's own
+    reward_weights list, given through training.extra, is refused (it could)."""
+    recipe = load_recipe(grpo_recipe(grpo={"rewards": [{"name": "accuracy", "weight": 2}, {"name": "length",
+                                                                                           "target": 3}]}))  # fmt: skip
+    assert train.trainer_config(recipe, SINGLE).reward_weights == [2.0, 1.0]
+    path = grpo_recipe(training={"extra": {"reward_weights": [1.0, 0.5, 0.2]}})
+    _refused_in_process(path, "training.extra.reward_weights: already set by the recipe key grpo.rewards[].weight")
+
+
+def _budget_rows(long: int, short: int = 37) -> list[dict]:
+    rows = [{"prompt": f"the digits {i % 10} 1", "answer": "1"} for i in range(short)]
+    for k in range(long):
+        rows.insert(5 + 3 * k, {"prompt": "the digits " + " ".join(["1"] * 80), "answer": "1"})
+    return rows
+
+
+def test_prompts_longer_than_the_budget_are_counted_and_left_out_below_the_share(tmp_path, grpo_recipe):
+    from qtune import pipeline
+    from qtune.data.cache import build_dataset
+
+    recipe = grpo_recipe(rows=_budget_rows(1))  # 1 of 38 prompts (2.6%): below data.max_untrained_share 0.05
+    shown = run_qtune_in_process("data", recipe, "-n", "1")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "longer than the prompt budget (left out of training): 1 of 38 (2.6%" in shown.stdout, shown.stdout
+    assert "prompts.jsonl: row 6 (" in shown.stdout and "columns passed to the reward functions: answer" in shown.stdout
+    assert re.search(r"prompt tokens .*: min \d+, p50 \d+, p90 \d+, p99 \d+, max 8\d", shown.stdout), shown.stdout
+    prepared = pipeline.prepare(load_recipe(recipe), training=False)
+    trained = build_dataset(prepared.recipe, prepared.tokenizer, prepared.fmt, prepared.rows, prepared.args)
+    assert len(trained["train"]) == 37 and all(len(r["prompt"]) < 40 for r in trained["train"])
+
+
+def test_prompts_longer_than_the_budget_above_the_share_are_refused(tmp_path, grpo_recipe):
+    recipe = grpo_recipe(rows=_budget_rows(3))  # 3 of 40 (7.5%)
+    expected = "data: 3 of 40 prompts (7.5%) are longer than data.max_length 64 tokens, the prompt budget (first: "
+    line = _refused_in_process(recipe, expected)
+    assert re.search(r"prompts\.jsonl: row (6|9|12) \(82 tokens\)\)", line), line  # one of the long rows, named
+    shown = _refused_in_process(recipe, expected, command="data")
+    assert "longer than the prompt budget (left out of training): 3 of 40 (7.5%" in shown  # shown before the error
 
 
 def test_the_vllm_extra_the_refusal_names_exists_and_stays_out_of_dev():
-    from pathlib import Path
-
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
     extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
@@ -235,8 +305,10 @@ def test_a_reward_that_raises_stops_the_run_with_its_name_step_and_prompt(tmp_pa
     rows = [{"prompt": f"the digits {i} 1", "answer": "x"} for i in range(8)]
     recipe = grpo_recipe(rows=rows, grpo={"rewards": [{"name": "rw.py:picky"}]})
     expected = "reward picky raised ValueError: invalid literal for int() with base 10: 'x' at step 1, prompt 0 ("
-    result = _refused(recipe, expected, cwd=tmp_path)
-    assert re.search(r"prompt 0 \('the digits \d 1'\), completion 0", result.stderr), result.stderr
+    result = run_qtune_in_process("train", recipe, cwd=tmp_path)
+    errors = [line for line in result.stderr.splitlines() if "error: " in line]  # after a progress bar
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert expected in errors[0] and re.search(r"prompt 0 \('the digits \d 1'\), completion 0", errors[0]), errors
 
 
 @pytest.fixture(scope="module")
