@@ -21,6 +21,7 @@ from pathlib import Path
 from transformers import ProgressCallback, TrainerCallback
 
 from qtune.config import Recipe
+from qtune.rewards import reward_means
 from qtune.rundir import write_text_atomic
 
 GB = 1024**3
@@ -116,17 +117,6 @@ def _preference_parts(record: dict) -> list[str]:
     if parts:
         parts[0] = "rewards: " + parts[0]
     return parts
-
-
-def reward_means(record: dict, prefix: str = "") -> dict[str, float]:
-    """grpo / rloo: each reward function's mean in a log record (TRL's `rewards/<name>/mean`, eval ones prefixed
-    eval_), by the function's name."""
-    head = prefix + "rewards/"
-    return {
-        key[len(head) : -len("/mean")]: value
-        for key, value in record.items()
-        if key.startswith(head) and key.endswith("/mean") and isinstance(value, (int, float))
-    }
 
 
 def _online_parts(record: dict) -> list[str]:

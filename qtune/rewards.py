@@ -351,6 +351,17 @@ def resolve(name: str, options: dict | None = None) -> Callable:
     return bound
 
 
+def reward_means(record: dict, prefix: str = "") -> dict[str, float]:
+    """grpo / rloo: each reward function's mean in a log record (TRL's `rewards/<name>/mean`, eval ones prefixed
+    eval_), by the function's name."""
+    head = prefix + "rewards/"
+    return {
+        key[len(head) : -len("/mean")]: value
+        for key, value in record.items()
+        if key.startswith(head) and key.endswith("/mean") and isinstance(value, (int, float))
+    }
+
+
 # --------------------------------------------------------------------------- the guard
 
 

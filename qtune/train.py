@@ -1107,7 +1107,9 @@ def _recording(prepared, functions: list, training: dict) -> list:
             if step == 1 or step % section.samples_every == 0:
                 seen[fn.__name__] = values
                 if last:
-                    _write_samples(path, step, prompts, completions, seen, section)
+                    records = _write_samples(path, step, prompts, completions, seen, section)
+                    if recipe.tracking.backend == "wandb":
+                        _log_samples_table(records)
             return values
 
         call.__name__ = call.__qualname__ = fn.__name__
@@ -1116,10 +1118,12 @@ def _recording(prepared, functions: list, training: dict) -> list:
     return [wrap(fn, i == len(functions) - 1) for i, fn in enumerate(functions)]
 
 
-def _write_samples(path: Path, step: int, prompts, completions, values: dict, section) -> None:
+def _write_samples(path: Path, step: int, prompts, completions, values: dict, section) -> list[dict]:
+    """Append `section.samples` completions with their prompts and rewards to samples.jsonl; returns the records."""
     from qtune.rewards import completion_text
 
     weights = {fn: entry.weight for fn, entry in zip(values, section.rewards, strict=False)}
+    records = []
     with path.open("a", encoding="utf-8") as f:
         for i in range(min(section.samples, len(completions))):
             rewards = {name: v[i] for name, v in values.items()}
@@ -1131,6 +1135,21 @@ def _write_samples(path: Path, step: int, prompts, completions, values: dict, se
                 "reward": sum(weights.get(name, 1.0) * v for name, v in rewards.items()),
             }
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            records.append(record)
+    return records
+
+
+def _log_samples_table(records: list[dict]) -> None:
+    """The samples of one step as a W&B table (key `samples`: step, prompt, completion, each reward, the weighted
+    total) in the run qtune opened, at that step's train/global_step (transformers' WandbCallback's step axis)."""
+    import wandb
+
+    if wandb.run is None or not records:
+        return
+    names = list(records[0]["rewards"])
+    columns = ["step", "prompt", "completion", *names, "reward"]
+    rows = [[r["step"], r["prompt"], r["completion"], *(r["rewards"][n] for n in names), r["reward"]] for r in records]
+    wandb.run.log({"samples": wandb.Table(columns=columns, data=rows), "train/global_step": records[0]["step"]})
 
 
 def _policy_from_reference(model) -> None:
