@@ -556,6 +556,12 @@ class _OnlineSection(Section):
         "accuracy {column, extract: last_number / boxed / regex / whole, pattern}, format {pattern}, length "
         "{target, unit: tokens / words / chars}; or path/to/file.py:name, package.module:name.",
     )
+    system_prompt: str | None = Field(
+        None,
+        description="A system message put first in every prompt: a text prompt becomes a chat (this message, then "
+        "the prompt as the user turn, rendered by the chat template); a chat gets it unless it starts with a system "
+        "message. null: the prompts as the data has them (text prompts are fed to the model as plain text).",
+    )
     samples_every: int | None = Field(
         10,
         gt=0,

@@ -297,6 +297,25 @@ def test_prompts_from_messages_ending_with_a_user_turn_keep_their_columns(tmp_pa
     }
 
 
+@pytest.mark.parametrize(
+    ("prompt", "expected_roles"),
+    [
+        ("q 1", ["system", "user"]),  # text: becomes a chat, the text as the user turn
+        ([{"role": "user", "content": "q 1"}], ["system", "user"]),
+        ([{"role": "system", "content": "own"}, {"role": "user", "content": "q 1"}], ["system", "user"]),  # kept
+    ],
+)
+def test_system_prompt_leads_every_prompt(tmp_path, grpo_recipe, prompt, expected_roles):
+    from qtune.data.loading import load_rows
+
+    rows = [{"prompt": prompt, "answer": "1"}] * 4
+    fmt, got = load_rows(load_recipe(grpo_recipe(rows=rows, grpo={"system_prompt": "think first"})))
+    assert fmt == "prompt_only" and [m["role"] for m in got[0]["prompt"]] == expected_roles
+    own = isinstance(prompt, list) and prompt[0]["role"] == "system"
+    assert got[0]["prompt"][0]["content"] == ("own" if own else "think first") and got[0]["answer"] == "1"
+    assert got[0]["prompt"][-1]["content"] == "q 1"
+
+
 def test_a_reward_that_raises_stops_the_run_with_its_name_step_and_prompt(tmp_path, grpo_recipe):
     """The guard in a real run: one `error:` line naming the reward, the step and the prompt, no TRL traceback."""
     (tmp_path / "rw.py").write_text(
