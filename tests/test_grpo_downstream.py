@@ -205,3 +205,17 @@ def test_merge_chat_and_export_gguf_work_on_a_grpo_run(grpo_run, tmp_path):
     result = run_qtune_in_process("export-gguf", run_dir, "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "verified within tolerance" in result.stdout and out.read_bytes()[:4] == b"GGUF"
+
+
+def test_reward_png_is_drawn_for_grpo_figures_only(tmp_path):
+    """reward.png (grpo / rloo) plots the total and per-function means; SFT and preference metrics draw none (the
+    preference plot is rewards.png, issue #16's name)."""
+    from qtune.monitor import plot_reward_curve
+
+    metrics, png = tmp_path / "metrics.jsonl", tmp_path / "reward.png"
+    metrics.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n" + json.dumps({"step": 2, "rewards/margins": 0.3}))
+    assert plot_reward_curve(metrics, png) is False and not png.exists()
+    records = [{"step": 0, "eval_reward": 0.1, "eval_rewards/accuracy/mean": 0.1}, {"step": 1, "reward": 0.5,
+               "rewards/accuracy/mean": 0.5, "loss": 0.0}, "cut sho"]  # fmt: skip
+    metrics.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records))
+    assert plot_reward_curve(metrics, png) is True and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
