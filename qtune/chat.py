@@ -40,12 +40,20 @@ def load_for_chat(target: str, merged: bool = False, allow_pickle: bool = False)
             str(path), device_map=single_process_device_map(), use_safetensors=None if allow_pickle else True
         )
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a folder without a model config transformers knows
         raise QtuneError(
             f"{target}: cannot load a model: {str(exc).strip().splitlines()[0][:300]}",
             "give a run directory, a local model folder with safetensors weights, or a cached hub id",
         ) from None
     return model.eval(), tokenizer, str(path)
+
+
+def check_settings(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """Generation settings in range (before any model loads)."""
+    if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
+        raise QtuneError(
+            "generation settings out of range", "temperature ≥ 0 (0: greedy), 0 < top_p ≤ 1, max_new_tokens ≥ 1"
+        )
 
 
 def generate(
@@ -61,10 +69,7 @@ def generate(
     import torch
     from transformers import TextStreamer
 
-    if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
-        raise QtuneError(
-            "generation settings out of range", "temperature ≥ 0 (0: greedy), 0 < top_p ≤ 1, max_new_tokens ≥ 1"
-        )
+    check_settings(max_new_tokens, temperature, top_p)
     if tokenizer.chat_template:
         inputs = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -102,6 +107,7 @@ def chat(
     """One-shot with `prompt` (the answer alone on stdout), else a REPL (/reset clears history, /exit or Ctrl-D quits)."""
     from transformers import set_seed
 
+    check_settings(max_new_tokens, temperature, top_p)
     model, tokenizer, what = load_for_chat(target, merged, allow_pickle)
     set_seed(seed)
     base = [{"role": "system", "content": system}] if system else []

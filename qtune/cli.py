@@ -18,6 +18,7 @@ examples:
   accelerate launch qtune train recipes/llama2-qlora.yaml
   accelerate launch --multi_gpu --num_processes 2 qtune train recipes/qwen2.5-7b-qlora.yaml
   qtune recipe-reference          # every recipe key, its type, default and meaning
+  qtune schema > recipe.schema.json   # the recipe's JSON Schema, for editor completion
 """
 
 
@@ -55,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     sub.add_parser("recipe-reference", help="print every recipe key with its type, default and meaning")
+    sub.add_parser(
+        "schema",
+        help="print the recipe's JSON Schema (editor completion and checks; kept in recipes/recipe.schema.json)",
+        description="Print the recipe's JSON Schema (draft-07), generated from the same model `train` validates "
+        "with: every key's type, default, description and choices; unknown keys are refused. Point a YAML language "
+        "server at it (VS Code: the Red Hat YAML extension) with a first line "
+        "`# yaml-language-server: $schema=PATH`, or the `yaml.schemas` setting (see the README).",
+    )
     data_cmd = sub.add_parser(
         "data",
         help="prepare a recipe's data as training would and show it (stats, masked samples)",
@@ -67,13 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     data_cmd.add_argument("-n", "--samples", type=int, default=3, help="rendered samples to show (default 3)")
     data_cmd.add_argument("--color", action="store_true", help="dim masked tokens instead of [bracketing] them")
     data_cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _eval_parser(sub)
     _export_parsers(sub)
     _gguf_parser(sub)
     _estimate_parser(sub)
     return parser
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Silence known-harmless noise from the libraries (kept out of users' logs, errors still show)."""
     import logging
     import warnings
@@ -97,22 +107,10 @@ def _recipe_with_flags(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`qtune train RECIPE`: everything checked before the model loads (seconds, not a GPU hour), then trained."""
-    from qtune import pipeline
-    from qtune.rundir import RunFinished
+    from qtune.pipeline import train_recipe
 
-    try:
-        prepared = pipeline.prepare(_recipe_with_flags(args), allow_pickle=args.allow_pickle)
-    except RunFinished as done:  # a restarted job (--resume, training.resume: auto) after the last step
-        print(f"qtune: {done.message}")
-        return 0
-    if args.check:
-        if prepared.launch.is_main:
-            print(
-                f"qtune: {args.recipe} is ready: {len(prepared.rows)} {prepared.fmt} rows, "
-                f"output in {prepared.recipe.output_dir}"
-            )
-        return 0
-    pipeline.train(prepared, quiet=args.quiet)
+    recipe = _recipe_with_flags(args)
+    train_recipe(recipe, check=args.check, quiet=args.quiet, allow_pickle=args.allow_pickle, name=args.recipe)
     return 0
 
 
@@ -125,6 +123,124 @@ def cmd_data(args: argparse.Namespace) -> int:
     p = pipeline.prepare(_recipe_with_flags(args), training=False)
     print(render_summary(p.recipe, p.tokenizer, p.fmt, p.rows, p.examples, p.loss, max(0, args.samples), args.color))
     check_trainable(p.recipe, p.tokenizer, p.examples)  # after the summary, so the user sees what is wrong
+    return 0
+
+
+def _count(minimum: int):
+    """An argparse type: an int of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: give {minimum} or more")
+        return value
+
+    return parse
+
+
+def _eval_parser(sub) -> None:
+    from qtune.evaluation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLES
+
+    p = sub.add_parser(
+        "eval",
+        help="held-out loss, perplexity, generations (exact match, ROUGE-L), reward accuracy; base vs tuned",
+        description="Evaluate a finished run on its eval split (data.eval_split) or --data: held-out loss and "
+        "perplexity (TRL's eval loss on the masked labels), greedy answers to N prompts with exact match and ROUGE-L "
+        "against the reference answers, and for preference pairs the share where the chosen answer scores above the "
+        "rejected one. --base adds the base's figures (the same 4-bit load with the adapter disabled). Writes "
+        "RUN_DIR/eval/: eval.json, generations.jsonl and report.html (one self-contained page).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "--data", metavar="FILE|HUB_ID", help="evaluate on these rows instead (any format `qtune data` reads)"
+    )
+    p.add_argument("--base", action="store_true", help="also evaluate the base (the adapter disabled)")
+    p.add_argument(
+        "-n",
+        "--samples",
+        type=_count(0),
+        default=DEFAULT_SAMPLES,
+        metavar="N",
+        help=f"prompts to generate answers for (default {DEFAULT_SAMPLES}; all when the data has fewer)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=_count(1),
+        default=DEFAULT_MAX_NEW_TOKENS,
+        metavar="K",
+        help=f"longest generated answer, in tokens (default {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    _harness_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar (with --tasks: less output from lm-eval)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`qtune eval RUN_DIR`: base vs tuned on held-out data, written to RUN_DIR/eval/."""
+    import shlex
+
+    from qtune.evaluation import evaluate_run
+
+    if args.tasks is not None:
+        if args.data is not None:
+            raise QtuneError(
+                "qtune eval: --tasks runs lm-evaluation-harness tasks on their own data; --data is for qtune's figures",
+                "run them as two commands: qtune eval RUN_DIR --data FILE, then qtune eval RUN_DIR --tasks NAME",
+            )
+        return _eval_tasks(args)
+    evaluate_run(
+        args.run_dir,
+        data=args.data,
+        base=args.base,
+        n=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        quiet=args.quiet,
+        command=shlex.join(["qtune", *args.argv]),
+    )
+    return 0
+
+
+def _harness_arguments(p) -> None:
+    """`qtune eval`'s lm-evaluation-harness options (lm-eval's own names; qtune/harness.py)."""
+    p.add_argument(
+        "--tasks",
+        metavar="NAME[,NAME]",
+        help="lm-eval task, group or tag names, comma-separated (`lm-eval ls tasks` lists them)",
+    )
+    p.add_argument("--include-path", metavar="DIR", help="a folder of your own lm-eval task YAML files")
+    p.add_argument(
+        "--limit", type=float, metavar="N", help="only the first N examples of each task (or a fraction below 1)"
+    )
+    p.add_argument("--num-fewshot", type=int, metavar="K", help="examples in each prompt (default: the task's own)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="examples per forward pass (default 8)")
+    p.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="wrap each prompt in the tokenizer's chat template (for a run trained on chats)",
+    )
+
+
+def _eval_tasks(args: argparse.Namespace) -> int:
+    """The --tasks branch of `qtune eval` (qtune/harness.py): results in RUN_DIR/eval/harness/."""
+    import shlex
+
+    from qtune.harness import run_tasks
+
+    run_tasks(
+        args.run_dir,
+        args.tasks,
+        limit=args.limit,
+        base=args.base,
+        quiet=args.quiet,
+        include_path=args.include_path,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        apply_chat_template=args.apply_chat_template,
+        command=shlex.join(["qtune", *args.argv]),
+    )
     return 0
 
 
@@ -218,8 +334,15 @@ def cmd_recipe_reference(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(_: argparse.Namespace) -> int:
+    from qtune.config import recipe_json_schema_text
+
+    sys.stdout.write(recipe_json_schema_text())
+    return 0
+
+
 def _export_parsers(sub) -> None:
-    """merge / push / chat / quantize (qtune/merge.py, publish.py, chat.py, quantize.py)."""
+    """merge / push / chat / quantize (qtune/merging.py, publish.py, chat.py, quantize.py)."""
     debug = {"action": "store_true", "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
     allow_pickle = {"action": "store_true", "help": "accept .bin/.pt (pickle) weights: loading a pickle can run code"}
 
@@ -325,7 +448,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from qtune.merge import merge
+    from qtune.merging import merge
 
     merge(
         args.run_dir,
@@ -386,19 +509,23 @@ COMMANDS = {
     "data": cmd_data,
     "train": cmd_train,
     "recipe-reference": cmd_recipe_reference,
+    "schema": cmd_schema,
     "merge": cmd_merge,
     "export-gguf": cmd_export_gguf,
     "push": cmd_push,
     "chat": cmd_chat,
     "quantize": cmd_quantize,
     "estimate": cmd_estimate,
+    "eval": cmd_eval,
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     # Overrides may come after options (`train r.yaml --resume lora.r=8`): collect them wherever they are.
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = parser.parse_known_args(argv)
+    args.argv = argv
     stray = [r for r in rest if r.startswith("-") or "=" not in r or args.command not in ("train", "data", "estimate")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
@@ -407,7 +534,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command is None:
         parser.print_help()
         sys.exit(2)
-    _quiet_libraries()  # before any command imports the libraries it quiets
+    quiet_libraries()  # before any command imports the libraries it quiets
     try:
         code = COMMANDS[args.command](args)
     except QtuneError as exc:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import posixpath
+import re
 import types
 import typing
 from pathlib import Path
@@ -31,14 +33,55 @@ from qtune.quant import BACKENDS, offered_bits
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 
 
+SECRET_WORDS = ("token", "key", "secret", "password")  # recipe keys redacted wherever a recipe is written
+
+
+def mlflow_name_ok(name: str) -> bool:
+    """MLflow's rule for param, metric and tag names (mlflow.utils.validation): these characters, up to 250 of them,
+    and no name a path normalisation would change (they may be stored as files)."""
+    norm = posixpath.normpath(name)
+    return bool(re.fullmatch(r"[\w\-. :/]{1,250}", name)) and norm == name and not norm.startswith(("/", ".."))
+
+
 # Upper bounds that keep a value inside what the libraries downstream can hold (a 400-digit step count is a
 # typo, not a plan, and would end in an OverflowError deep inside transformers after the model loaded).
 INT32_MAX = 2**31 - 1
 
 
+def _leaf_types(annotation: Any) -> list:
+    """The alternatives of a field's type, unions and Optional flattened (None left out)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [leaf for arg in typing.get_args(annotation) for leaf in _leaf_types(arg)]
+    return [] if annotation is type(None) else [annotation]
+
+
+def _no_bool_number_mixup(cls: type[BaseModel], v: Any, info: ValidationInfo) -> Any:
+    """pydantic's lax mode reads `true` in a number field as 1, and 1 or "yes" in a boolean field as true: in a
+    recipe each is a slip (lora.r: true), so both are refused, as the recipe's JSON Schema (`qtune schema`) does."""
+    field = cls.model_fields.get(info.field_name or "")
+    if field is None or v is None:
+        return v
+    leaves = _leaf_types(field.annotation)
+    numbers = [leaf for leaf in leaves if leaf in (int, float)]
+    items = [typing.get_args(leaf)[0] for leaf in leaves if typing.get_origin(leaf) is list and typing.get_args(leaf)]
+    if isinstance(v, bool) and numbers and bool not in leaves:
+        raise ValueError("must be a number, not true or false")
+    if isinstance(v, list) and any(isinstance(x, bool) for x in v) and {int, float} & set(items):
+        raise ValueError("must be a list of numbers, not true or false")
+    if bool in leaves and not isinstance(v, bool):
+        words = [a for leaf in leaves if typing.get_origin(leaf) is Literal for a in typing.get_args(leaf)]
+        if v not in words:
+            raise ValueError(
+                f"must be true, false or {' or '.join(map(str, words))}" if words else "must be true or false"
+            )
+    return v
+
+
 class Section(BaseModel):
     # allow_inf_nan=False: inf / nan (YAML .inf, .nan, 1e999) pass `gt=0` and would fail only after the model loads.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    _bool_number = field_validator("*", mode="before")(classmethod(_no_bool_number_mixup))
 
 
 def _local_path(value: str) -> str:
@@ -320,20 +363,81 @@ class TrainingSection(Section):
 
 
 class TrackingSection(Section):
-    """Experiment tracking."""
+    """Experiment tracking (credentials come from the environment: WANDB_API_KEY, MLFLOW_TRACKING_TOKEN or
+    MLFLOW_TRACKING_USERNAME + MLFLOW_TRACKING_PASSWORD; never from a recipe)."""
 
-    backend: Literal["wandb", "tensorboard", "none"] = Field(
+    backend: Literal["wandb", "tensorboard", "mlflow", "none"] = Field(
         "none", description="Where metrics go besides the console."
     )
-    project: str = Field("qtune", description="W&B project.")
-    run_name: str | None = Field(None, description="Run name shown by the tracker.")
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI: http(s)://server:port, databricks, sqlite:///file.db, or a folder (MLflow's "
+        "file store). null: MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the directory qtune runs from "
+        "(artifacts in ./mlruns), as MLflow itself does.",
+    )
+    project: str = Field("qtune", description="W&B project; MLflow experiment.")
+    run_name: str | None = Field(None, description="Run name shown by the tracker (W&B, MLflow).")
     entity: str | None = Field(None, description="W&B team or user.")
-    tags: list[str] = Field(default_factory=list, description="W&B tags.")
+    tags: list[str] = Field(
+        default_factory=list, description="W&B tags; MLflow: one run tag each, `key=value` gives it a value."
+    )
     group: str | None = Field(None, description="W&B run group.")
     mode: Literal["online", "offline"] = Field(
         "online", description="W&B mode; offline writes output_dir/wandb for `wandb sync`."
     )
-    log_model: bool = Field(False, description="Upload the final adapter folder to W&B as a model artifact.")
+    log_model: bool = Field(
+        False,
+        description="Upload the final adapter folder: to W&B as a model artifact, to MLflow as the run's adapter/ "
+        "artifacts.",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials_in_uri(cls, v: str | None) -> str | None:
+        """A recipe is written into the run dir and the tracker's params: a password in the URI would be too."""
+        from urllib.parse import parse_qsl, urlsplit
+
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("must not be empty (null: MLflow's default)")
+        parts = urlsplit(v)
+        secret_query = [k for k, _ in parse_qsl(parts.query) if any(w in k.lower() for w in SECRET_WORDS)]
+        if "@" in parts.netloc or secret_query:
+            raise ValueError(
+                "credentials in the URI would be written to recipe.yaml and the run's params: remove them and set "
+                "MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, in the environment"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _keys_of_the_backend(self) -> TrackingSection:
+        # Values other than the defaults only (a resolved recipe.yaml writes the defaults back, so they must pass).
+        if self.uri is not None and self.backend not in ("mlflow", "none"):  # none: tracking switched off
+            raise ValueError(f"tracking.uri is MLflow's; backend is {self.backend}: set backend: mlflow or remove uri")
+        if self.backend == "mlflow":
+            unread = [
+                k
+                for k, default in (("entity", None), ("group", None), ("mode", "online"))
+                if getattr(self, k) != default
+            ]
+            if unread:
+                raise ValueError(
+                    f"tracking.{unread[0]} is a W&B setting; MLflow has none (backend: mlflow): remove it"
+                    + (
+                        " (MLflow logs to tracking.uri; a local sqlite:/// file works offline)"
+                        if unread[0] == "mode"
+                        else ""
+                    )
+                )
+            for i, tag in enumerate(self.tags):
+                key = tag.split("=", 1)[0]
+                if not mlflow_name_ok(key):
+                    raise ValueError(
+                        f"tracking.tags.{i}: '{key}' is not an MLflow tag name (letters, digits, _ - . : / and "
+                        "spaces, up to 250 characters; no leading /, no // or trailing /)"
+                    )
+        return self
 
 
 class HubSection(Section):
@@ -513,6 +617,8 @@ class RewardEntry(BaseModel):
     )
     weight: float = Field(1.0, ge=-1000, le=1000, description="The reward's weight in the sum (TRL reward_weights).")
 
+    _bool_number = field_validator("*", mode="before")(classmethod(_no_bool_number_mixup))
+
     @model_validator(mode="after")
     def _known(self) -> RewardEntry:
         from qtune import rewards
@@ -634,7 +740,10 @@ class Recipe(Section):
     )
     grpo: GrpoSection | None = Field(None, description="GRPO settings (method: grpo); rewards is required.")
     rloo: RlooSection | None = Field(None, description="RLOO settings (method: rloo); rewards is required.")
-    output_dir: str = Field(description="The run directory: adapter/, checkpoints/, recipe.yaml.")
+    output_dir: str = Field(
+        description="The run directory: adapter/, checkpoints/, recipe.yaml. A recipe file without it runs in "
+        "runs/<the file's name without .yaml>."
+    )
 
     @field_validator("output_dir")
     @classmethod
@@ -981,10 +1090,7 @@ def parse_override(text: str) -> tuple[tuple, Any]:
     if "=" not in text:
         raise QtuneError(f"override '{_abbrev(text)}' is not key.sub=value", "e.g. training.lr=1e-4 lora.r=8")
     key, _, raw = text.partition("=")
-    # A list index is a short run of ASCII digits (int() of 5000 digits, or of '²', would raise).
-    parts = tuple(int(p) if p.isascii() and p.isdigit() and len(p) < 10 else p for p in key.strip().split("."))
-    if not key.strip() or any(p == "" for p in parts):
-        raise QtuneError(f"override '{_abbrev(text)}' has an empty key", "e.g. training.lr=1e-4")
+    parts = _key_path(key, text)
     try:  # the recipe's own YAML rules: no aliases, no numbers Python cannot hold
         value = _parse_yaml(raw)[0] if raw.strip() else None
     except _YamlProblem as exc:
@@ -992,6 +1098,49 @@ def parse_override(text: str) -> tuple[tuple, Any]:
     except (yaml.YAMLError, RecursionError):
         value = raw
     return parts, value
+
+
+def _key_path(key: str, text: str) -> tuple:
+    """`data.datasets.0.path` → ("data", "datasets", 0, "path"); `text` is the override as the user wrote it."""
+    # A list index is a short run of ASCII digits (int() of 5000 digits, or of '²', would raise).
+    parts = tuple(int(p) if p.isascii() and p.isdigit() and len(p) < 10 else p for p in key.strip().split("."))
+    if not key.strip() or any(p == "" for p in parts):
+        raise QtuneError(f"override '{_abbrev(text)}' has an empty key", "e.g. training.lr=1e-4")
+    return parts
+
+
+def _plain(value: Any) -> Any:
+    """Python values as YAML would give them: paths as strings, tuples as lists (a recipe given as a dict)."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _override_items(overrides: Any) -> list[tuple[tuple, Any, str]]:
+    """(key path, value, the override as shown in errors) for each override: `key.sub=value` strings (values read as
+    YAML, as on the command line) or a dict {"key.sub": value} (Python values, as they are)."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, dict):
+        items = []
+        for key, value in overrides.items():
+            if not isinstance(key, str):
+                raise QtuneError(
+                    f"override key {_abbrev(repr(key))} is not a string", "keys are key paths: {'training.lr': 1e-4}"
+                )
+            text = f"{key}={_abbrev(repr(value))}"
+            items.append((_key_path(key, text), _plain(value), text))
+        return items
+    if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
+        raise QtuneError(
+            f"overrides must be a list of key.sub=value strings or a dict, not {_abbrev(repr(overrides))}",
+            "e.g. ['training.lr=1e-4', 'lora.r=8'] or {'training.lr': 1e-4, 'lora.r': 8}",
+        )
+    return [(*parse_override(text), text) for text in overrides]
 
 
 def _apply_override(data: dict, path: tuple, value: Any, text: str) -> None:
@@ -1015,31 +1164,53 @@ def _apply_override(data: dict, path: tuple, value: Any, text: str) -> None:
             node = node[part]
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe; every problem is a QtuneError naming file, key and line."""
-    file = Path(path)
-    if not file.is_file():
-        what = "is not a file" if file.exists() else "not found"
+def load_recipe(
+    source: str | os.PathLike | dict | Recipe,
+    overrides: list[str] | tuple[str, ...] | dict[str, Any] | None = (),
+) -> Recipe:
+    """Read, override and validate a recipe; every problem is a QtuneError naming file, key and line.
+
+    `source`: a YAML file; a dict of sections (the file's keys, Python values; output_dir required), or a Recipe
+    (re-validated with the overrides). `overrides`: `key.sub=value` strings as on the command line, or a dict
+    {"key.sub": value}."""
+    lines: dict[tuple, int] = {}
+    if isinstance(source, Recipe):
+        if not overrides:
+            return source
+        name, data = "recipe", source.model_dump(mode="python")
+    elif isinstance(source, dict):
+        name, data = "recipe dict", _plain(source)  # a copy: the overrides never change the caller's dict
+        if not all(isinstance(k, str) for k in data):
+            raise QtuneError("recipe dict: its keys are section names (model, data, …), strings")
+    elif isinstance(source, str | os.PathLike):
+        file = Path(source)
+        name = str(file)
+        if not file.is_file():
+            what = "is not a file" if file.exists() else "not found"
+            raise QtuneError(
+                f"recipe file {what}: {file}", "give the path of a .yaml recipe, e.g. recipes/llama2-qlora.yaml"
+            )
+        data, lines = _read_yaml(file)
+        if data is None:
+            raise QtuneError(
+                f"{file}: the recipe is empty",
+                "a recipe needs at least model.name and data.datasets (see recipes/, or `qtune recipe-reference`)",
+            )
+        if not isinstance(data, dict):
+            raise QtuneError(
+                f"{file}: a recipe is a mapping of sections (model:, data:, …), not {type(data).__name__}",
+                "start from one of the recipes in recipes/",
+            )
+        data.setdefault("output_dir", f"runs/{file.stem}")
+    else:
         raise QtuneError(
-            f"recipe file {what}: {file}", "give the path of a .yaml recipe, e.g. recipes/llama2-qlora.yaml"
+            f"a recipe is a YAML file's path, a dict or a Recipe, not {type(source).__name__}",
+            "e.g. load_recipe('recipes/llama2-qlora.yaml') or load_recipe({'model': {...}, 'data': {...}, …})",
         )
-    data, lines = _read_yaml(file)
-    if data is None:
-        raise QtuneError(
-            f"{file}: the recipe is empty",
-            "a recipe needs at least model.name and data.datasets (see recipes/, or `qtune recipe-reference`)",
-        )
-    if not isinstance(data, dict):
-        raise QtuneError(
-            f"{file}: a recipe is a mapping of sections (model:, data:, …), not {type(data).__name__}",
-            "start from one of the recipes in recipes/",
-        )
-    data.setdefault("output_dir", f"runs/{file.stem}")
 
     applied: dict[tuple, str] = {}
     values: dict[tuple, Any] = {}
-    for text_override in overrides:
-        key_path, value = parse_override(text_override)
+    for key_path, value, text_override in _override_items(overrides):
         if key_path in values and values[key_path] != value:
             # --resume / --overwrite arrive here as overrides too: a contradiction must not be settled by order
             raise QtuneError(
@@ -1053,11 +1224,11 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
-        error = _format_error(errors[0], str(file), lines, applied)
+        error = _format_error(errors[0], name, lines, applied)
         if len(errors) > 1:
             error.message += f" (+{len(errors) - 1} more)"
         raise error from None
-    _check_output_dir(recipe, str(file), lines, applied)
+    _check_output_dir(recipe, name, lines, applied)
     return recipe
 
 
@@ -1080,9 +1251,6 @@ def _check_output_dir(recipe: Recipe, source: str, lines: dict[tuple, int], over
                 "qtune reads every file under a data folder as training data, its own outputs too: "
                 "put output_dir outside it",
             )
-
-
-SECRET_WORDS = ("token", "key", "secret", "password")
 
 
 def _redact(value: Any, key: str = "") -> Any:
@@ -1153,3 +1321,81 @@ def recipe_reference() -> str:
 
     add(Recipe, "")
     return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- JSON Schema (`qtune schema`)
+
+# Numbers a recipe may write as strings: PyYAML (YAML 1.1) reads 2e-4 (no dot) or 1.0e3 (no exponent sign) as a
+# string, which the recipe parses, as pydantic parses any number in a string ("16", "2e-4", "1_000", " .5").
+NUMBER_STRING = (
+    r"^\s*[+-]?([0-9]+(_[0-9]+)*(\.([0-9]+(_[0-9]+)*)?)?|\.[0-9]+(_[0-9]+)*)([eE][+-]?[0-9]+(_[0-9]+)*)?\s*$"
+)
+INTEGER_STRING = r"^\s*[+-]?[0-9]+(_[0-9]+)*(\.0+)?\s*$"
+SCHEMA_DRAFT = "http://json-schema.org/draft-07/schema#"  # what the YAML language server (VS Code) validates with
+
+
+def _json_schema_generator():
+    from pydantic.json_schema import GenerateJsonSchema
+
+    class RecipeJsonSchema(GenerateJsonSchema):
+        """Numbers also as the strings the recipe parses (a YAML 1.1 `2e-4`); everything else as pydantic writes it."""
+
+        def float_schema(self, schema):
+            return {"anyOf": [super().float_schema(schema), {"type": "string", "pattern": NUMBER_STRING}]}
+
+        def int_schema(self, schema):
+            return {"anyOf": [super().int_schema(schema), {"type": "string", "pattern": INTEGER_STRING}]}
+
+    return RecipeJsonSchema
+
+
+def _tidy(node: Any) -> Any:
+    """pydantic's schema made plain draft-07: no generated titles, `$ref` alone in its object (draft-07 ignores a
+    `$ref`'s siblings, so a section's description and default go beside an allOf), nested anyOf flattened."""
+    if isinstance(node, list):
+        return [_tidy(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key == "title":
+            continue
+        if key in ("properties", "definitions"):  # names → schemas (a key here is a recipe key, never a keyword)
+            out[key] = {name: _tidy(sub) for name, sub in value.items()}
+        elif key == "default":
+            out[key] = value
+        else:
+            out[key] = _tidy(value)
+    if "anyOf" in out:
+        flat = []
+        for alternative in out["anyOf"]:
+            flat.extend(alternative["anyOf"] if set(alternative) == {"anyOf"} else [alternative])
+        if {"type": "string"} in flat:  # float | str: any string already, the number-as-string form is in it
+            flat = [a for a in flat if not (a.get("type") == "string" and set(a) == {"type", "pattern"})]
+        out["anyOf"] = flat
+    if "$ref" in out and len(out) > 1:
+        out["allOf"] = [{"$ref": out.pop("$ref")}]
+    return out
+
+
+def recipe_json_schema() -> dict:
+    """The recipe's JSON Schema (draft-07), from the Recipe model: every key's type, default, description and
+    choices; additionalProperties false wherever the recipe refuses unknown keys."""
+    raw = Recipe.model_json_schema(ref_template="#/definitions/{model}", schema_generator=_json_schema_generator())
+    raw["definitions"] = raw.pop("$defs")
+    schema = _tidy(raw)
+    # A recipe file may leave output_dir out (runs/<file name> then, see load_recipe); a dict may not.
+    schema["required"] = [key for key in schema["required"] if key != "output_dir"]
+    return {
+        "$schema": SCHEMA_DRAFT,
+        "title": "qtune recipe",
+        "description": "A qtune recipe (`qtune train RECIPE`). Generated by `qtune schema` from qtune.config.Recipe.",
+        **{k: v for k, v in schema.items() if k != "description"},
+    }
+
+
+def recipe_json_schema_text() -> str:
+    """`qtune schema`'s output, as kept in recipes/recipe.schema.json."""
+    import json
+
+    return json.dumps(recipe_json_schema(), indent=2, ensure_ascii=False) + "\n"

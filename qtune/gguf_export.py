@@ -490,7 +490,7 @@ def export_gguf(
         with tempfile.TemporaryDirectory(
             prefix=".qtune-gguf-merge-", dir=dest.parent if dest.parent.exists() else None
         ) as tmp:
-            from qtune.merge import merge
+            from qtune.merging import merge
 
             log(f"qtune: {src} is a run directory: merging its adapter onto the dequantized base first")
             merge(src, out=Path(tmp) / "merged", dtype="fp32", onto="dequantized", log=log)

@@ -3,7 +3,7 @@ console (a progress bar or, with --quiet, log lines only), `metrics.jsonl`, the 
 Ctrl-C / SIGTERM stop with a checkpoint, the NaN/inf guard, `loss.png`.
 
 Everything here is a `transformers.TrainerCallback` that reads the Trainer's state and logs and sets
-`TrainerControl` flags; the loop is TRL's. Imported only by `qtune.train.run_training` (transformers at module
+`TrainerControl` flags; the loop is TRL's. Imported only by `qtune.training.run_training` (transformers at module
 level is fine here: `qtune --help` never reaches this module).
 """
 

@@ -1,22 +1,26 @@
 """One pipeline for every command that trains, or shows what training would see: `prepare`, then `train`.
 
-    qtune train x.yaml → cli.cmd_train → prepare(recipe)        everything that can be wrong, before any weight
-                                          ├ train.check_launch   loads: launch × placement × quantization
-                                          ├ RunDir.check_can_start   refuse / resume / overwrite
-                                          ├ data.loading.load_rows     sources → rows of one format
-                                          ├ train.check_schema         the rows fit the method (train.METHODS)
-                                          ├ data.loading.rows_for_kto  kto: pairs unpaired, both labels present
-                                          ├ model.check_architecture   (meta device), model.start_adapter, model.load_tokenizer
+    qtune train x.yaml → cli.cmd_train ─┬→ train_recipe(recipe): the one implementation of both
+    qtune.train(recipe) → api.train ────┘
+                                       → prepare(recipe)        everything that can be wrong, before any weight
+                                          ├ training.check_launch       loads: launch × placement × quantization
+                                          ├ RunDir.check_can_start      refuse / resume / overwrite
+                                          ├ training.check_tracking     MLflow: store writable, server answering
+                                          ├ data.loading.load_rows      sources → rows of one format
+                                          ├ training.check_schema       the rows fit the method (training.METHODS)
+                                          ├ data.loading.rows_for_kto   kto: pairs unpaired, both labels present
+                                          ├ model.check_architecture    (meta device), model.start_adapter, model.load_tokenizer
                                           ├ data.templates.use_chat_template  the recipe's template, set once, here
-                                          ├ train.trainer_config       the method's TRL config (SFTConfig, DPOConfig …)
+                                          ├ training.trainer_config     the method's TRL config (SFTConfig, DPOConfig …)
                                           └ data.preparation.check_training_data  TRL's own preparation of the rows
                                        → train(prepared)
-                                          ├ model.load_for_training    4-bit base + k-bit prep + LoRA (fresh or model.adapter)
-                                          ├ data.cache.build_dataset   the rows from the cache the check wrote
-                                          └ train.run_training         the method's TRL trainer → adapter/ (with the
+                                          ├ model.load_for_training     4-bit base + k-bit prep + LoRA (fresh or model.adapter)
+                                          ├ data.cache.build_dataset    the rows from the cache the check wrote
+                                          └ training.run_training       the method's TRL trainer → adapter/ (with the
                                                                         run's stop tokens: qtune.stops), summary.json …
 
-`qtune data` and `qtune estimate --probe` use the same `prepare`.
+`qtune data` and `qtune estimate --probe` use the same `prepare`; `qtune eval` uses `prepare_eval`, the same steps
+for the rows it scores (no launch, run-dir, model-shape or training-data checks).
 """
 
 from __future__ import annotations
@@ -53,25 +57,27 @@ def prepare(
 
     training=False (`qtune data`): no launch, run-directory or model-shape checks; every row goes through TRL's
     preparation (not a sample) and the loud data checks are left to the caller, after it has shown the data."""
-    from qtune import model, train
+    from qtune import model
     from qtune.data.loading import load_rows, rows_for_kto
     from qtune.data.preparation import check_training_data, loss_settings
     from qtune.data.report import warn_skipped
     from qtune.data.templates import use_chat_template
     from qtune.stops import stop_tokens
+    from qtune.training import check_launch, check_online, check_schema, check_tracking, trainer_config
 
     launch = launch if launch is not None else model.detect_launch()
     run = RunDir(recipe.output_dir, recipe)
     resume_from = None
     if training:
-        train.check_launch(recipe, launch)
+        check_launch(recipe, launch)
         resume_from = run.check_can_start()
+        check_tracking(recipe)  # MLflow: the store writable / the server answering, within seconds
     fmt, rows = load_rows(recipe)
-    train.check_schema(recipe, fmt, rows)
+    check_schema(recipe, fmt, rows)
     if recipe.method == "kto":
         fmt, rows = rows_for_kto(recipe, fmt, rows)  # pairs unpaired; one label alone refused
     if recipe.method in ONLINE_METHODS:
-        train.check_online(recipe, launch)  # rewards imported, generations divide the batch, vLLM there
+        check_online(recipe, launch)  # rewards imported, generations divide the batch, vLLM there
     if training:
         model.check_architecture(recipe)
         model.check_weight_files(recipe.model.name, allow_pickle)
@@ -79,7 +85,7 @@ def prepare(
     tokenizer = model.load_tokenizer(recipe)
     use_chat_template(recipe, tokenizer)
     loss = loss_settings(recipe, tokenizer, fmt)
-    args = train.trainer_config(recipe, launch, loss)
+    args = trainer_config(recipe, launch, loss)
     if not training:
         warn_skipped(rows)
     examples = check_training_data(
@@ -93,6 +99,47 @@ def prepare(
     )
 
 
+def train_recipe(
+    recipe: Recipe, *, check: bool = False, quiet: bool = False, allow_pickle: bool = False, name: str | None = None
+) -> RunDir | None:
+    """`qtune train` and `qtune.train()`, one implementation: every check (`prepare`), then `train`; the run.
+
+    check: stop after the checks and say so (None). A run already finished (training.resume after its last step)
+    is said and returned as it is. `name`: the recipe as the user gave it, for the ready line."""
+    from qtune.rundir import RunFinished
+
+    try:
+        prepared = prepare(recipe, allow_pickle=allow_pickle)
+    except RunFinished as done:  # a restarted job (--resume, training.resume: auto) after the last step
+        print(f"qtune: {done.message}")
+        return RunDir.open(recipe.output_dir)
+    if check:
+        if prepared.launch.is_main:
+            print(
+                f"qtune: {name or 'the recipe'} is ready: {len(prepared.rows)} {prepared.fmt} rows, "
+                f"output in {prepared.recipe.output_dir}"
+            )
+        return None
+    return train(prepared, quiet=quiet)
+
+
+def prepare_eval(recipe: Recipe, fmt: str, rows) -> PreparedRun:
+    """`qtune eval`: rows already read with `load_rows` (the run's eval split or --data; the caller picks the method
+    whose TRL preparation reads them), with the tokenizer (the recipe's chat template set once) and the trainer config
+    exactly as `prepare` makes them. None of training's checks: the launch, the run directory, the model's shape and
+    TRL's pass over the training rows (eval prepares only the rows it scores)."""
+    from qtune import model, training
+    from qtune.data.preparation import loss_settings
+    from qtune.data.templates import use_chat_template
+
+    launch = model.detect_launch()
+    tokenizer = model.load_tokenizer(recipe)
+    use_chat_template(recipe, tokenizer)
+    loss = loss_settings(recipe, tokenizer, fmt)
+    args = training.trainer_config(recipe, launch, loss) if fmt != "prompt_only" else None
+    return PreparedRun(recipe, launch, RunDir(recipe.output_dir, recipe), fmt, rows, tokenizer, loss, args, None)
+
+
 def train(prepared: PreparedRun, quiet: bool = False) -> RunDir:
     """Load the base with a fresh adapter, build the dataset, train with TRL and save: the finished run.
 
@@ -104,7 +151,7 @@ def train(prepared: PreparedRun, quiet: bool = False) -> RunDir:
 
     from qtune import model
     from qtune.data.cache import build_dataset
-    from qtune.train import check_free_space, run_training
+    from qtune.training import check_free_space, run_training
 
     p = prepared
     main = p.launch.is_main

@@ -109,7 +109,7 @@ SFT_DATA = "chats, prompt / completion pairs or plain text"
 def method_section(recipe: Recipe) -> list[str]:
     """The model card's "Training method" lines: the method, its TRL trainer and settings (as passed to TRL), the
     reference model, and the data (its kind and sources)."""
-    from qtune.train import PREFERENCE_DATA, method_of
+    from qtune.training import PREFERENCE_DATA, method_of
 
     method = method_of(recipe)
     trainer = method.trainer.rpartition(".")[2]

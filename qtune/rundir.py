@@ -11,6 +11,7 @@ destination and renamed into place (`staged_output`, `write_text_atomic`), so a 
       samples.jsonl    grpo / rloo: prompts, completions and rewards every samples_every steps
       tensorboard/     TensorBoard events           wandb_run_id   the W&B run a resume continues
       merged/          after `qtune merge`          wandb/         W&B offline runs (never removed by qtune)
+      mlflow_run_id    the MLflow run a resume continues
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class RunDir:
     # offline W&B run is never deleted).
     OUTPUTS = (
         "adapter", "checkpoints", "recipe.yaml", "summary.json", "metrics.jsonl", "loss.png", "rewards.png",
-        "reward.png", "samples.jsonl", "tensorboard", "wandb_run_id",
+        "reward.png", "samples.jsonl", "tensorboard", "wandb_run_id", "mlflow_run_id",
     )  # fmt: skip
 
     def __post_init__(self):
@@ -119,6 +120,10 @@ class RunDir:
     def wandb_run_id(self) -> Path:
         return self.path / "wandb_run_id"
 
+    @property
+    def mlflow_run_id(self) -> Path:
+        return self.path / "mlflow_run_id"
+
     # ----------------------------------------------------------------------- reading a finished run back
 
     @classmethod
@@ -137,7 +142,8 @@ class RunDir:
                 run.recover()
         if not run.recipe_file.is_file():
             raise QtuneError(
-                f"{path}: not a qtune run directory (no recipe.yaml)",
+                f"{path}: not a qtune run directory (no recipe.yaml): a run directory is the output_dir of `qtune "
+                "train`, holding recipe.yaml (the resolved recipe), adapter/ (the trained adapter) and summary.json",
                 "give the output_dir of a finished `qtune train`, or a model folder where a MODEL is accepted",
             )
         if not (run.adapter / "adapter_config.json").is_file():
@@ -165,6 +171,13 @@ class RunDir:
         if not self.summary_file.is_file():
             return None
         return json.loads(self.summary_file.read_text(encoding="utf-8"))
+
+    def read_metrics(self) -> list[dict]:
+        """metrics.jsonl: one dict per log step (loss, lr, grad norm, tokens/s, memory …), [] when there is none."""
+        if not self.metrics.is_file():
+            return []
+        lines = self.metrics.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
 
     def require_merged(self) -> Path:
         if not (self.merged / "config.json").is_file():

@@ -67,7 +67,7 @@ def main() -> None:
 
     import datasets
 
-    from qtune import train
+    from qtune import training
     from qtune.config import Recipe
     from qtune.data.cache import build_dataset
     from qtune.data.loading import load_rows
@@ -100,12 +100,12 @@ def main() -> None:
                 schema, rows = load_rows(recipe)
                 loaded = time.perf_counter()
                 tokenizer = build_tokenizer()
-                args = train.trainer_config(recipe, launch, loss_settings(recipe, tokenizer, schema))
+                args = training.trainer_config(recipe, launch, loss_settings(recipe, tokenizer, schema))
                 prepared = prepare_with_trl(recipe, tokenizer, build_dataset(recipe, tokenizer, schema, rows), args)
                 done = time.perf_counter()
                 assert len(prepared.input_ids) == opts.rows
                 tokenizer = build_tokenizer()  # a second run: a fresh tokenizer, the same cache
-                args = train.trainer_config(recipe, launch, loss_settings(recipe, tokenizer, schema))
+                args = training.trainer_config(recipe, launch, loss_settings(recipe, tokenizer, schema))
                 again = prepare_with_trl(recipe, tokenizer, build_dataset(recipe, tokenizer, schema, rows), args)
                 cached_s = time.perf_counter() - done
                 assert again.cache_files == prepared.cache_files  # served from the same cache files

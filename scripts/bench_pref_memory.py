@@ -53,17 +53,17 @@ def model_counts(model) -> dict:
 
 def _child(recipe: str, counts_path: str) -> int:
     """Run `qtune train RECIPE --quiet` in this process, writing model_counts of the trainer's model to counts_path."""
-    import qtune.train as train
+    import qtune.training as training
     from qtune.cli import main
 
-    original = train.build_trainer
+    original = training.build_trainer
 
     def counting(prepared, model, dataset, callbacks=()):
         trainer = original(prepared, model, dataset, callbacks)
         Path(counts_path).write_text(json.dumps(model_counts(trainer.model)))
         return trainer
 
-    train.build_trainer = counting
+    training.build_trainer = counting
     try:
         main(["train", recipe, "--quiet", "--overwrite"])
     except SystemExit as stop:

@@ -7,8 +7,9 @@
 Steps: build a small random Llama-style model and word-level tokenizer on local disk (no model hub), write
 a chat-format train set ("spell 4 7 2" -> "four seven two", 3-6 digits) and a disjoint held-out test set,
 write a recipe (4-bit NF4 + double quant, LoRA on every linear layer), run the real CLI
-(`python -m qtune train <recipe> --overwrite`), and measure exact-match accuracy with greedy generation
-on the held-out set: the 4-bit base without an adapter (before) and with the trained adapter (after).
+(`python -m qtune train <recipe> --overwrite`), then `qtune eval <run> --data test.jsonl --base`: exact match of
+greedy answers on the held-out set, the 4-bit base alone (before: the adapter disabled) and with the trained
+adapter (after), written to <out>/run/eval/ (eval.json, generations.jsonl, report.html).
 Writes <out>/demo_result.json; exits 1 when the adapter is not clearly better than the base.
 """
 
@@ -107,67 +108,6 @@ def recipe_for(out: Path, model_dir: Path, train_file: Path, steps: int, lr: flo
     }
 
 
-def load_4bit(model_dir: Path, quant: dict):
-    """The base model in 4-bit through transformers' BitsAndBytesConfig, as the recipe loads it for training."""
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant["quant_type"],
-        bnb_4bit_use_double_quant=quant["double_quant"],
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, dtype=torch.float32)
-    return model.eval()
-
-
-def accuracy(model, tokenizer, numbers: list[str]) -> tuple[float, list[tuple[str, str, str]]]:
-    """Exact match of greedy answers (chat template, generation prompt) against the spelled numbers.
-
-    Numbers of one length give prompts of one length, so each batch needs no padding."""
-    import torch
-
-    by_length: dict[int, list[str]] = {}
-    for n in numbers:
-        by_length.setdefault(len(n.split()), []).append(n)
-    results = []
-    with torch.no_grad():
-        for digits, group in sorted(by_length.items()):
-            prompts = [
-                tokenizer.apply_chat_template(chat(n), add_generation_prompt=True, tokenize=True, return_dict=True)
-                for n in group
-            ]
-            input_ids = torch.tensor([p["input_ids"] for p in prompts], device=model.device)
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=digits + 4,
-                do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            for n, row in zip(group, out[:, input_ids.shape[1] :], strict=True):
-                got = tokenizer.decode(row, skip_special_tokens=True).strip()
-                results.append((n, spell(n), got))
-    correct = sum(expected == got for _, expected, got in results)
-    return correct / len(results), results
-
-
-def evaluate(model_dir: Path, quant: dict, numbers: list[str], adapter: Path | None):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_4bit(model_dir, quant)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).eval()
-    started = time.time()
-    acc, results = accuracy(model, tokenizer, numbers)
-    return acc, results, time.time() - started
-
-
 def stream(command: list[str], **kwargs) -> tuple[int, str]:
     """Run `command`, echo its output (stdout and stderr, progress bars included) as it comes, and return
     (exit code, the output)."""
@@ -188,11 +128,32 @@ def logged_losses(metrics: Path, log: str) -> list[float]:
     return [float(x) for x in re.findall(r"(?:'loss': '?|\| loss )([0-9.]+(?:e[+-]?[0-9]+)?)", log)]
 
 
-def show_examples(results: list[tuple[str, str, str]], k: int = 3) -> None:
-    picks = results[:: max(1, len(results) // k)][:k]
-    for number, expected, got in picks:
-        mark = "ok " if expected == got else "BAD"
-        print(f"    [{mark}] spell {number:<12} -> {got!r:.60}   (want {expected!r})")
+def show_examples(answers: list[dict], side: str, k: int = 3) -> None:
+    """A few of `qtune eval`'s answers (generations.jsonl records): base or tuned, against the reference."""
+    picks = answers[:: max(1, len(answers) // k)][:k]
+    for a in picks:
+        mark = "ok " if a[f"{side}_exact_match"] else "BAD"
+        prompt = a["prompt"][-1]["content"]
+        print(f"    [{mark}] {prompt:<18} -> {a[side]!r:.60}   (want {a['reference']!r})")
+
+
+def run_eval(run_dir: Path, test_file: Path, samples: int) -> tuple[dict, list[dict]]:
+    """`qtune eval RUN --data TEST --base`, the real CLI (called in this process: no second interpreter start-up):
+    eval.json's figures and generations.jsonl's answers."""
+    from qtune.cli import main as qtune_main
+
+    args = ["eval", str(run_dir), "--data", str(test_file), "--base", "-n", str(samples)]
+    args += ["--max-new-tokens", str(MAX_DIGITS + 4)]  # the longest answer (6 words) and its end of turn fit
+    print(f"demo: [4/4] evaluating: python -m qtune {' '.join(args)}", flush=True)
+    try:
+        qtune_main(args)
+    except SystemExit as exc:
+        if exc.code:
+            raise
+    folder = run_dir / "eval"
+    result = json.loads((folder / "eval.json").read_text(encoding="utf-8"))
+    answers = [json.loads(line) for line in (folder / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
+    return result, answers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,14 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     recipe = recipe_for(out, model_dir, out / "train.jsonl", mode["steps"], mode["lr"], args.seed)
     recipe_path = out / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    quant = recipe["quantization"]
-
-    print("demo: [3/4] accuracy before training (4-bit base, no adapter) ...", flush=True)
-    before, before_results, before_s = evaluate(model_dir, quant, test, adapter=None)
-    show_examples(before_results)
 
     command = [sys.executable, "-m", "qtune", "train", str(recipe_path), "--overwrite"]
-    print(f"demo: [4/4] training: {' '.join(['python', *command[1:]])}", flush=True)
+    print(f"demo: [3/4] training: {' '.join(['python', *command[1:]])}", flush=True)
     env = {
         **os.environ,
         **OFFLINE_ENV,
@@ -260,10 +216,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: error: qtune train exited with {code}", file=sys.stderr)
         return code
 
-    adapter = Path(recipe["output_dir"]) / "adapter"
-    after, after_results, after_s = evaluate(model_dir, quant, test, adapter=adapter)
-    print("demo: accuracy after training (4-bit base + adapter):", flush=True)
-    show_examples(after_results)
+    run_dir = Path(recipe["output_dir"])
+    eval_started = time.time()
+    evaluation, answers = run_eval(run_dir, out / "test.jsonl", len(test))
+    eval_s = time.time() - eval_started
+    before, after = evaluation["base"]["exact_match"], evaluation["tuned"]["exact_match"]
+    print("demo: answers of the 4-bit base alone (before):", flush=True)
+    show_examples(answers, "base")
+    print("demo: answers with the trained adapter (after):", flush=True)
+    show_examples(answers, "tuned")
 
     summary_file = Path(recipe["output_dir"]) / "summary.json"
     summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
@@ -277,27 +238,28 @@ def main(argv: list[str] | None = None) -> int:
         "train_loss": summary.get("train_loss"),
         "logged_losses": losses,
         "train_wall_time_s": round(train_s, 2),
-        "eval_before_s": round(before_s, 2),
-        "eval_after_s": round(after_s, 2),
+        "eval_wall_time_s": round(eval_s, 2),
         "wall_time_s": round(wall, 2),
-        "adapter": str(adapter),
+        "adapter": str(run_dir / "adapter"),
+        "report": str(run_dir / "eval" / "report.html"),
         "per_length_after": {
-            str(d): sum(e == g for n, e, g in after_results if len(n.split()) == d)
-            / max(1, sum(len(n.split()) == d for n, _, _ in after_results))
+            str(d): sum(a["tuned_exact_match"] for a in answers if len(a["reference"].split()) == d)
+            / max(1, sum(len(a["reference"].split()) == d for a in answers))
             for d in range(MIN_DIGITS, MAX_DIGITS + 1)
         },
     }
     (out / "demo_result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
     print()
-    print(f"  held-out exact match ({len(test)} examples, greedy decoding)")
+    print(f"  held-out exact match ({len(test)} examples, greedy decoding; qtune eval, {eval_s:.1f}s)")
     print("  ----------------------------------------------------------")
-    print(f"  before  (4-bit base)            {100 * before:6.1f}%   eval {before_s:5.1f}s")
-    print(f"  after   (4-bit base + LoRA)     {100 * after:6.1f}%   eval {after_s:5.1f}s")
+    print(f"  before  (4-bit base)            {100 * before:6.1f}%")
+    print(f"  after   (4-bit base + LoRA)     {100 * after:6.1f}%")
     print("  ----------------------------------------------------------")
     curve = f"loss {losses[0]:.2f} -> {losses[-1]:.2f}" if losses else "no loss logged"
     print(f"  training: {result['steps']} steps, {curve}, {train_s:.1f}s (qtune train, incl. startup)")
     print(f"  total wall time: {wall:.1f}s    results: {out / 'demo_result.json'}")
+    print(f"  report: {run_dir / 'eval' / 'report.html'}")
     print()
     if after - before < args.min_gain:
         print(

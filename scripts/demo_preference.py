@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo import MODEL, OFFLINE_ENV, REPO, WORDS, load_4bit, stream  # noqa: E402  (also sets the offline env)
+from demo import MODEL, OFFLINE_ENV, REPO, WORDS, stream  # noqa: E402  (also sets the offline env)
 
 MODES = {"full": dict(rows=400, steps=120, test=80), "quick": dict(rows=200, steps=60, test=40)}
 METHOD_SETTINGS = {  # per method: its recipe section and learning rate (tuned on this task, 2 CPU cores)
@@ -63,6 +63,21 @@ def make_pairs(rows: int, test: int, seed: int) -> tuple[list[dict], list[dict]]
         if digits not in held:
             train.append(pair(list(digits), wrong))
     return train, [pair(list(d), w) for d, w in held.items()]
+
+
+def load_4bit(model_dir: Path, quant: dict):
+    """The base model in 4-bit through transformers' BitsAndBytesConfig, as the recipe loads it for training."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant["quant_type"],
+        bnb_4bit_use_double_quant=quant["double_quant"],
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, dtype=torch.float32)
+    return model.eval()
 
 
 def pair_logps(model, tokenizer, p: dict) -> tuple[float, float]:

@@ -2,33 +2,72 @@
 # Set up (scripts/setup.sh) and run the whole test suite on the CPU: real bitsandbytes, peft, TRL, accelerate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-. .venv/bin/activate
 # llama.cpp itself, for tests/test_gguf_llamacpp.py: built from source once (a few minutes), not needed by the demo.
 # The wheel is kept in a cache folder ($QTUNE_WHEELS, default ~/.cache/qtune-wheels, one folder per build flags), so
 # a second checkout or a fresh venv on the same machine installs it in seconds instead of building it again.
 # GGML_NATIVE=OFF: a native build on an AMX CPU (Sapphire Rapids) segfaulted in llama_decode here; the portable one runs.
 # LLAVA_BUILD=OFF: llama-cpp-python's multimodal library (libmtmd: about 50 compile steps on top of the 140 the rest
 # takes) is never loaded by `import llama_cpp` or for the text models qtune exports.
+# -O0: the tests run llama.cpp on tiny models only (each call well under a second either way), and compiling without
+# optimisation takes 6.8 CPU-minutes instead of 11.4 (-O3, the Release default; measured on this 2-core machine).
 # Its source distribution is fetched once (PyPI) and also feeds tests/corpus.py: llama.cpp's real tokenizers and
 # the released models' chat templates it vendors are the real-template tests' corpus.
 WHEELS="${QTUNE_WHEELS:-${XDG_CACHE_HOME:-$HOME/.cache}/qtune-wheels}"
 export QTUNE_LCPP_SDIST="$WHEELS/llama_cpp_python-0.3.36.tar.gz"
-[ -f "$QTUNE_LCPP_SDIST" ] || python -m pip download -q --no-deps --no-binary llama-cpp-python 'llama-cpp-python==0.3.36' -d "$WHEELS"
-if ! python -c "import llama_cpp" 2>/dev/null; then
-  # -O0: the tests run llama.cpp on tiny models only (each call well under a second either way), and compiling without
-  # optimisation takes 6.8 CPU-minutes instead of 11.4 (-O3, the Release default; measured on this 2-core machine).
-  export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS_RELEASE=-O0 -DCMAKE_CXX_FLAGS_RELEASE=-O0}"
-  built="$WHEELS/$(printf %s "$CMAKE_ARGS" | sha256sum | cut -c1-12)"
-  ls "$built"/llama_cpp_python-*.whl >/dev/null 2>&1 || python -m pip wheel -q --no-deps "$QTUNE_LCPP_SDIST" -w "$built"
-  python -m pip install -q "$built"/llama_cpp_python-*.whl
-fi
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS_RELEASE=-O0 -DCMAKE_CXX_FLAGS_RELEASE=-O0}"
+built="$WHEELS/$(printf %s "$CMAKE_ARGS" | sha256sum | cut -c1-12)"
+mkdir -p "$WHEELS"
+# The download and the compile need only the system python3 and cmake, not the venv: on a fresh machine they run in
+# the background while setup.sh installs the Python packages (mostly download and unpack), which hides most of the
+# compile's 3-4 minutes.
+fetch_and_build() {
+  [ -f "$QTUNE_LCPP_SDIST" ] || python3 -m pip download -q --no-deps --no-binary llama-cpp-python 'llama-cpp-python==0.3.36' -d "$WHEELS"
+  if ! { [ -x .venv/bin/python ] && .venv/bin/python -c "import llama_cpp" 2>/dev/null; }; then
+    ls "$built"/llama_cpp_python-*.whl >/dev/null 2>&1 || python3 -m pip wheel -q --no-deps "$QTUNE_LCPP_SDIST" -w "$built"
+  fi
+}
+build_log="$(mktemp)"
+fetch_and_build >"$build_log" 2>&1 &
+build_pid=$!
+# Debian's chromium, for tests/test_eval.py's check of report.html in a real headless browser (it loads the page and
+# reads what it renders); installed once, in the background too (mostly download and unpack). CI runs as root;
+# without chromium that test is skipped, saying so.
+install_chromium() {
+  [ ! -x /usr/bin/chromium ] || return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+  else
+    echo "scripts/test.sh: no /usr/bin/chromium (apt-get install chromium): the report.html browser test is skipped"
+  fi
+}
+chromium_log="$(mktemp)"
+install_chromium >"$chromium_log" 2>&1 &
+chromium_pid=$!
+bash scripts/setup.sh
+. .venv/bin/activate
 # GPT-QModel, for the gptq backend's tests: gptqmodel 7.7 declares torch>=2.14.1 (pip would swap in a multi-GB CUDA
 # torch), so what it imports is installed first and gptqmodel itself without dependencies (extra `gptq` on a GPU).
 python -c "import gptqmodel, optimum.gptq" 2>/dev/null || {
   python -m pip install -q optimum threadpoolctl device-smi pypcre tokenicer logbar defuser
   python -m pip install -q --no-deps --no-build-isolation 'gptqmodel==7.7.0'
 }
+# lm-evaluation-harness, for tests/test_harness.py (`qtune eval --tasks`): the `harness` extra, kept out of dev (and so
+# out of the demo's setup): 38 packages, 64 MB download, 284 MB installed; 1.5-2.3 minutes here on 2 busy cores.
+python -c "import lm_eval" 2>/dev/null || python -m pip install -q -e '.[harness]'
+if ! wait "$build_pid"; then
+  cat "$build_log" >&2
+  echo "scripts/test.sh: fetching or building llama-cpp-python failed (log above)" >&2
+  exit 1
+fi
+rm -f "$build_log"
+python -c "import llama_cpp" 2>/dev/null || python -m pip install -q "$built"/llama_cpp_python-*.whl
+if ! wait "$chromium_pid"; then
+  cat "$chromium_log" >&2
+  echo "scripts/test.sh: installing chromium failed (log above): the report.html browser test will be skipped" >&2
+  [ -z "${CI:-}" ] || exit 1  # CI must run it
+fi
+grep -h "browser test is skipped" "$chromium_log" >&2 || true
+rm -f "$chromium_log"
 # Two workers (pytest-xdist): a test runs on one core (OMP_NUM_THREADS=1), so the 2-core CI machine runs two at a
 # time. loadgroup keeps the tests that share an expensive fixture on one worker (tests/conftest.py). Arguments
 # come after, so `bash scripts/test.sh -n 0` runs in one process and `-n auto` uses every core.

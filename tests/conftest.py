@@ -196,6 +196,10 @@ SHARED_BUILDS = {
     "dpo_run": "dpo-downstream-run",
     "digit_task": "grpo-digit-task",
     "grpo_run": "grpo-downstream-run",
+    "api_run": "api-run",
+    "eval_sft_run": "eval-sft-run",
+    "eval_dpo_run": "eval-dpo-run",
+    "harness_run": "harness-run",
     "corpus": "real-templates",  # built once on disk (tests/corpus.py): two workers must not build it at once
 }
 

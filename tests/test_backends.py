@@ -358,7 +358,7 @@ def _fake_run(tmp_path, make_recipe, **sections):
 
 def test_merge_onto_dequantized_of_an_8bit_bnb_run_refused(make_recipe, tmp_path):
     """bnb's table entry dequantizes 4-bit weights exactly, not LLM.int8 ones: said before anything loads."""
-    from qtune.merge import merge
+    from qtune.merging import merge
 
     run = _fake_run(tmp_path, make_recipe, quantization={"bits": 8})
     with pytest.raises(QtuneError) as info:

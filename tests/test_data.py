@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import run_qtune_in_process, trained_spans, write_jsonl
-from qtune import train
+from qtune import training
 from qtune.config import load_recipe
 from qtune.data.cache import build_dataset
 from qtune.data.loading import load_rows
@@ -58,7 +58,7 @@ def _trainer_args(recipe, tokenizer, fmt: str):
     """What qtune.pipeline.prepare does between the tokenizer and the data check: the recipe's chat template set
     once on the tokenizer, then the trainer's config with the loss settings the data decides."""
     use_chat_template(recipe, tokenizer)
-    return train.trainer_config(recipe, SINGLE, loss_settings(recipe, tokenizer, fmt))
+    return training.trainer_config(recipe, SINGLE, loss_settings(recipe, tokenizer, fmt))
 
 
 def _tokenizer(tiny_llama):

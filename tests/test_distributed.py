@@ -17,7 +17,7 @@ import yaml
 import qtune
 from conftest import run_qtune_in_process
 from qtune import model as qmodel
-from qtune import train
+from qtune import training
 from qtune.config import load_recipe
 from qtune.model import Launch, detect_launch, device_map_for
 from qtune.quant import quantization_config
@@ -93,8 +93,8 @@ def test_shipped_accelerate_configs():
 def test_70b_recipe_splits_its_batch_on_2_to_16_gpus():
     recipe = load_recipe(ROOT / "recipes" / "llama2-70b-qlora.yaml")
     assert recipe.training.global_batch_size == 32 and recipe.model.dtype == "bfloat16"
-    assert [train.grad_accum_for(recipe, Launch(n, 0, 0, "FSDP")) for n in (2, 4, 8, 16)] == [16, 8, 4, 2]
-    train.check_launch(recipe.model_copy(), Launch(1, 0, 0, "NO"))
+    assert [training.grad_accum_for(recipe, Launch(n, 0, 0, "FSDP")) for n in (2, 4, 8, 16)] == [16, 8, 4, 2]
+    training.check_launch(recipe.model_copy(), Launch(1, 0, 0, "NO"))
 
 
 # --------------------------------------------------------------------------- what qtune sets under the engines
@@ -134,16 +134,16 @@ def test_sharded_launch_stores_4bit_in_the_param_dtype_and_places_nothing(make_r
     assert device_map_for(recipe, FSDP) is None and device_map_for(recipe, ZERO3) is None  # the engine shards
     assert device_map_for(recipe, ZERO2) == {"": 0}
     same = load_recipe(make_recipe(model={"dtype": "bfloat16"}, quantization={"bits": 4, "quant_storage": "bfloat16"}))
-    train.check_launch(same, FSDP) if torch.cuda.is_available() else None
+    training.check_launch(same, FSDP) if torch.cuda.is_available() else None
 
 
 def test_global_batch_sets_grad_accum_per_world_size(make_recipe):
     recipe = load_recipe(make_recipe(training={"micro_batch_size": 2, "global_batch_size": 16}))
-    assert [train.grad_accum_for(recipe, Launch(n, 0, 0, "MULTI_GPU")) for n in (1, 2, 4, 8)] == [8, 4, 2, 1]
-    args = train.trainer_config(recipe, Launch(1, 0, 0, "NO"))
+    assert [training.grad_accum_for(recipe, Launch(n, 0, 0, "MULTI_GPU")) for n in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    args = training.trainer_config(recipe, Launch(1, 0, 0, "NO"))
     assert args.gradient_accumulation_steps == 8
     plain = load_recipe(make_recipe(training={"grad_accum": 3}))
-    assert train.grad_accum_for(plain, Launch(4, 0, 0, "MULTI_GPU")) == 3  # no global batch: grad_accum as given
+    assert training.grad_accum_for(plain, Launch(4, 0, 0, "MULTI_GPU")) == 3  # no global batch: grad_accum as given
 
 
 # --------------------------------------------------------------------------- refused before any model loads
@@ -236,7 +236,7 @@ def test_bad_launch_refused_before_the_model_loads(case, make_recipe, tmp_path):
 WRAP_SCRIPT = r'''
 """Two ranks (gloo, CPU): the model qtune loads for an FSDP launch, wrapped by FSDP1 the way the Trainer does
 under recipes/accelerate/fsdp.yaml (peft's auto-wrap policy, use_orig_params false), trained 2 steps, then the
-adapter gathered from a full state dict and saved by rank 0 the way qtune.train.run_training saves it."""
+adapter gathered from a full state dict and saved by rank 0 the way qtune.training.run_training saves it."""
 import json, os, sys
 import torch
 import torch.distributed as dist
@@ -248,13 +248,13 @@ def main(rank, world, recipe_path, out, port):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from peft.utils.other import fsdp_auto_wrap_policy
     from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
-    from qtune import model as qmodel, train
+    from qtune import model as qmodel, training
     from qtune.config import load_recipe
 
     recipe = load_recipe(recipe_path)
     launch = qmodel.Launch(world, rank, rank, "FSDP", fsdp_version=1)
     model = qmodel.load_for_training(recipe, launch, qmodel.load_tokenizer(recipe), verbose=False)
-    train.keep_adapter_fp32(model)
+    training.keep_adapter_fp32(model)
     total = sum(p.numel() for p in model.parameters())
     dtypes = sorted({str(p.dtype) for p in model.parameters()})
     wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=False,
@@ -276,9 +276,9 @@ def main(rank, world, recipe_path, out, port):
     with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, config):
         full = wrapped.state_dict()
     if rank == 0:
-        train.save_gathered_adapter(model, full, __import__("pathlib").Path(out))
+        training.save_gathered_adapter(model, full, __import__("pathlib").Path(out))
         probe = {"dtypes": dtypes, "units": units, "local": local, "total": total, "losses": losses,
-                 "fingerprint": train._adapter_fingerprint_of(full)}
+                 "fingerprint": training._adapter_fingerprint_of(full)}
         (__import__("pathlib").Path(out) / "probe.json").write_text(json.dumps(probe))
     dist.barrier()
     dist.destroy_process_group()

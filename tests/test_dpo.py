@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from qtune import train
+from qtune import training
 from qtune.config import DPO_LOSS_TYPES, load_recipe
 from qtune.errors import QtuneError
 from qtune.model import Launch
@@ -83,28 +83,30 @@ def test_method_table_builds_each_methods_trl_config(tmp_path):
     from trl import DPOConfig, SFTConfig
 
     sft = load_recipe(_recipe_file(tmp_path), [f"output_dir={tmp_path / 'a'}"])
-    assert type(train.trainer_config(sft, SINGLE)) is SFTConfig
+    assert type(training.trainer_config(sft, SINGLE)) is SFTConfig
     dpo = load_recipe(
         _recipe_file(tmp_path, method="dpo"),
         [f"output_dir={tmp_path / 'b'}", "dpo.beta=0.25", "dpo.loss_type=[sigmoid, sft]", "dpo.loss_weights=[1, 0.5]"],
     )
-    args = train.trainer_config(dpo, SINGLE)
+    args = training.trainer_config(dpo, SINGLE)
     assert type(args) is DPOConfig
     assert (args.beta, args.loss_type, args.loss_weights, args.max_length) == (0.25, ["sigmoid", "sft"], [1, 0.5], 2048)
-    assert {"sft", "dpo"} <= set(train.METHODS)  # and kto, orpo, simpo (tests/test_kto.py)
+    assert {"sft", "dpo"} <= set(training.METHODS)  # and kto, orpo, simpo (tests/test_kto.py)
 
 
 def test_training_extra_is_checked_against_the_methods_config(tmp_path):
     dpo = load_recipe(_recipe_file(tmp_path, method="dpo"), [f"output_dir={tmp_path / 'b'}"])
     with pytest.raises(QtuneError, match="DPOConfig has no argument 'packing'"):
-        train.trainer_config(
+        training.trainer_config(
             dpo.model_copy(update={"training": dpo.training.model_copy(update={"extra": {"packing": 1}})}), SINGLE
         )
     extra = dpo.training.model_copy(update={"extra": {"beta": 0.3}})
     with pytest.raises(QtuneError, match="already set by the recipe key dpo.beta"):
-        train.trainer_config(dpo.model_copy(update={"training": extra}), SINGLE)
+        training.trainer_config(dpo.model_copy(update={"training": extra}), SINGLE)
     extra = dpo.training.model_copy(update={"extra": {"f_divergence_type": "js_divergence"}})
-    assert train.trainer_config(dpo.model_copy(update={"training": extra}), SINGLE).f_divergence_type == "js_divergence"
+    assert (
+        training.trainer_config(dpo.model_copy(update={"training": extra}), SINGLE).f_divergence_type == "js_divergence"
+    )
 
 
 # --------------------------------------------------------------------------- (b) preference data
@@ -400,7 +402,7 @@ def test_reference_is_the_starting_policy_at_step_0(pairs_recipe, start_adapter_
     prepared = pipeline.prepare(recipe, SINGLE)
     model = load_for_training(recipe, SINGLE, prepared.tokenizer, verbose=False)
     dataset = build_dataset(recipe, prepared.tokenizer, prepared.fmt, prepared.rows, prepared.args)
-    trainer = train.build_trainer(prepared, model, dataset)
+    trainer = training.build_trainer(prepared, model, dataset)
     assert set(trainer.model.peft_config) == {"default", "ref"}
     assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if ".ref." in n)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
@@ -437,7 +439,7 @@ def test_without_a_start_adapter_the_reference_is_the_base(pairs_recipe):
     prepared = pipeline.prepare(recipe, SINGLE)
     model = load_for_training(recipe, SINGLE, prepared.tokenizer, verbose=False)
     dataset = build_dataset(recipe, prepared.tokenizer, prepared.fmt, prepared.rows, prepared.args)
-    trainer = train.build_trainer(prepared, model, dataset)
+    trainer = training.build_trainer(prepared, model, dataset)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     trl_ref = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
     torch.testing.assert_close(trl_ref.float(), _completion_logps(load_base(recipe).eval(), batch), rtol=0, atol=1e-4)

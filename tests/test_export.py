@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import run_qtune, run_qtune_in_process, spell_rows, write_jsonl
-from qtune import merge as qmerge
+from qtune import merging as qmerge
 from qtune import model as qmodel
 from qtune import publish, quantize
 from qtune.config import load_recipe

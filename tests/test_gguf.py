@@ -352,7 +352,7 @@ def test_export_gguf_refuses_a_run_without_adapter_and_odd_sources(models, tmp_p
 )
 def test_export_gguf_of_a_run_merges_onto_the_dequantized_base_first(models, tmp_path, capsys, quantization):
     """A run directory (recipe + a LoRA adapter with non-zero B, as training leaves it) is merged by
-    qtune.merge onto the dequantized base of the run's backend, then written and verified."""
+    qtune.merging onto the dequantized base of the run's backend, then written and verified."""
     backend = quantization.get("backend", "bnb")
     pytest.importorskip({"bnb": "bitsandbytes", "quanto": "optimum.quanto"}.get(backend, backend))
     from peft import LoraConfig, get_peft_model

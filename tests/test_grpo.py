@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import run_qtune, run_qtune_in_process, write_jsonl
-from qtune import train
+from qtune import training
 from qtune.config import GRPO_LOSS_TYPES, load_recipe
 from qtune.errors import QtuneError
 from qtune.model import Launch
@@ -38,11 +38,11 @@ def test_grpo_section_defaults_and_trl_config(tmp_path):
         [f"output_dir={tmp_path / 'g'}", "grpo.beta=0.04", "grpo.loss_type=dr_grpo"],
     )
     assert (recipe.grpo.num_generations, recipe.grpo.temperature, recipe.grpo.samples_every) == (8, 1.0, 10)
-    args = train.trainer_config(recipe, SINGLE)
+    args = training.trainer_config(recipe, SINGLE)
     assert type(args).__name__ == "GRPOConfig"
     assert (args.num_generations, args.beta, args.loss_type, args.reward_weights) == (8, 0.04, "dr_grpo", [1.0, 0.5])
     rloo = load_recipe(_recipe_file(tmp_path, method="rloo", rloo={"rewards": REWARDS}), [f"output_dir={tmp_path}/r"])
-    args = train.trainer_config(rloo, SINGLE)
+    args = training.trainer_config(rloo, SINGLE)
     assert type(args).__name__ == "RLOOConfig" and (args.num_generations, args.beta) == (4, 0.05)
 
 
@@ -55,11 +55,11 @@ def test_held_out_prompts_are_evaluated_before_training_at_eval_steps_and_at_the
     section = {"rewards": REWARDS, "num_generations": 8}
     path = _recipe_file(tmp_path, method=method, data=data, training={"micro_batch_size": 4, "grad_accum": 2},
                         **{method: section})  # fmt: skip
-    args = train.trainer_config(load_recipe(path, [f"output_dir={tmp_path / 'o'}"]), SINGLE)
+    args = training.trainer_config(load_recipe(path, [f"output_dir={tmp_path / 'o'}"]), SINGLE)
     assert (args.eval_on_start, str(args.eval_strategy.value), args.per_device_eval_batch_size) == (True, "no", 8)
-    args = train.trainer_config(load_recipe(path, [f"output_dir={tmp_path / 'o'}", "training.eval_steps=5"]), SINGLE)
+    args = training.trainer_config(load_recipe(path, [f"output_dir={tmp_path / 'o'}", "training.eval_steps=5"]), SINGLE)
     assert (str(args.eval_strategy.value), args.eval_steps, args.eval_on_start) == ("steps", 5, True)
-    args = train.trainer_config(load_recipe(path, [f"output_dir={tmp_path / 'o'}", "data.eval_split=null"]), SINGLE)
+    args = training.trainer_config(load_recipe(path, [f"output_dir={tmp_path / 'o'}", "data.eval_split=null"]), SINGLE)
     assert (args.eval_on_start, str(args.eval_strategy.value)) == (False, "no")
 
 
@@ -216,7 +216,7 @@ def test_weights_live_on_each_reward_so_a_separate_list_is_refused(tmp_path, grp
     reward_weights list, given through training.extra, is refused (it could)."""
     recipe = load_recipe(grpo_recipe(grpo={"rewards": [{"name": "accuracy", "weight": 2}, {"name": "length",
                                                                                            "target": 3}]}))  # fmt: skip
-    assert train.trainer_config(recipe, SINGLE).reward_weights == [2.0, 1.0]
+    assert training.trainer_config(recipe, SINGLE).reward_weights == [2.0, 1.0]
     path = grpo_recipe(training={"extra": {"reward_weights": [1.0, 0.5, 0.2]}})
     _refused_in_process(path, "training.extra.reward_weights: already set by the recipe key grpo.rewards[].weight")
 

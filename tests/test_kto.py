@@ -11,7 +11,7 @@ import pytest
 import yaml
 from test_dpo import SINGLE, WORDS, _pair_logps, _recipe_file, last_digit_pairs
 
-from qtune import train
+from qtune import training
 from qtune.config import KTO_LOSS_TYPES, load_recipe
 from qtune.errors import QtuneError
 
@@ -79,32 +79,32 @@ def test_method_table_builds_each_methods_trl_config(tmp_path):
         _recipe_file(tmp_path, method="kto"),
         [f"output_dir={tmp_path / 'k'}", "kto.beta=0.3", "kto.desirable_weight=1.33", "kto.undesirable_weight=0.5"],
     )
-    args = train.trainer_config(recipe, SINGLE)
+    args = training.trainer_config(recipe, SINGLE)
     assert type(args) is KTOConfig
     assert (args.beta, args.desirable_weight, args.undesirable_weight, args.loss_type) == (0.3, 1.33, 0.5, "kto")
     assert args.train_sampling_strategy == "sequential"  # TRL's KL estimate needs it; qtune leaves it alone
 
-    orpo = train.trainer_config(load_recipe(_recipe_file(tmp_path, method="orpo"), ["orpo.beta=0.25"]), SINGLE)
+    orpo = training.trainer_config(load_recipe(_recipe_file(tmp_path, method="orpo"), ["orpo.beta=0.25"]), SINGLE)
     assert type(orpo).__name__ == "ORPOConfig" and type(orpo).__module__.startswith("trl.experimental.orpo")
     assert orpo.beta == 0.25
-    simpo = train.trainer_config(
+    simpo = training.trainer_config(
         load_recipe(_recipe_file(tmp_path, method="simpo"), ["simpo.gamma=0.8", "simpo.cpo_alpha=0.1"]), SINGLE
     )
     assert type(simpo).__name__ == "CPOConfig" and type(simpo).__module__.startswith("trl.experimental.cpo")
     assert (simpo.loss_type, simpo.beta, simpo.simpo_gamma, simpo.cpo_alpha) == ("simpo", 2.0, 0.8, 0.1)
-    assert set(train.METHODS) == {"sft", "dpo", "kto", "orpo", "simpo", "reward", "grpo", "rloo"}
-    assert [m for m, row in train.METHODS.items() if row.reference] == ["dpo", "kto"]
-    assert [m for m, row in train.METHODS.items() if train.experimental(row)] == ["orpo", "simpo"]
+    assert set(training.METHODS) == {"sft", "dpo", "kto", "orpo", "simpo", "reward", "grpo", "rloo"}
+    assert [m for m, row in training.METHODS.items() if row.reference] == ["dpo", "kto"]
+    assert [m for m, row in training.METHODS.items() if training.experimental(row)] == ["orpo", "simpo"]
 
 
 def test_training_extra_is_checked_against_the_methods_config(tmp_path):
     kto = load_recipe(_recipe_file(tmp_path, method="kto"), [f"output_dir={tmp_path / 'k'}"])
     with pytest.raises(QtuneError, match="already set by the recipe key kto.desirable_weight"):
         extra = kto.training.model_copy(update={"extra": {"desirable_weight": 2.0}})
-        train.trainer_config(kto.model_copy(update={"training": extra}), SINGLE)
+        training.trainer_config(kto.model_copy(update={"training": extra}), SINGLE)
     simpo = load_recipe(_recipe_file(tmp_path, method="simpo"))
     with pytest.raises(QtuneError, match="already set by the recipe key simpo.gamma"):
-        train.trainer_config(
+        training.trainer_config(
             simpo.model_copy(update={"training": simpo.training.model_copy(update={"extra": {"simpo_gamma": 1}})}),
             SINGLE,
         )
@@ -264,7 +264,7 @@ def test_kto_reference_is_the_starting_policy(kto_recipe):
     prepared = pipeline.prepare(recipe, SINGLE)
     model = load_for_training(recipe, SINGLE, prepared.tokenizer, verbose=False)
     dataset = build_dataset(recipe, prepared.tokenizer, prepared.fmt, prepared.rows, prepared.args)
-    trainer = train.build_trainer(prepared, model, dataset)
+    trainer = training.build_trainer(prepared, model, dataset)
     assert type(trainer).__name__ == "KTOTrainer"
     assert set(trainer.model.peft_config) == {"default", "ref"}
     params = dict(trainer.model.named_parameters())

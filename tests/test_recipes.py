@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qtune import train
+from qtune import training
 from qtune.config import load_recipe
 from qtune.model import Launch
 
@@ -22,7 +22,7 @@ def test_the_shipped_set():
 def test_recipe_validates_and_builds_sft_config(path, tmp_path):
     recipe = load_recipe(path, [f"output_dir={tmp_path / 'run'}"])
     assert recipe.quantization.bits == 4 and recipe.quantization.quant_type == "nf4"
-    args = train.trainer_config(recipe, Launch(1, 0, 0, "NO"))
+    args = training.trainer_config(recipe, Launch(1, 0, 0, "NO"))
     assert args.learning_rate == recipe.training.lr
     assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
 
@@ -43,7 +43,7 @@ def test_zephyr_dpo_recipe_continues_the_sft_adapter():
     assert r.data.chat_template is None  # the SFT adapter's tokenizer carries the template it trained with
     assert (r.training.micro_batch_size, r.training.grad_accum, r.training.seed) == (4, 1, 42)
     assert (r.dpo.beta, r.training.lr, r.data.max_length) == (0.01, 5e-6, 1024)
-    args = train.trainer_config(r, Launch(1, 0, 0, "NO"))
+    args = training.trainer_config(r, Launch(1, 0, 0, "NO"))
     assert type(args) is DPOConfig and args.beta == 0.01 and args.loss_type == ["sigmoid"]
 
 
@@ -54,7 +54,7 @@ def test_llama31_orpo_recipe_follows_its_source():
     assert (r.orpo.beta, r.training.lr, r.data.max_length, r.data.chat_template) == (0.1, 8e-6, 1024, "llama-3.1")
     assert (r.lora.r, r.lora.alpha, r.lora.dropout) == (16, 32, 0.05)
     assert (r.training.micro_batch_size, r.training.grad_accum, r.training.optimizer) == (2, 4, "paged_adamw_8bit")
-    args = train.trainer_config(r, Launch(1, 0, 0, "NO"))
+    args = training.trainer_config(r, Launch(1, 0, 0, "NO"))
     assert type(args).__name__ == "ORPOConfig" and args.beta == 0.1 and args.lr_scheduler_type == "linear"
     header = (RECIPES[0].parent / "llama3.1-8b-orpo.yaml").read_text().split("\nmethod:")[0]
     assert "huggingface.co/blog/mlabonne/orpo-llama-3" in header and "arXiv:2403.07691" in header
@@ -108,7 +108,7 @@ def test_qwen25_grpo_gsm8k_recipe_follows_its_source(tmp_path):
         "train",
         {"prompt": "question"},
     )
-    args = train.trainer_config(r, Launch(1, 0, 0, "NO"))
+    args = training.trainer_config(r, Launch(1, 0, 0, "NO"))
     assert type(args).__name__ == "GRPOConfig" and args.reward_weights == [2.0, 0.5] and args.adam_beta2 == 0.99
     assert (args.num_generations, args.max_completion_length, args.beta, args.loss_type) == (8, 200, 0.04, "grpo")
     assert args.optim == "adamw_8bit" and args.weight_decay == 0.1 and args.eval_on_start
@@ -116,7 +116,7 @@ def test_qwen25_grpo_gsm8k_recipe_follows_its_source(tmp_path):
     for source_name in ("nb/Qwen2.5_(3B)-GRPO.ipynb", "willccbb/", "arXiv:2402.03300", "What to expect"):
         assert source_name in header, source_name
 
-    accuracy, fmt = train.reward_functions(r)
+    accuracy, fmt = training.reward_functions(r)
     good = "<reasoning>\n48 / 2 = 24, 48 + 24 = 72\n</reasoning>\n<answer>\n72\n</answer>\n"
     wrong = good.replace("<answer>\n72", "<answer>\n70")
     untagged = "Natalia sold 72 clips."

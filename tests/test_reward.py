@@ -11,7 +11,7 @@ import pytest
 import yaml
 from test_dpo import SINGLE, _recipe_file, digit_pairs, last_digit_pairs
 
-from qtune import train
+from qtune import training
 from qtune.config import load_recipe
 from qtune.errors import QtuneError
 
@@ -24,13 +24,13 @@ def test_reward_section_gets_its_defaults_and_builds_trls_reward_config(tmp_path
     recipe = load_recipe(_recipe_file(tmp_path, method="reward"))
     assert recipe.reward.center_rewards_coefficient is None
     assert all(getattr(recipe, m) is None for m in ("dpo", "kto", "orpo", "simpo"))
-    args = train.trainer_config(
+    args = training.trainer_config(
         load_recipe(_recipe_file(tmp_path, method="reward", reward={"center_rewards_coefficient": 0.01})), SINGLE
     )
     assert type(args) is RewardConfig and args.center_rewards_coefficient == 0.01
-    row = train.METHODS["reward"]
+    row = training.METHODS["reward"]
     assert row.schemas == ("preference",) and not row.reference and not row.generates
-    assert [m for m, r in train.METHODS.items() if not r.generates] == ["reward"]
+    assert [m for m, r in training.METHODS.items() if not r.generates] == ["reward"]
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,7 @@ def test_training_extra_is_checked_against_reward_config(tmp_path):
     recipe = load_recipe(_recipe_file(tmp_path, method="reward"))
     extra = recipe.training.model_copy(update={"extra": {"center_rewards_coefficient": 0.1}})
     with pytest.raises(QtuneError, match="already set by the recipe key reward.center_rewards_coefficient"):
-        train.trainer_config(recipe.model_copy(update={"training": extra}), SINGLE)
+        training.trainer_config(recipe.model_copy(update={"training": extra}), SINGLE)
 
 
 # --------------------------------------------------------------------------- (b) data and refusals before loading

@@ -64,7 +64,7 @@ def build_base(out: Path) -> Path:
 @pytest.fixture(scope="module")
 def stop_run(tmp_path_factory) -> Path:
     """The run dir of one short QLoRA training with the built-in ChatML template, merged."""
-    from qtune.merge import merge
+    from qtune.merging import merge
 
     root = tmp_path_factory.mktemp("stop-tokens")
     base = build_base(root / "base")

@@ -171,14 +171,14 @@ def test_wandb_online_without_login_is_refused_before_loading(make_recipe, tmp_p
 
 def test_unknown_backend_and_resume_auto_are_checked(make_recipe):
     with pytest.raises(QtuneError, match="tracking.backend"):
-        load_recipe(make_recipe(tracking={"backend": "mlflow"}))
+        load_recipe(make_recipe(tracking={"backend": "comet"}))
     assert load_recipe(make_recipe(), ["training.resume=auto"]).training.resume == "auto"
     with pytest.raises(QtuneError, match="training.resume"):
         load_recipe(make_recipe(), ["training.resume=maybe"])
 
 
 def test_disk_too_small_for_the_checkpoints_fails_before_training(make_recipe, tmp_path):
-    from qtune.train import check_free_space
+    from qtune.training import check_free_space
 
     recipe = load_recipe(make_recipe(training={"save_steps": 10, "save_total_limit": 3}))
     check_free_space(Path(recipe.output_dir), 16_384, recipe)  # a tiny adapter fits

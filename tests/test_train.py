@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import run_qtune, run_qtune_in_process, spell_rows, write_jsonl
-from qtune import pipeline, train
+from qtune import pipeline, training
 from qtune.config import load_recipe
 from qtune.data.cache import build_dataset
 from qtune.model import Launch, load_for_training
@@ -38,7 +38,7 @@ def test_lora_weights_change_and_quantized_base_does_not(make_recipe):
     base_before = _quantized_bytes(model)
     assert len(base_before) == 2 * 2 * 7  # weight + absmax for 14 layers
     dataset = build_dataset(recipe, prepared.tokenizer, prepared.fmt, prepared.rows, prepared.args)
-    train.run_training(prepared, model, dataset)
+    training.run_training(prepared, model, dataset)
 
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, lora_before[n])]
     assert len(changed) == len(lora_before), "every LoRA matrix should have moved"

@@ -12,7 +12,9 @@ from qtune.data.templates import has_generation_markers, require_chat_template
 from qtune.errors import QtuneError, first_line
 
 
-def build_dataset(recipe: Recipe, tokenizer, fmt: str, rows: list[dict], args=None, stats: bool = False):
+def build_dataset(
+    recipe: Recipe, tokenizer, fmt: str, rows: list[dict], args=None, stats: bool = False, tokenize: bool = True
+):
     """A DatasetDict (train, and eval when data.eval_split is set) in the columns TRL trains on.
 
     Chats whose template lacks `{% generation %}` markers (every released template) are tokenized here, turn by
@@ -20,6 +22,8 @@ def build_dataset(recipe: Recipe, tokenizer, fmt: str, rows: list[dict], args=No
     every answer trained (train_on: completions) or the last one (train_on: last); with the markers (a Jinja
     string that has them), TRL's assistant-only loss covers every assistant turn. `stats=True` keeps the per-row
     turn counts (qtune.data.turns.STAT_COLUMNS) for the checks; training gets the dataset without them.
+    `tokenize=False` returns the rows themselves, split the same way (`qtune eval` reads the held-out prompts and
+    answers from them).
 
     The rows are written once (`save_to_disk`) under `<HF_DATASETS_CACHE>/qtune/<hash of the rows, the eval
     split and the seed>` and read back memory-mapped, so TRL's own `.map` steps (template, tokenization,
@@ -44,7 +48,7 @@ def build_dataset(recipe: Recipe, tokenizer, fmt: str, rows: list[dict], args=No
             if not (where / "dataset_dict.json").is_file():
                 _write_cache(_in_memory(recipe, train_rows, eval_shaped), where)
             built = datasets.load_from_disk(str(where))
-        if per_turn_masks(recipe, tokenizer, fmt):
+        if tokenize and per_turn_masks(recipe, tokenizer, fmt):
             built = _tokenize_turns(recipe, tokenizer, built, stats)
         if fmt == "prompt_only" and not stats:
             built = _within_prompt_budget(recipe, tokenizer, built)

@@ -92,7 +92,7 @@ def prepare_pairs_with_trl(recipe: Recipe, tokenizer, dataset, args) -> Prepared
 
     import datasets
 
-    from qtune.train import method_of, trl_class
+    from qtune.training import method_of, trl_class
 
     method = method_of(recipe)
     datasets.disable_progress_bars()

@@ -552,7 +552,19 @@ def _report_to(recipe: Recipe) -> str | list[str]:
             ) from None
     if t.backend == "wandb":
         _check_wandb_login(recipe)
+    if t.backend == "mlflow":
+        from qtune.mlflow_tracking import check_installed
+
+        check_installed()  # the store itself is checked by check_tracking (training only)
     return [t.backend]
+
+
+def check_tracking(recipe: Recipe) -> None:
+    """Before the model loads: the tracker can take the run (MLflow: its store writable, its server answering)."""
+    if recipe.tracking.backend == "mlflow":
+        from qtune import mlflow_tracking
+
+        mlflow_tracking.check(recipe)
 
 
 def _wandb_mode(recipe: Recipe) -> str:
@@ -759,6 +771,10 @@ def _tracking_env(recipe: Recipe, run: RunDir) -> None:
     t = recipe.tracking
     if t.backend == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.tensorboard)
+    if t.backend == "mlflow":
+        from qtune.mlflow_tracking import callback_env
+
+        os.environ.update(callback_env(recipe))
     if t.backend != "wandb":
         return
     settings = {
@@ -1216,6 +1232,11 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
     trainer.add_callback(monitor.Console(quiet=quiet))
 
     tracker = _start_wandb(recipe, run, launch, resuming=checkpoint is not None)
+    ml_run = None
+    if recipe.tracking.backend == "mlflow" and launch.is_main:
+        from qtune.mlflow_tracking import MlflowRun
+
+        ml_run = MlflowRun.start(recipe, run, resuming=checkpoint is not None)
     try:
         started = time.time()
         result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -1246,15 +1267,21 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
             plotted = [path.name for path, ok in plots.items() if ok]
             if tracker is not None:
                 _report_final(tracker, summary, recipe, adapter_dir)
+            if ml_run is not None:
+                ml_run.report_final(summary, recipe, run)
             if summary["replicas_identical"] is False:
                 print(f"qtune: warning: DDP replicas diverged: adapter fingerprints {fingerprints}", flush=True)
-            _print_done(summary, run, plotted, tracker, recipe)
-    except BaseException:
+            _print_done(summary, run, plotted, tracker, recipe, ml_run)
+    except BaseException as exc:
         if tracker is not None:
             tracker.finish(exit_code=1)
+        if ml_run is not None:
+            ml_run.end("KILLED" if guard.signal_name or isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     if tracker is not None:
         tracker.finish()
+    if ml_run is not None:
+        ml_run.end()
     state.wait_for_everyone()
     if recipe.hub.push and launch.is_main:  # after every rank is done: a failed upload leaves the adapter saved
         from qtune.publish import push_after_training
@@ -1263,7 +1290,7 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
     return run
 
 
-def _print_done(summary: dict, run: RunDir, plotted: list[str], tracker, recipe: Recipe) -> None:
+def _print_done(summary: dict, run: RunDir, plotted: list[str], tracker, recipe: Recipe, ml_run=None) -> None:
     """Where everything is, and the next command to run."""
     import shlex
 
@@ -1302,6 +1329,8 @@ def _print_done(summary: dict, run: RunDir, plotted: list[str], tracker, recipe:
             print(f"  W&B          {tracker.url}")
     if recipe.tracking.backend == "tensorboard":
         print(f"  TensorBoard  tensorboard --logdir {shlex.quote(str(run.tensorboard))}")
+    for line in ml_run.where() if ml_run is not None else []:
+        print(line)
     print("next:")
     if not method_of(recipe).generates:
         print(
