@@ -267,9 +267,15 @@ def _estimate_parser(sub) -> None:
     p.add_argument("--no-checkpointing", action="store_true", help="without gradient checkpointing")
     p.add_argument(
         "--method",
-        choices=["sft", "dpo", "kto", "orpo", "simpo"],
+        choices=["sft", "dpo", "kto", "orpo", "simpo", "grpo", "rloo"],
         help="training method (default: the recipe's, or sft): dpo / orpo / simpo forward chosen + rejected "
-        "together, dpo / kto add a frozen reference adapter",
+        "together, dpo / kto add a frozen reference adapter, grpo / rloo add generation's KV cache and train on "
+        "prompt (--max-length) + completion",
+    )
+    p.add_argument(
+        "--max-completion-length",
+        type=int,
+        help="grpo / rloo: longest generated completion in tokens (default: the recipe's, or 256)",
     )
     p.add_argument("--gpu", help="memory of one GPU, e.g. 24GB (GB read as GiB) for the verdict")
     p.add_argument("--gpus", type=int, help="number of GPUs: per-GPU figures under DDP and FSDP / ZeRO-3")
@@ -300,6 +306,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         gpu=args.gpu,
         gpus=args.gpus,
         method=args.method,
+        completion=args.max_completion_length,
     )
     options = {k: v for k, v in options.items() if v is not None}
     if args.bits == 16:

@@ -284,7 +284,8 @@ class DataSection(Section):
     eval_split: float | str | None = Field(
         None,
         description="A fraction of the rows held out for eval loss, or the name of a split every source has "
-        "(null: no eval).",
+        "(null: no eval). grpo / rloo: held-out prompts whose mean reward (per function and total) is measured "
+        "before training, at training.eval_steps if set, and at the end.",
     )
     dedup: bool = Field(False, description="Drop exact duplicate rows (after format mapping).")
     on_bad_row: Literal["error", "skip"] = Field(
@@ -661,6 +662,12 @@ class _OnlineSection(Section):
         "accuracy {column, extract: last_number / boxed / regex / whole, pattern}, format {pattern}, length "
         "{target, unit: tokens / words / chars}; or path/to/file.py:name, package.module:name.",
     )
+    system_prompt: str | None = Field(
+        None,
+        description="A system message put first in every prompt: a text prompt becomes a chat (this message, then "
+        "the prompt as the user turn, rendered by the chat template); a chat gets it unless it starts with a system "
+        "message. null: the prompts as the data has them (text prompts are fed to the model as plain text).",
+    )
     samples_every: int | None = Field(
         10,
         gt=0,
@@ -775,8 +782,6 @@ class Recipe(Section):
                     f"{key}: method {method} trains on the completions it generates from the prompts; leave "
                     f"data.{key} at its default"
                 )
-            if v.eval_split is not None:
-                raise ValueError(f"eval_split: not supported with method {method} yet (no held-out generation pass)")
         elif method not in (None, "sft"):
             if v.packing:
                 raise ValueError(

@@ -31,6 +31,15 @@ bitsandbytes quantizes (every nn.Linear but the output layer: `qtune.model.linea
   no gradients or optimizer state, run without grad before the policy's forward (kto also scores its KL
   completions without grad): that pass keeps one layer's activations and its logits at a time, freed before the
   policy's forward, so it adds to the peak only where it is larger than the training activations.
+- grpo / rloo (`METHOD_PASSES`, `generation_kv_bytes`): the training forward runs prompt + completion
+  (data.max_length, the prompt budget, + max_completion_length) through TRL's fused LM head (no logits term). Before
+  it, generation: transformers' `generate` on all of a step's completions at once per device (micro-batch x
+  steps_per_generation, TRL's default = grad_accum; TRL's batch sizes count completions, so num_generations changes
+  how many distinct prompts they hold, not how many sequences are generated), its KV cache 2 (K, V) x layers x
+  kv_heads x head_dim x sequences x (prompt + completion) tokens x bytes, in fp32 after k-bit preparation (TRL
+  generates without autocast: the fp32 residual stream makes fp32 keys and values, checked on a 4-bit model), else in
+  the compute dtype. The cache is freed before the training forward: only the larger of the two counts in the
+  total. Left out: the prefill's transient buffers and each decoding step's logits (sequences x vocab).
 """
 
 from __future__ import annotations
@@ -291,7 +300,16 @@ METHOD_PASSES = {
     ),
     "orpo": Passes(2, False, 0, "chosen + rejected in one forward (2 rows per pair); no reference"),
     "simpo": Passes(2, False, 0, "chosen + rejected in one forward (2 rows per pair); no reference"),
+    "grpo": Passes(1, False, 0, "generates its completions, then trains on prompt + completion", True),
+    "rloo": Passes(1, False, 0, "generates its completions, then trains on prompt + completion", True),
 }
+ONLINE = ("grpo", "rloo")
+
+
+def generation_kv_bytes(shape: Shape, sequences: int, tokens: int, element_bytes: int) -> int:
+    """The KV cache of `sequences` generated together, each `tokens` long (prompt + completion): keys and values of
+    every layer, kv_heads x head_dim wide."""
+    return 2 * shape.layers * shape.kv_dim * sequences * tokens * element_bytes
 
 
 def lora_params(shape: Shape, r: int, targets) -> int:
@@ -351,6 +369,11 @@ class Estimate:
     backend: str = "bnb"
     group_size: int | None = None  # hqq's quantization group (None: hqq's default, 64)
     method: str = "sft"  # the training method (METHOD_PASSES): preference methods double rows or add a reference
+    completion: int = 0  # grpo / rloo: max_completion_length (the training sequence is length + completion)
+    generation_rows: int = (
+        0  # grpo / rloo: sequences generated together per device (micro-batch x steps per generation)
+    )
+    reference_copy: bool = False  # grpo / rloo with beta > 0 and model.adapter: TRL's frozen "ref" copy of the adapter
     terms: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -367,10 +390,11 @@ class Estimate:
         self.opt_per_param, self.opt_what = optimizer_state(self.optimizer)
         self.passes = METHOD_PASSES.get(self.method, METHOD_PASSES["sft"])
         self.rows = self.batch * self.passes.rows  # sequences in the forward with grad
+        self.sequence = self.length + (self.completion if self.method in ONLINE else 0)  # tokens per trained row
         run = (self.compute_bytes, self.lora_r, self.lora_dropout, 4 if self.upcast else self.compute_bytes,
                self.passes.fused_head)  # fmt: skip
-        acts = activation_bytes(s, self.rows, self.length, self.checkpointing, *run)
-        other_acts = activation_bytes(s, self.rows, self.length, not self.checkpointing, *run)
+        acts = activation_bytes(s, self.rows, self.sequence, self.checkpointing, *run)
+        other_acts = activation_bytes(s, self.rows, self.sequence, not self.checkpointing, *run)
         self.acts_other_mode = other_acts["layers"] + other_acts["logits"]
         # the no-grad forwards (reference, kto's KL): one layer's activations and the logits of their rows at a time
         no_grad = activation_bytes(s, self.batch * self.passes.no_grad_rows, self.length, False, *run)
@@ -388,6 +412,19 @@ class Estimate:
         if self.no_grad_peak > acts["layers"] + acts["logits"]:
             self.terms["no-grad forward"] = self.no_grad_peak - acts["layers"] - acts["logits"]
         self.per_layer = acts["per_layer"]
+        # grpo / rloo: generation's KV cache (fp32 after k-bit preparation: TRL generates without autocast), held
+        # before the training forward and freed by then: the total counts the larger of it and the activations
+        self.kv_bytes_per_value = 4 if self.upcast else self.compute_bytes
+        self.generation = (
+            generation_kv_bytes(s, self.generation_rows or self.batch, self.sequence, self.kv_bytes_per_value)
+            if self.method in ONLINE
+            else 0
+        )
+        self.training_acts = acts["layers"] + acts["logits"]
+        if self.method in ONLINE:
+            if self.reference_copy:
+                self.terms["reference adapter"] = self.lora * 4
+            self.terms["generation (KV cache)"] = self.generation
 
     @property
     def weights_loaded(self) -> int:
@@ -395,7 +432,8 @@ class Estimate:
 
     @property
     def allocated(self) -> int:
-        return sum(self.terms.values())
+        """The peak: every term, but generation's KV cache and the training activations never together (the larger)."""
+        return sum(self.terms.values()) - min(self.generation, self.training_acts)
 
     @property
     def total(self) -> int:
@@ -410,9 +448,9 @@ class Estimate:
         """Per-GPU bytes under FSDP / ZeRO-3 over n GPUs: weights, adapter, grads and optimizer state sharded,
         two decoder layers gathered at a time (the current one and the prefetched next), activations per GPU."""
         t = self.terms
-        per_gpu = ("activations", "logits", "no-grad")
+        per_gpu = ("activations", "logits", "no-grad", "generation")
         states = sum(v for k, v in t.items() if not k.startswith(per_gpu))
-        acts = sum(v for k, v in t.items() if k.startswith(per_gpu))
+        acts = sum(v for k, v in t.items() if k.startswith(per_gpu)) - min(self.generation, self.training_acts)
         layer = self.quantized / max(self.shape.layers, 1)
         return math.ceil(states / n) + int(2 * layer) + acts + CUDA_CONTEXT
 
@@ -460,11 +498,18 @@ class Estimate:
             f"qtune estimate: {self.name} ({s.model_type}), {self.quant_name()}",
             f"  parameters      {s.total_params:,} ({s.quantizable:,} in {len(s.linears)} quantizable linears, "
             f"{s.other_params:,} other: embeddings, norms, lm_head, biases)",
-            f"  run             micro-batch {self.batch} x max_length {self.length}, gradient checkpointing "
+            f"  run             micro-batch {self.batch} x "
+            + (f"(max_length {self.length} + completion {self.completion} = {self.sequence} tokens)"
+               if self.method in ONLINE else f"max_length {self.length}")
+            + ", gradient checkpointing "
             f"{'on' if self.checkpointing else 'off'}, LoRA r {self.lora_r} on {self._targets()}, "
             f"{self.optimizer}",
             *(
-                [f"  method          {self.method}: {self.passes.what}" + (
+                [f"  method          {self.method}: {self.passes.what}; generation: {self.generation_rows or self.batch}"
+                 f" sequences at once per device (micro-batch x steps per generation; TRL counts completions, so "
+                 f"num_generations sets how many distinct prompts they hold), KV cache counted below"]
+                if self.method in ONLINE
+                else [f"  method          {self.method}: {self.passes.what}" + (
                     "; the reference is a second adapter on the same base (its LoRA weights, no gradients or "
                     "optimizer state)" if self.passes.reference else "")]
                 if self.method != "sft"
@@ -494,7 +539,10 @@ class Estimate:
             "reference adapter": f"{self.lora:,} params x 4 B (fp32, frozen: no gradients, no optimizer state)",
             "no-grad forward": f"{_gib(self.no_grad_peak)} GiB at its peak (one layer + logits of "
             f"{self.batch * self.passes.no_grad_rows} rows): above the training activations by this much",
+            "generation (KV cache)": self._generation_how(),
         }  # fmt: skip
+        if self.reference_copy:
+            hows["reference adapter"] += "; TRL's copy of model.adapter, the KL reference (beta > 0)"
         if self.passes.rows > 1:
             for key in ("activations (layers)", "logits + loss"):
                 hows[key] += (
@@ -512,6 +560,11 @@ class Estimate:
             lines.append(f"  {key:<24}{figure:>9}  {hows[key]}")
         if not self.modelled:
             lines.append(f"  (the figures below leave out the {self.backend} weights)")
+        if self.method in ONLINE:
+            lines.append(
+                f"  (generation's KV cache is freed before the training forward: the total counts only the larger of it "
+                f"and the activations + logits, {_gib(max(self.generation, self.training_acts))} GiB)"
+            )
         if self.passes.no_grad_rows and "no-grad forward" not in self.terms:
             lines.append(
                 f"  (the no-grad forward{'s' if self.method == 'kto' else ''} of the "
@@ -558,6 +611,15 @@ class Estimate:
                     f"  verdict: does NOT fit in {_gib(self.gpu_bytes)} GiB (needs {_gib(per_gpu)} GiB per GPU)"
                 )
         return "\n".join(lines)
+
+    def _generation_how(self) -> str:
+        s, rows = self.shape, self.generation_rows or self.batch
+        return (
+            f"2 (K, V) x {s.layers} layers x {s.kv_dim} (kv_heads x head_dim) x {rows} sequences x {self.sequence} "
+            f"tokens (prompt {self.length} + completion {self.completion}) x {self.kv_bytes_per_value} B"
+            + (" (fp32: generation runs without autocast after k-bit preparation)" if self.kv_bytes_per_value == 4
+               and self.upcast else "")
+        )  # fmt: skip
 
     def _targets(self) -> str:
         return "all linear layers" if self.lora_targets == "all-linear" else ", ".join(self.lora_targets)
@@ -614,10 +676,16 @@ def estimate(
     backend: str = "bnb",
     group_size: int | None = None,
     method: str = "sft",
+    completion: int | None = None,
+    steps_per_generation: int = 1,
+    reference_copy: bool = False,
 ) -> Estimate:
-    """The estimate for a model name / folder / config.json and the run's settings (GPU training figures)."""
-    if batch < 1 or length < 1 or lora_r < 1 or gpus < 1:
-        raise QtuneError("--micro-batch, --max-length, --lora-r and --gpus must be positive")
+    """The estimate for a model name / folder / config.json and the run's settings (GPU training figures). grpo / rloo:
+    `length` is the prompt budget, `completion` the max_completion_length (default 256, qtune's), and each device
+    generates batch x steps_per_generation sequences at once (TRL's default steps_per_generation: grad_accum)."""
+    if batch < 1 or length < 1 or lora_r < 1 or gpus < 1 or steps_per_generation < 1 or (completion or 1) < 1:
+        raise QtuneError("--micro-batch, --max-length, --lora-r, --gpus and --max-completion-length must be positive")
+    online = method in ("grpo", "rloo")
     offered = offered_bits(BACKENDS[backend])
     if bits is not None and bits not in offered:
         raise QtuneError(
@@ -653,6 +721,9 @@ def estimate(
         backend=backend,
         group_size=group_size,
         method=method,
+        completion=(completion or 256) if online else 0,
+        generation_rows=batch * steps_per_generation if online else 0,
+        reference_copy=reference_copy and online,
     )
 
 
@@ -680,6 +751,15 @@ def from_recipe(recipe, **overrides) -> Estimate:
         method=recipe.method,
     )
     settings.update({k: v for k, v in overrides.items() if v is not None or k == "bits"})  # bits None: --bits 16
+    section = getattr(recipe, settings["method"], None) if settings["method"] in ("grpo", "rloo") else None
+    if section is not None:  # the recipe's grpo / rloo settings (a --method grpo on an sft recipe: the defaults)
+        extra = recipe.training.extra
+        steps = extra.get("steps_per_generation") or recipe.training.grad_accum  # TRL's default: grad_accum
+        if extra.get("generation_batch_size"):  # completions per generation over all processes
+            steps = max(1, extra["generation_batch_size"] // (settings["batch"] * settings.get("gpus", 1)))
+        settings.setdefault("completion", section.max_completion_length)
+        settings.update(steps_per_generation=steps,
+                        reference_copy=bool(section.beta and recipe.model.adapter))  # fmt: skip
     return estimate(recipe.model.name, **settings)
 
 

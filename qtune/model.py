@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from qtune.config import Recipe
+from qtune.config import ONLINE_METHODS, Recipe
 from qtune.errors import QtuneError, first_line
 from qtune.quant import BACKENDS, backend_of, offered_bits
 from qtune.quant import describe as describe_quantization
@@ -647,7 +647,10 @@ def load_for_training(recipe: Recipe, launch: Launch, tokenizer, verbose: bool =
     from qtune.quant import lora_targets
 
     m = recipe.model
-    if scores(recipe):  # the new score head starts from training.seed's draw: the same on every rank and rerun
+    # The new score head (reward) and a fresh LoRA adapter of grpo / rloo start from training.seed's draw: the same on
+    # every rank and rerun. (The other methods' data checks build a TRL trainer, which seeds the RNG before this;
+    # grpo / rloo check their prompts without one, so in one process the draw depended on what ran before.)
+    if scores(recipe) or recipe.method in ONLINE_METHODS:
         from transformers import set_seed
 
         set_seed(recipe.training.seed)

@@ -21,6 +21,7 @@ from pathlib import Path
 from transformers import ProgressCallback, TrainerCallback
 
 from qtune.config import Recipe
+from qtune.rewards import reward_means
 from qtune.rundir import write_text_atomic
 
 GB = 1024**3
@@ -78,6 +79,7 @@ def format_line(record: dict, max_steps: int) -> str:
     if record.get("grad_norm") is not None:
         parts.append(f"grad {record['grad_norm']:.3f}")
     parts += _preference_parts(record)
+    parts += _online_parts(record)
     if "tokens_per_s" in record:
         per_device = record.get("tokens_per_s_per_device", record["tokens_per_s"])
         parts.append(f"{record['tokens_per_s']:,.0f} tok/s ({per_device:,.0f}/device)")
@@ -117,6 +119,23 @@ def _preference_parts(record: dict) -> list[str]:
     return parts
 
 
+def _online_parts(record: dict) -> list[str]:
+    """The reward figures of a grpo / rloo log step: the weighted total with each function's mean, the KL to the
+    starting policy (beta > 0) and the mean completion length; train, or eval (held-out prompts)."""
+    parts = []
+    for prefix, label in (("", ""), ("eval_", "eval ")):
+        total = record.get(prefix + "reward")
+        if not isinstance(total, (int, float)):
+            continue
+        each = ", ".join(f"{name} {value:.3f}" for name, value in reward_means(record, prefix).items())
+        parts.append(f"{label}reward {total:.3f}" + (f" ({each})" if each else ""))
+        if isinstance(record.get(prefix + "kl"), (int, float)):
+            parts.append(f"{label}kl {record[prefix + 'kl']:.4f}")
+        if isinstance(record.get(prefix + "completions/mean_length"), (int, float)):
+            parts.append(f"{label}completion {record[prefix + 'completions/mean_length']:.1f} tokens")
+    return parts
+
+
 def _logged_step(line: str) -> int | None:
     """The step of a metrics.jsonl line; None for a line a kill cut short (or anything else unreadable)."""
     try:
@@ -133,9 +152,17 @@ class RunMonitor(TrainerCallback):
     Must run before the other callbacks' `on_log` (train.run_training puts it first): they see the same `logs` dict.
     """
 
-    def __init__(self, recipe: Recipe, metrics_path: Path, world_size: int, start_lines: list[tuple[str, str]]):
+    def __init__(
+        self,
+        recipe: Recipe,
+        metrics_path: Path,
+        world_size: int,
+        start_lines: list[tuple[str, str]],
+        step_logs: tuple[Path, ...] = (),
+    ):
         self.recipe = recipe
         self.metrics_path = metrics_path
+        self.step_logs = (metrics_path, *step_logs)  # JSON lines with a "step" each (samples.jsonl): kept in step
         self.world_size = world_size
         self.start_lines = start_lines
         self.session_start = time.time()
@@ -152,16 +179,17 @@ class RunMonitor(TrainerCallback):
         self.last = (self.session_start, state.global_step, state.num_input_tokens_seen)
         if not state.is_world_process_zero:
             return
-        if state.global_step and self.metrics_path.exists():
-            # Resumed: lines logged after the checkpoint are redone by this session; keep one line per step.
-            kept = [
-                line
-                for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
-                if _logged_step(line) is not None and _logged_step(line) <= state.global_step
-            ]
-            write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
-        elif not state.global_step and self.metrics_path.exists():
-            self.metrics_path.unlink()
+        for path in self.step_logs:
+            if state.global_step and path.exists():
+                # Resumed: lines logged after the checkpoint are redone by this session; keep one line per step.
+                kept = [
+                    line
+                    for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                    if _logged_step(line) is not None and _logged_step(line) <= state.global_step
+                ]
+                write_text_atomic(path, "".join(line + "\n" for line in kept))
+            elif not state.global_step and path.exists():
+                path.unlink()
         lines = list(self.start_lines)
         if model is not None and hasattr(model, "get_nb_trainable_parameters"):
             trainable, total = model.get_nb_trainable_parameters()
@@ -412,6 +440,64 @@ def plot_rewards(metrics_path: Path, png_path: Path) -> bool:
     if "rewards/accuracies" in series or "eval_rewards/accuracies" in series:
         bottom.set_ylim(-0.05, 1.05)
     top.set_title(f"{png_path.parent.name}: chosen vs rejected")
+    fig.tight_layout()
+    tmp = png_path.with_name(png_path.name + ".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(png_path)
+    return True
+
+
+def plot_reward_curve(metrics_path: Path, png_path: Path) -> bool:
+    """grpo / rloo: the mean reward (weighted total, and each function's mean) of the training batches and of the
+    held-out prompts (eval, before training at step 0 and after) against step, into a PNG; False when metrics.jsonl
+    has no such figures (other methods) or is missing."""
+    if not metrics_path.is_file():
+        return False
+    series: dict[str, list] = {}
+    for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if _logged_step(line) is None:
+            continue
+        record = json.loads(line)
+        for prefix in ("", "eval_"):
+            if not isinstance(record.get(prefix + "reward"), (int, float)):
+                continue
+            series.setdefault(f"{prefix}reward", []).append((record["step"], record[prefix + "reward"]))
+            for name, value in reward_means(record, prefix).items():
+                series.setdefault(f"{prefix}rewards/{name}", []).append((record["step"], value))
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 6), dpi=100)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    for prefix, name in (("", "train"), ("eval_", "held-out")):
+        points = series.get(f"{prefix}reward")
+        if points:
+            top.plot(
+                *zip(*points, strict=True), label=f"{name} reward", marker="o" if prefix or len(points) < 40 else None
+            )
+    names = list(dict.fromkeys(key.split("rewards/", 1)[1] for key in series if "rewards/" in key))
+    for key, points in series.items():
+        if "rewards/" in key:
+            held_out, name = key.startswith("eval_"), key.split("rewards/", 1)[1]
+            bottom.plot(
+                *zip(*points, strict=True),
+                label=f"{'held-out' if held_out else 'train'} {name}",
+                marker="o" if held_out or len(points) < 40 else None,
+                linestyle="--" if held_out else "-",
+                color=f"C{names.index(name) % 10}",  # one colour per function: train solid, held-out dashed
+            )
+    top.set_ylabel("reward (weighted sum)")
+    bottom.set_ylabel("mean per reward function")
+    bottom.set_xlabel("optimizer step")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+    top.set_title(f"{png_path.parent.name}: mean reward")
     fig.tight_layout()
     tmp = png_path.with_name(png_path.name + ".tmp.png")
     fig.savefig(tmp)

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from qtune.config import Recipe
+from qtune.config import ONLINE_METHODS, Recipe
 from qtune.errors import QtuneError
 from qtune.rundir import PICKLE_SUFFIXES, RunDir, check_no_pickle_files, check_output_dir, staged_output
 
@@ -99,7 +99,10 @@ METHOD_NAMES = {
     "kto": "Kahneman-Tversky Optimization (KTO)",
     "orpo": "Odds Ratio Preference Optimization (ORPO)",
     "simpo": "Simple Preference Optimization (SimPO)",
+    "grpo": "Group Relative Policy Optimization (GRPO)",
+    "rloo": "REINFORCE Leave-One-Out (RLOO)",
 }
+PROMPT_DATA = "prompts (the completions are generated during training; the other columns go to the reward functions)"
 SFT_DATA = "chats, prompt / completion pairs or plain text"
 
 
@@ -116,7 +119,21 @@ def method_section(recipe: Recipe) -> list[str]:
     if settings:
         shown = ", ".join(f"`{k}`: {v}" for k, v in settings.items() if v is not None)
         lines.append(f"- **settings** (`{recipe.method}:` section of the recipe, as given to TRL): {shown}")
-    if method.reference:
+    online = recipe.method in ONLINE_METHODS
+    if online:
+        section = getattr(recipe, recipe.method)
+        lines.append(
+            "- **rewards** (summed with their weights): " + "; ".join(_reward_text(r) for r in section.rewards)
+        )
+        reference = (
+            f"the starting policy, frozen (KL penalty beta {section.beta:g}): "
+            + (f"a copy of the starting adapter `{recipe.model.adapter}`" if recipe.model.adapter
+               else "the base model (the adapter switched off)")
+            if section.beta
+            else "none (beta 0: no KL penalty)"
+        )  # fmt: skip
+        lines.append(f"- **reference model**: {reference}")
+    elif method.reference:
         reference = (
             f"the starting adapter `{recipe.model.adapter}`, frozen"
             if recipe.model.adapter
@@ -127,7 +144,7 @@ def method_section(recipe: Recipe) -> list[str]:
         lines.append("- **reference model**: none (this method needs none)")
     if recipe.model.adapter and not method.reference:
         lines.append(f"- **started from**: adapter `{recipe.model.adapter}`")
-    kind = SFT_DATA if recipe.method == "sft" else PREFERENCE_DATA[method.schemas[0]]
+    kind = SFT_DATA if recipe.method == "sft" else PROMPT_DATA if online else PREFERENCE_DATA[method.schemas[0]]
     if recipe.method == "kto":
         kind += ", or preference pairs split into one desirable and one undesirable row"
     lines.append(f"- **data**: {kind}, max_length {recipe.data.max_length} tokens, from:")
@@ -141,6 +158,32 @@ def method_section(recipe: Recipe) -> list[str]:
             details.append("columns " + ", ".join(f"{k} ← {v}" for k, v in source.columns.items()))
         lines.append(f"  - {where} ({'; '.join(details)})")
     return lines
+
+
+def _reward_text(entry) -> str:
+    """One reward of the recipe as the model card names it: `name` (weight w; its options)."""
+    options = ", ".join(f"{k}: {v}" for k, v in entry.options.items())
+    return f"`{entry.name}` (weight {entry.weight:g}" + (f"; {options})" if options else ")")
+
+
+def _reward_figures(summary: dict | None) -> list[str]:
+    """grpo / rloo: the held-out mean reward before training and at the end (total and per function), and the last
+    training step's, as model-card table rows."""
+    before, after = ((summary or {}).get(k) or {} for k in ("rewards_before", "rewards"))
+    rows = []
+    for label, record, key in (
+        ("held-out reward before training", before, "eval_reward"),
+        ("held-out reward (final)", after, "eval_reward"),
+        ("reward (last train step)", after, "reward"),
+    ):
+        if isinstance(record.get(key), (int, float)):
+            rows.append(f"| {label} | {record[key]:.4g} |")
+    from qtune.rewards import reward_means
+
+    for when, record in (("before training", before), ("final", after)):
+        for name, value in reward_means(record, "eval_").items():
+            rows.append(f"| held-out {name} (mean, {when}) | {value:.4g} |")
+    return rows
 
 
 def model_card(recipe: Recipe, repo_id: str, merged: bool, summary: dict | None, license: str = "other") -> str:
@@ -178,6 +221,8 @@ def model_card(recipe: Recipe, repo_id: str, merged: bool, summary: dict | None,
         value = (summary or {}).get(key, ((summary or {}).get("rewards") or {}).get(key))
         if value is not None:
             figures.append(f"| {label} | {value:.4g} |" if isinstance(value, float) else f"| {label} | {value} |")
+        if key == "eval_loss" and recipe.method in ONLINE_METHODS:
+            figures += _reward_figures(summary)
     if merged:
         usage = (
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"

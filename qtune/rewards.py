@@ -84,6 +84,19 @@ def _normalise(value) -> str:
 # --------------------------------------------------------------------------- built-ins
 
 
+def _extract(text: str, how: str, pattern: str | None) -> str | None:
+    """The answer in `text` by `how`: last_number, boxed, regex (`pattern`'s first group, or the whole match, at
+    its last match) or whole (the text, stripped); None when there is none."""
+    if how == "last_number":
+        return extract_last_number(text)
+    if how == "boxed":
+        return extract_boxed(text)
+    if how == "regex":
+        matches = list(re.finditer(pattern, text, re.DOTALL))
+        return (matches[-1].group(1) if matches[-1].groups() else matches[-1].group(0)) if matches else None
+    return text.strip()
+
+
 def accuracy(
     prompts,
     completions,
@@ -91,29 +104,27 @@ def accuracy(
     column: str = "answer",
     extract: str = "last_number",
     pattern: str | None = None,
+    reference: str = "whole",
+    reference_pattern: str | None = None,
     **columns,
 ) -> list[float]:
-    r"""1.0 where the completion's extracted final answer equals the row's `column` value, else 0.0.
+    r"""1.0 where the completion's extracted final answer equals the reference read from the row's `column`, else
+    0.0.
 
-    extract: last_number (the last number in the completion; `1,000` = `1000`, `2.50` = `2.5`), boxed (the last
+    extract (from the completion): last_number (the last number; `1,000` = `1000`, `2.50` = `2.5`), boxed (the last
     `\boxed{…}`), regex (`pattern`'s first group, or the whole match, at its last match), or whole (the whole
-    completion, stripped). Values are compared with whitespace collapsed and numbers normalised."""
+    completion, stripped). reference (from the column): the same choices, regex with `reference_pattern`; whole by
+    default (the column holds the bare answer); GSM8K's answer column (a worked solution ending `#### 72`) needs
+    last_number or regex with `####\s*(.+)`. Values are compared with whitespace collapsed and numbers normalised;
+    a row whose reference cannot be read scores 0.0."""
     if column not in columns:
         raise KeyError(f"no column '{column}' in the data (columns: {', '.join(sorted(_data_columns(columns)))})")
     answers = columns[column]
     out = []
     for completion, answer in zip(completions, answers, strict=True):
-        text = completion_text(completion)
-        if extract == "last_number":
-            got = extract_last_number(text)
-        elif extract == "boxed":
-            got = extract_boxed(text)
-        elif extract == "regex":
-            matches = list(re.finditer(pattern, text, re.DOTALL))
-            got = (matches[-1].group(1) if matches[-1].groups() else matches[-1].group(0)) if matches else None
-        else:  # whole
-            got = text.strip()
-        out.append(1.0 if got is not None and _normalise(got) == _normalise(answer) else 0.0)
+        got = _extract(completion_text(completion), extract, pattern)
+        want = _extract(str(answer), reference, reference_pattern)
+        out.append(1.0 if got is not None and want is not None and _normalise(got) == _normalise(want) else 0.0)
     return out
 
 
@@ -164,6 +175,17 @@ BUILTINS: dict[str, tuple[Callable, dict]] = {
                 ),
             ),
             "pattern": (str, False, None, None),
+            "reference": (
+                str,
+                False,
+                "whole",
+                lambda v: (
+                    None
+                    if v in ("last_number", "boxed", "regex", "whole")
+                    else "must be whole, last_number, boxed or regex"
+                ),
+            ),
+            "reference_pattern": (str, False, None, None),
         },
     ),
     "format": (format_match, {"pattern": (str, True, None, None)}),
@@ -222,17 +244,19 @@ def _check_builtin_options(name: str, options: dict) -> dict:
         if problem:
             raise ValueError(f"reward {name}: {option} {problem}, got {value!r}")
         settings[option] = value
-    if "pattern" in settings:
-        try:
-            re.compile(settings["pattern"])
-        except re.error as exc:
-            raise ValueError(f"reward {name}: pattern is not a valid regex ({exc})") from None
+    for key in ("pattern", "reference_pattern"):
+        if key in settings:
+            try:
+                re.compile(settings[key])
+            except re.error as exc:
+                raise ValueError(f"reward {name}: {key} is not a valid regex ({exc})") from None
     if name == "accuracy":
-        extract = settings.get("extract", "last_number")
-        if extract == "regex" and "pattern" not in settings:
-            raise ValueError("reward accuracy: extract regex needs a pattern (its first group is the answer)")
-        if extract != "regex" and "pattern" in settings:
-            raise ValueError(f"reward accuracy: pattern applies to extract regex only (extract is {extract})")
+        for mode, key, default in (("extract", "pattern", "last_number"), ("reference", "reference_pattern", "whole")):
+            how = settings.get(mode, default)
+            if how == "regex" and key not in settings:
+                raise ValueError(f"reward accuracy: {mode} regex needs a {key} (its first group is the answer)")
+            if how != "regex" and key in settings:
+                raise ValueError(f"reward accuracy: {key} applies to {mode} regex only ({mode} is {how})")
     return settings
 
 
@@ -349,6 +373,17 @@ def resolve(name: str, options: dict | None = None) -> Callable:
     bound.__name__ = name
     bound.__doc__ = fn.__doc__
     return bound
+
+
+def reward_means(record: dict, prefix: str = "") -> dict[str, float]:
+    """grpo / rloo: each reward function's mean in a log record (TRL's `rewards/<name>/mean`, eval ones prefixed
+    eval_), by the function's name."""
+    head = prefix + "rewards/"
+    return {
+        key[len(head) : -len("/mean")]: value
+        for key, value in record.items()
+        if key.startswith(head) and key.endswith("/mean") and isinstance(value, (int, float))
+    }
 
 
 # --------------------------------------------------------------------------- the guard

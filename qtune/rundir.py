@@ -6,7 +6,9 @@ destination and renamed into place (`staged_output`, `write_text_atomic`), so a 
     runs/<name>/
       recipe.yaml      the resolved recipe          adapter/       safetensors adapter + tokenizer
       checkpoints/     trainer checkpoints          metrics.jsonl  one line per log step
-      summary.json     final figures                loss.png       the loss curve (rewards.png: preference margins/accuracy)
+      summary.json     final figures                loss.png       the loss curve (rewards.png: preference margins/accuracy;
+                                                                   reward.png: grpo / rloo mean reward, train and held-out)
+      samples.jsonl    grpo / rloo: prompts, completions and rewards every samples_every steps
       tensorboard/     TensorBoard events           wandb_run_id   the W&B run a resume continues
       merged/          after `qtune merge`          wandb/         W&B offline runs (never removed by qtune)
       mlflow_run_id    the MLflow run a resume continues
@@ -61,7 +63,7 @@ class RunDir:
     # offline W&B run is never deleted).
     OUTPUTS = (
         "adapter", "checkpoints", "recipe.yaml", "summary.json", "metrics.jsonl", "loss.png", "rewards.png",
-        "tensorboard", "wandb_run_id", "mlflow_run_id",
+        "reward.png", "samples.jsonl", "tensorboard", "wandb_run_id", "mlflow_run_id",
     )  # fmt: skip
 
     def __post_init__(self):
@@ -99,6 +101,16 @@ class RunDir:
     def reward_plot(self) -> Path:
         """Preference methods: the implicit reward margins and accuracy per step."""
         return self.path / "rewards.png"
+
+    @property
+    def reward_curve(self) -> Path:
+        """grpo / rloo: the mean reward of the training batches and of the held-out prompts per step."""
+        return self.path / "reward.png"
+
+    @property
+    def samples(self) -> Path:
+        """grpo / rloo: a few prompts with their completions and rewards every samples_every steps."""
+        return self.path / "samples.jsonl"
 
     @property
     def tensorboard(self) -> Path:

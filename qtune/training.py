@@ -659,8 +659,11 @@ def trainer_config(recipe: Recipe, launch: Launch, loss_settings: dict | None = 
         **method.settings(recipe),
         **(loss_settings or {}),
     )
-    if recipe.method in ONLINE_METHODS:  # generated batches carry no input name transformers can count tokens by
+    if recipe.method in ONLINE_METHODS:
+        # TRL counts the prompt + generated tokens itself (state.num_input_tokens_seen); the generated batches carry
+        # no input name transformers could count them by
         kwargs["include_num_input_tokens_seen"] = "no"
+        kwargs.update(_online_eval(recipe))
     if "max_length" not in fields:  # GRPOConfig / RLOOConfig: prompts are not truncated, completions have their own
         kwargs.pop("max_length")
     kwargs.update(t.extra)
@@ -672,6 +675,23 @@ def trainer_config(recipe: Recipe, launch: Launch, loss_settings: dict | None = 
         raise QtuneError(
             f"training: {method.config} refused the arguments: {str(exc).strip().splitlines()[0]}"
         ) from None
+
+
+def _online_eval(recipe: Recipe) -> dict:
+    """grpo / rloo with data.eval_split: evaluating generates (TRL's GRPO / RLOO evaluate sample num_generations
+    completions of every held-out prompt and score them with the reward functions: eval_rewards/<name>/mean,
+    eval_reward), so the held-out reward is measured before training (eval_on_start; run_training turns it off on
+    --resume), at training.eval_steps only when the recipe sets them, and at the end (run_training). TRL's eval batch
+    holds whole groups: micro_batch_size rounded up to a multiple of num_generations."""
+    if recipe.data.eval_split is None:
+        return {}
+    t, g = recipe.training, getattr(recipe, recipe.method).num_generations
+    return {
+        "eval_strategy": "steps" if t.eval_steps else "no",
+        "eval_steps": t.eval_steps,
+        "eval_on_start": True,
+        "per_device_eval_batch_size": -(-t.micro_batch_size // g) * g,
+    }
 
 
 def _check_choice(key: str, value: str, module: str, enum_name: str) -> None:
@@ -935,6 +955,17 @@ def _stopped_early(guard, trainer, run: RunDir) -> QtuneError:
     )
 
 
+def _final_eval(trainer) -> dict:
+    """The eval figures of the last step: those logged at it already (training.eval_steps dividing the steps), else
+    one evaluate() now (every rank takes part). Evaluating twice at one step costs a second pass and, for grpo / rloo
+    (whose evaluation samples completions), would log a second, different figure for the same step."""
+    step = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if entry.get("step") == step and "eval_loss" in entry:
+            return {k: v for k, v in entry.items() if k.startswith("eval_")}
+    return trainer.evaluate()
+
+
 def _final_adapter_state(trainer, launch: Launch) -> tuple[dict | None, list]:
     """(gathered full state dict or None, adapter fingerprint per rank).
 
@@ -998,8 +1029,10 @@ def _summary(trainer, result, watcher, final_eval: dict, wall: float, launch: La
         "train_loss": result.training_loss,
         "final_loss": watcher.final.get("loss"),
         "eval_loss": final_eval.get("eval_loss"),
-        # preference methods: the reward figures of the last train log and of the final eval (model card, W&B)
-        "rewards": {k: v for k, v in {**watcher.final, **final_eval}.items() if "rewards/" in k} or None,
+        # preference methods, grpo / rloo: the reward figures of the last train log and of the final eval (model
+        # card, W&B); grpo / rloo with an eval split: the held-out figures before training too (step 0)
+        "rewards": _reward_figures({**watcher.final, **final_eval}),
+        "rewards_before": _reward_figures(_eval_at(trainer, 0)),
         "wall_time_s": round(wall, 2),
         "tokens_per_s": round(session_tokens / wall, 2) if wall else None,
         "tokens_per_s_per_device": round(session_tokens / wall / launch.world_size, 2) if wall else None,
@@ -1011,6 +1044,21 @@ def _summary(trainer, result, watcher, final_eval: dict, wall: float, launch: La
         "adapter_fingerprint_per_rank": fingerprints,
         "base_fingerprint": base_fingerprint(watcher.recipe.model.name),  # merge checks the base is still it,
     }
+
+
+def _reward_figures(record: dict) -> dict | None:
+    """The reward figures of a log record: preference methods' rewards/…, grpo / rloo's rewards/<name>/mean and /std
+    and the weighted total reward (eval_ prefixed for the held-out ones)."""
+    totals = ("reward", "reward_std", "eval_reward", "eval_reward_std")
+    return {k: v for k, v in record.items() if "rewards/" in k or k in totals} or None
+
+
+def _eval_at(trainer, step: int) -> dict:
+    """The eval figures logged at `step` (grpo / rloo: step 0 is the held-out reward before training)."""
+    for entry in trainer.state.log_history:
+        if entry.get("step") == step and "eval_loss" in entry:
+            return {k: v for k, v in entry.items() if k.startswith("eval_")}
+    return {}
 
 
 def _report_final(tracker, summary: dict, recipe: Recipe, adapter_dir: Path) -> None:
@@ -1034,8 +1082,9 @@ def build_trainer(prepared, model, dataset, callbacks=()):
     at step 0 the policy is the reference, bit for bit."""
     method = method_of(prepared.recipe)
     kwargs = {"ref_model": None} if method.reference else {}
+    training = {}  # the trainer, once built: samples.jsonl records its training generations, not evaluation's
     if prepared.recipe.method in ONLINE_METHODS:
-        kwargs = {"reward_funcs": _recording(prepared, reward_functions(prepared.recipe))}
+        kwargs = {"reward_funcs": _recording(prepared, reward_functions(prepared.recipe), training)}
     trainer = trl_class(method.trainer)(
         model=model,
         args=prepared.args,
@@ -1045,31 +1094,38 @@ def build_trainer(prepared, model, dataset, callbacks=()):
         callbacks=list(callbacks),
         **kwargs,
     )
+    training["trainer"] = trainer
     keep_adapter_fp32(trainer.model)
     if method.reference:
         _policy_from_reference(trainer.model)
     return trainer
 
 
-def _recording(prepared, functions: list) -> list:
+def _recording(prepared, functions: list, training: dict) -> list:
     """The reward functions, the last of them also writing a few completions with every reward to samples.jsonl
-    (on step 1 and every `samples_every` steps; main process only)."""
+    (on step 1 and every `samples_every` steps of training, not while evaluating: `training["trainer"]` is the
+    trainer once built; main process only), and to the W&B run as a table when tracking.backend is wandb."""
     recipe = prepared.recipe
     section = getattr(recipe, recipe.method)
     if not section.samples_every or not prepared.launch.is_main:
         return functions
-    path = prepared.run.path / "samples.jsonl"
+    path = prepared.run.samples
     seen: dict[str, list] = {}
 
     def wrap(fn, last: bool):
         def call(prompts, completions, **kwargs):
             values = fn(prompts, completions, **kwargs)
+            trainer = training.get("trainer")
+            if trainer is not None and not trainer.model.training:
+                return values  # an evaluation's generations (held-out prompts): their figures are eval_rewards/…
             state = kwargs.get("trainer_state")
             step = state.global_step + 1 if state is not None else 0
             if step == 1 or step % section.samples_every == 0:
                 seen[fn.__name__] = values
                 if last:
-                    _write_samples(path, step, prompts, completions, seen, section)
+                    records = _write_samples(path, step, prompts, completions, seen, section)
+                    if recipe.tracking.backend == "wandb":
+                        _log_samples_table(records)
             return values
 
         call.__name__ = call.__qualname__ = fn.__name__
@@ -1078,10 +1134,12 @@ def _recording(prepared, functions: list) -> list:
     return [wrap(fn, i == len(functions) - 1) for i, fn in enumerate(functions)]
 
 
-def _write_samples(path: Path, step: int, prompts, completions, values: dict, section) -> None:
+def _write_samples(path: Path, step: int, prompts, completions, values: dict, section) -> list[dict]:
+    """Append `section.samples` completions with their prompts and rewards to samples.jsonl; returns the records."""
     from qtune.rewards import completion_text
 
     weights = {fn: entry.weight for fn, entry in zip(values, section.rewards, strict=False)}
+    records = []
     with path.open("a", encoding="utf-8") as f:
         for i in range(min(section.samples, len(completions))):
             rewards = {name: v[i] for name, v in values.items()}
@@ -1093,6 +1151,21 @@ def _write_samples(path: Path, step: int, prompts, completions, values: dict, se
                 "reward": sum(weights.get(name, 1.0) * v for name, v in rewards.items()),
             }
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            records.append(record)
+    return records
+
+
+def _log_samples_table(records: list[dict]) -> None:
+    """The samples of one step as a W&B table (key `samples`: step, prompt, completion, each reward, the weighted
+    total) in the run qtune opened, at that step's train/global_step (transformers' WandbCallback's step axis)."""
+    import wandb
+
+    if wandb.run is None or not records:
+        return
+    names = list(records[0]["rewards"])
+    columns = ["step", "prompt", "completion", *names, "reward"]
+    rows = [[r["step"], r["prompt"], r["completion"], *(r["rewards"][n] for n in names), r["reward"]] for r in records]
+    wandb.run.log({"samples": wandb.Table(columns=columns, data=rows), "train/global_step": records[0]["step"]})
 
 
 def _policy_from_reference(model) -> None:
@@ -1136,7 +1209,11 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
 
     guard = monitor.StopGuard()
     watcher = monitor.RunMonitor(
-        recipe, run.metrics, launch.world_size, _start_lines(recipe, dataset, args, launch, checkpoint)
+        recipe,
+        run.metrics,
+        launch.world_size,
+        _start_lines(recipe, dataset, args, launch, checkpoint),
+        step_logs=(run.samples,) if recipe.method in ONLINE_METHODS else (),
     )
     if launch.distributed_type == "DEEPSPEED":
         # The data check (qtune.data.preparation.check_training_data) already built a trainer, and with it
@@ -1145,6 +1222,8 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=False)
+    if checkpoint is not None:
+        args.eval_on_start = False  # grpo / rloo: the held-out reward before training was measured by the first start
     trainer = build_trainer(prepared, model, dataset, callbacks=[guard])
     # The figures come first so every tracker's on_log sees them; qtune's console replaces the default one.
     trainer.callback_handler.callbacks.insert(0, watcher)
@@ -1166,9 +1245,10 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
             if launch.is_main:
                 monitor.plot_loss(run.metrics, run.loss_plot)
                 monitor.plot_rewards(run.metrics, run.reward_plot)
+                monitor.plot_reward_curve(run.metrics, run.reward_curve)
             raise _stopped_early(guard, trainer, run)
 
-        final_eval = trainer.evaluate() if dataset.get("eval") is not None else {}  # all ranks take part
+        final_eval = _final_eval(trainer) if dataset.get("eval") is not None else {}  # all ranks take part
         full_state, fingerprints = _final_adapter_state(trainer, launch)  # collectives: every rank
         if launch.is_main:
             stops = prepared.stop_tokens
@@ -1182,6 +1262,7 @@ def run_training(prepared, model, dataset, quiet: bool = False) -> RunDir:
             plots = {
                 run.loss_plot: monitor.plot_loss(run.metrics, run.loss_plot),
                 run.reward_plot: monitor.plot_rewards(run.metrics, run.reward_plot),  # preference methods only
+                run.reward_curve: monitor.plot_reward_curve(run.metrics, run.reward_curve),  # grpo / rloo only
             }
             plotted = [path.name for path, ok in plots.items() if ok]
             if tracker is not None:
@@ -1220,6 +1301,13 @@ def _print_done(summary: dict, run: RunDir, plotted: list[str], tracker, recipe:
         figures.append(f"final loss {summary['final_loss']:.4f}")
     if summary["eval_loss"] is not None:
         figures.append(f"eval loss {summary['eval_loss']:.4f}")
+    before, after = (summary.get(k) or {} for k in ("rewards_before", "rewards"))
+    if "eval_reward" in after:
+        figures.append(
+            "held-out reward "
+            + (f"{before['eval_reward']:.3f} before training -> " if "eval_reward" in before else "")
+            + f"{after['eval_reward']:.3f}"
+        )
     if summary["tokens_per_s"]:
         figures.append(f"{summary['tokens_per_s']:,.0f} tokens/s")
     if "peak_mem_gb" in summary:
@@ -1229,6 +1317,8 @@ def _print_done(summary: dict, run: RunDir, plotted: list[str], tracker, recipe:
     if figures:
         print("qtune: " + ", ".join(figures))
     files = [run.recipe_file.name, run.summary_file.name, run.metrics.name] + plotted
+    if run.samples.is_file():
+        files.append(run.samples.name)
     if run.checkpoints.is_dir():
         files.append(run.checkpoints.name + "/")
     print(f"  run dir      {run.path}: {', '.join(files)}")

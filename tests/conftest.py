@@ -194,6 +194,8 @@ SHARED_BUILDS = {
     "finished_run": "reliability-run",
     "stop_run": "stop-tokens-run",
     "dpo_run": "dpo-downstream-run",
+    "digit_task": "grpo-digit-task",
+    "grpo_run": "grpo-downstream-run",
     "api_run": "api-run",
     "eval_sft_run": "eval-sft-run",
     "eval_dpo_run": "eval-dpo-run",

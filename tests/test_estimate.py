@@ -356,3 +356,72 @@ def test_cli_says_how_a_preference_method_is_counted(make_recipe):
     assert kto.returncode == 0 and "KL completion and the reference forward, both without grad" in kto.stdout
     sft = run_qtune_in_process("estimate", make_recipe(), "--max-length", "32")
     assert "method " not in sft.stdout and "reference" not in sft.stdout
+
+
+def _kv_bytes(name: str, sequences: int, tokens: int, element_bytes: int) -> int:
+    """KV cache size computed independently from the model's config: 2 x layers x kv_heads x head_dim x tokens x
+    bytes, over every sequence."""
+    cfg = E.KNOWN_MODELS[name]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * sequences * tokens * element_bytes
+
+
+def test_grpo_counts_generations_kv_cache_and_trains_on_prompt_plus_completion():
+    """grpo / rloo: every completion of a step is generated at once per device (micro-batch x steps_per_generation),
+    its KV cache over prompt + completion tokens, fp32 after k-bit preparation (the compute dtype unquantized);
+    training runs prompt + completion through TRL's fused LM head; the cache is freed before the training forward,
+    so the total counts the larger of the two."""
+    name = "Qwen/Qwen2.5-3B"
+    e = E.estimate(name, batch=4, length=256, method="grpo", completion=512, steps_per_generation=2)
+    assert e.terms["generation (KV cache)"] == _kv_bytes(name, 8, 256 + 512, 4) == e.generation
+    longer = E.estimate(name, batch=4, length=256, method="grpo", completion=1024, steps_per_generation=2)
+    assert longer.generation == _kv_bytes(name, 8, 256 + 1024, 4) and longer.generation > e.generation
+    more = E.estimate(name, batch=4, length=256, method="rloo", completion=512, steps_per_generation=4)
+    assert more.generation == 2 * e.generation
+    unquantized = E.estimate(name, bits=None, batch=4, length=256, method="grpo", completion=512,
+                             steps_per_generation=2)  # fmt: skip
+    assert unquantized.generation == _kv_bytes(name, 8, 768, 2)  # bf16: no k-bit upcast of the residual stream
+    acts = E.activation_bytes(e.shape, 4, 768, True, 2, 16, True, 4, True)
+    assert e.terms["activations (layers)"] == acts["layers"] and e.terms["logits + loss"] == 0
+    assert e.allocated == sum(e.terms.values()) - min(e.generation, acts["layers"])
+    assert "generation (KV cache)" not in E.estimate(name, batch=4, length=256).terms  # sft: no generation
+
+
+def test_grpo_estimate_from_a_recipe_and_its_output(tmp_path):
+    """From a recipe: the generation term follows micro_batch_size x grad_accum (TRL's steps_per_generation) and
+    max_completion_length; num_generations does not change it (TRL's batches count completions: more generations
+    per prompt means fewer distinct prompts per batch); the output says how it is counted."""
+    import yaml
+
+    from qtune.config import load_recipe
+
+    name = "Qwen/Qwen2.5-3B-Instruct"
+    recipe = {"method": "grpo", "model": {"name": name}, "data": {"datasets": [{"path": "p.jsonl"}], "max_length": 200},
+              "training": {"micro_batch_size": 8, "grad_accum": 2}, "output_dir": str(tmp_path / "run"),
+              "grpo": {"num_generations": 8, "max_completion_length": 300, "rewards": [{"name": "accuracy"}]}}  # fmt: skip
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+
+    def kv(*overrides):
+        return E.from_recipe(load_recipe(path, list(overrides))).generation
+
+    base = kv()
+    assert base == _kv_bytes("Qwen/Qwen2.5-3B", 16, 500, 4)
+    assert kv("grpo.num_generations=4") == kv("grpo.num_generations=16") == base
+    assert kv("training.grad_accum=4") == 2 * base
+    assert kv("grpo.max_completion_length=800") == _kv_bytes("Qwen/Qwen2.5-3B", 16, 1000, 4)
+    assert kv("training.extra={steps_per_generation: 1}") == base // 2
+    assert E.from_recipe(load_recipe(path, ["grpo.beta=0.04", "model.adapter=runs/sft"])).terms["reference adapter"]
+
+    out = run_qtune_in_process("estimate", path)
+    assert out.returncode == 0, out.stderr
+    kv_line = next(line for line in out.stdout.splitlines() if "generation (KV cache)" in line)
+    assert (
+        f"{base / 2**30:.2f}" in kv_line and "16 sequences x 500 tokens (prompt 200 + completion 300) x 4 B" in kv_line
+    )
+    assert "micro-batch 8 x (max_length 200 + completion 300 = 500 tokens)" in out.stdout
+    assert "generation: 16 sequences at once per device" in out.stdout
+    assert "freed before the training forward" in out.stdout
+    cli = run_qtune_in_process("estimate", "--model", "Qwen/Qwen2.5-3B", "--method", "rloo", "--micro-batch", "4",
+                               "--max-length", "100", "--max-completion-length", "50")  # fmt: skip
+    assert cli.returncode == 0 and "4 sequences x 150 tokens (prompt 100 + completion 50)" in cli.stdout, cli.stdout

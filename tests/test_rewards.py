@@ -29,6 +29,11 @@ from qtune.errors import QtuneError
         ({"extract": "regex", "pattern": r"#### (\S+)"}, "a #### 1 then #### 2", "2", 1.0),  # the last match
         ({"extract": "whole"}, "  paris \n", "paris", 1.0),
         ({"column": "solution"}, "x = 5", "5", 1.0),
+        # the reference read from the column: GSM8K's answers are worked solutions ending "#### 72"
+        ({"reference": "last_number"}, "so 1000 in all", "She pays 10 x 100 = 1,000\n#### 1,000", 1.0),
+        ({"reference": "regex", "reference_pattern": r"####\s*(.+)"}, "<x>72", "24 x 3 = 72\n#### 72", 1.0),
+        ({"reference": "regex", "reference_pattern": r"####\s*(.+)"}, "72", "no marker 72", 0.0),  # unreadable: 0
+        ({}, "72", "24 x 3 = 72\n#### 72", 0.0),  # reference whole (default): the column is the bare answer
     ],
 )
 def test_accuracy_extracts_the_final_answer(options, completion, answer, expected):
@@ -75,11 +80,15 @@ def test_builtins_carry_their_recipe_name():
     ("name", "options", "message"),
     [
         ("acurracy", {}, "'acurracy' is not a built-in reward (did you mean 'accuracy'?); built-ins: accuracy"),
-        ("bleu", {}, "'bleu' is not a built-in reward; built-ins: accuracy (column?, extract?, pattern?); format"),
+        ("bleu", {}, "'bleu' is not a built-in reward; built-ins: accuracy (column?, extract?, pattern?, reference?"),
         ("accuracy", {"colum": "a"}, "reward accuracy has no option 'colum' (did you mean 'column'?)"),
         ("accuracy", {"extract": "first"}, "extract must be last_number, boxed, regex or whole"),
         ("accuracy", {"extract": "regex"}, "extract regex needs a pattern"),
         ("accuracy", {"pattern": "x"}, "pattern applies to extract regex only"),
+        ("accuracy", {"reference": "regex"}, "reference regex needs a reference_pattern"),
+        ("accuracy", {"reference_pattern": "x"}, "reference_pattern applies to reference regex only"),
+        ("accuracy", {"reference": "first"}, "reference must be whole, last_number, boxed or regex"),
+        ("accuracy", {"reference": "regex", "reference_pattern": "(x"}, "reference_pattern is not a valid regex"),
         ("format", {}, "reward format needs the option 'pattern'"),
         ("format", {"pattern": "(unclosed"}, "reward format: pattern is not a valid regex"),
         ("length", {"target": 0}, "target must be a whole number > 0"),

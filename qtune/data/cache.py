@@ -50,7 +50,43 @@ def build_dataset(
             built = datasets.load_from_disk(str(where))
         if tokenize and per_turn_masks(recipe, tokenizer, fmt):
             built = _tokenize_turns(recipe, tokenizer, built, stats)
+        if fmt == "prompt_only" and not stats:
+            built = _within_prompt_budget(recipe, tokenizer, built)
     return built
+
+
+def prompt_ids(tokenizer, prompt) -> list[int]:
+    """A grpo / rloo prompt's tokens as TRL's GRPO / RLOO trainers tokenize it before generating: messages through
+    the chat template with the generation prompt, text with the tokenizer's special tokens."""
+    if isinstance(prompt, list):
+        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"])  # fmt: skip
+    return tokenizer(text=prompt)["input_ids"]
+
+
+def _fits(row: dict, tokenizer, limit: int) -> bool:
+    return len(prompt_ids(tokenizer, row["prompt"])) <= limit
+
+
+def _within_prompt_budget(recipe: Recipe, tokenizer, built):
+    """grpo / rloo: the prompts longer than data.max_length (the prompt budget; TRL 1.16 truncates no prompt and
+    would generate after the whole of it) left out of every split. The check before training counts them and refuses
+    above data.max_untrained_share (qtune.data.preparation.check_prompt_budget); `qtune data` shows the count."""
+    import datasets
+
+    limit = recipe.data.max_length
+    bars_were_off = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        return datasets.DatasetDict(
+            {
+                name: split.filter(_fits, fn_kwargs={"tokenizer": tokenizer, "limit": limit})
+                for name, split in built.items()
+            }
+        )
+    finally:
+        if not bars_were_off:
+            datasets.enable_progress_bars()
 
 
 def _same_columns(rows: list[dict]) -> list[dict]:

@@ -315,6 +315,16 @@ def _prompt_only(row: dict) -> dict:
     return {"prompt": prompt, **extra}
 
 
+def with_system_prompt(prompt, system: str):
+    """grpo / rloo's system_prompt put first in a prompt: text becomes [system, user]; a chat gets the system message
+    unless it starts with one (the data's own wins)."""
+    if isinstance(prompt, str):
+        return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    if prompt and prompt[0].get("role") == "system":
+        return prompt
+    return [{"role": "system", "content": system}, *prompt]
+
+
 def _prompt_completion(row: dict) -> dict:
     prompt, completion = row.get("prompt"), row.get("completion")
     if isinstance(prompt, list) or isinstance(completion, list):

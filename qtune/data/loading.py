@@ -18,6 +18,7 @@ from qtune.data.formats import (
     map_row,
     rename_columns,
     unpair,
+    with_system_prompt,
 )
 from qtune.data.sources import read_source, skipped_text
 from qtune.errors import QtuneError
@@ -80,9 +81,14 @@ def _read_split(source: DatasetSource, split: str, recipe: Recipe, index: int) -
     rows, labels = [], []
     first_skip = None
     line_skips = sum(skipped.values())
+    section = getattr(recipe, recipe.method) if recipe.method in ONLINE_METHODS else None
+    system = section.system_prompt if section is not None and FORMAT_SCHEMA[fmt] == "prompt_only" else None
     for number, row in zip(numbers, raw, strict=True):
         try:
-            rows.append(map_row(rename_columns(row, source.columns), fmt, roles))
+            mapped = map_row(rename_columns(row, source.columns), fmt, roles)
+            if system:
+                mapped["prompt"] = with_system_prompt(mapped["prompt"], system)
+            rows.append(mapped)
         except BadRow as exc:
             if on_bad_row == "error":
                 raise QtuneError(

@@ -438,7 +438,10 @@ def check_training_data(
         built = DatasetDict({name: split.remove_columns(STAT_COLUMNS) for name, split in built.items()})
         train_rows = built["train"]
     if fmt == "prompt_only":
-        return check_prompts(recipe, tokenizer, rows, train_rows)
+        prepared = check_prompts(recipe, tokenizer, rows, train_rows)
+        if loud:
+            check_prompt_budget(recipe, prepared)
+        return prepared
     if sample is not None and len(train_rows) > sample:
         train_rows = train_rows.select(range(sample))
     held_out = {"eval": built["eval"]} if "eval" in built else {}  # counted (for `qtune data`), not prepared
@@ -502,6 +505,9 @@ def check_trainable(recipe: Recipe, tokenizer, prepared: PreparedRows) -> None:
     if prepared.pairs is not None:
         check_pairs(recipe, prepared, prepared.where)
         return
+    if "over_budget" in prepared.stats:  # grpo / rloo prompts
+        check_prompt_budget(recipe, prepared)
+        return
     check_context(recipe, prepared)
     s = prepared.stats
     answered = s["examples"] - s["untrained"]
@@ -528,28 +534,46 @@ def check_trainable(recipe: Recipe, tokenizer, prepared: PreparedRows) -> None:
 
 
 def check_prompts(recipe: Recipe, tokenizer, rows, train_rows) -> PreparedRows:
-    """grpo / rloo: every prompt as the model will see it (chat template with the generation prompt, or the text),
-    tokenized for its length; a prompt longer than data.max_length is refused with its row (TRL would feed it
-    whole and generate past the context the recipe plans for)."""
-    from qtune.data.formats import is_conversational
+    """grpo / rloo: every prompt (the eval split's too) as TRL will tokenize it (chat template with the generation
+    prompt, or the text), for its length. Prompts longer than data.max_length (the prompt budget) are counted with the
+    first one's row; training leaves them out (qtune.data.cache) and check_prompt_budget refuses above
+    data.max_untrained_share."""
+    from qtune.data.cache import prompt_ids
 
-    conversational = is_conversational("prompt_only", rows)
-    ids = []
+    every = list(rows) + list(getattr(rows, "eval_rows", None) or [])
     where = getattr(rows, "where", None) or []
-    for i, row in enumerate(train_rows):
-        if conversational:
-            text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-        else:
-            text = row["prompt"]
-        tokens = tokenizer(text, add_special_tokens=not conversational)["input_ids"]
-        if len(tokens) > recipe.data.max_length:
-            label = where[i] if i < len(where) and not isinstance(recipe.data.eval_split, float) else f"row {i + 1}"
-            raise QtuneError(
-                f"{label}: the prompt is {len(tokens)} tokens, longer than data.max_length {recipe.data.max_length}",
-                "shorten the prompt, drop the row, or raise data.max_length",
-            )
+    limit = recipe.data.max_length
+    ids, over, first_over = [], 0, None
+    for i, row in enumerate(every):
+        tokens = prompt_ids(tokenizer, row["prompt"])
+        if len(tokens) > limit:
+            over += 1
+            if first_over is None:
+                label = where[i] if i < len(where) else f"row {i + 1}"
+                first_over = f"{label} ({len(tokens)} tokens)"
         ids.append(tokens)
-    eot = end_of_turn_id(tokenizer, "messages" if conversational else "text")
-    lengths = [len(x) for x in ids]
-    stats = {"rows": len(ids), "prompt_tokens": _percentiles(lengths), "end_of_turn": eot, "end_of_turn_trained": True}
+    eot = end_of_turn_id(tokenizer, "messages" if is_conversational("prompt_only", rows) else "text")
+    stats = {
+        "rows": len(every),
+        "examples": len(train_rows),
+        "prompt_tokens": _percentiles([len(x) for x in ids]),
+        "over_budget": over,
+        "first_over_budget": first_over,
+        "max_length": limit,
+        "end_of_turn": eot,
+        "end_of_turn_trained": True,
+    }
     return PreparedRows(input_ids=ids, labels=[[] for _ in ids], collator=None, stats=stats)
+
+
+def check_prompt_budget(recipe: Recipe, prepared: PreparedRows) -> None:
+    """grpo / rloo: refuse when more than data.max_untrained_share of the prompts are longer than data.max_length."""
+    s = prepared.stats
+    if s["rows"] and s["over_budget"] / s["rows"] > recipe.data.max_untrained_share:
+        raise QtuneError(
+            f"data: {s['over_budget']} of {s['rows']} prompts ({100 * s['over_budget'] / s['rows']:.1f}%) are longer "
+            f"than data.max_length {s['max_length']} tokens, the prompt budget (first: {s['first_over_budget']}); "
+            f"training would leave them out, more than data.max_untrained_share {recipe.data.max_untrained_share:g}",
+            "raise data.max_length (the estimate adds max_completion_length to it), shorten or drop those prompts, or "
+            "raise data.max_untrained_share",
+        )

@@ -133,6 +133,43 @@ def render_pairs(recipe: Recipe, tokenizer, prepared: PreparedRows, lines: list[
     return "\n".join(lines)
 
 
+def render_prompts(recipe: Recipe, tokenizer, rows, prepared: PreparedRows, lines: list[str], samples: int) -> str:
+    """`qtune data` for grpo / rloo: the prompts as the model sees them before generating, their token lengths against
+    the prompt budget (data.max_length), the columns the reward functions get, and N prompts."""
+    s = prepared.stats
+    section = getattr(recipe, recipe.method)
+    q = s["prompt_tokens"]
+    rewards = ", ".join(f"{r.name} x {r.weight:g}" for r in section.rewards)
+    eval_rows = len(getattr(rows, "eval_rows", None) or [])
+    split = (
+        f", {eval_rows} in the eval split" if eval_rows else
+        f", data.eval_split {recipe.data.eval_split:g} of them held out" if isinstance(recipe.data.eval_split, float)
+        else ""
+    )  # fmt: skip
+    first = list(rows[:1]) if isinstance(rows, list) else []
+    columns = sorted(k for k in (first[0] if first else {}) if k != "prompt")
+    over = s["over_budget"]
+    lines += [
+        f"schema: prompt_only; {recipe.method.upper()} generates {section.num_generations} completions of up to "
+        f"{section.max_completion_length} tokens per prompt and scores them with: {rewards}",
+        f"prompts: {s['rows']}{split}",
+        f"prompt tokens (as TRL tokenizes them: chat template + generation prompt, or the text): min {q.get('min')}, "
+        f"p50 {q.get('p50')}, p90 {q.get('p90')}, p99 {q.get('p99')}, max {q.get('max')} (prompt budget: "
+        f"data.max_length {s['max_length']}; with max_completion_length up to "
+        f"{s['max_length'] + section.max_completion_length} tokens per sequence)",
+        f"longer than the prompt budget (left out of training): {over} of {s['rows']} "
+        f"({100 * over / max(1, s['rows']):.1f}%; refused above data.max_untrained_share "
+        f"{recipe.data.max_untrained_share:g})" + (f", first: {s['first_over_budget']}" if over else ""),
+        f"columns passed to the reward functions: {', '.join(columns) if columns else 'none'}",
+    ]
+    for i in range(min(samples, s["rows"])):
+        lines += [
+            f"--- prompt {i + 1} ({len(prepared.input_ids[i])} tokens) ---",
+            tokenizer.decode(prepared.input_ids[i]),
+        ]
+    return "\n".join(lines)
+
+
 def render_summary(
     recipe: Recipe, tokenizer, fmt: str, rows: Rows, prepared: PreparedRows, settings: dict, samples: int, dim: bool
 ) -> str:
@@ -140,6 +177,8 @@ def render_summary(
     lines = ["sources:"] + [f"  {line}" for line in describe_sources(rows)] if isinstance(rows, Rows) else []
     if prepared.pairs is not None:
         return render_pairs(recipe, tokenizer, prepared, lines, samples, dim)
+    if "over_budget" in s:
+        return render_prompts(recipe, tokenizer, rows, prepared, lines, samples)
     loss = (
         "every token"
         if recipe.data.train_on == "all"
