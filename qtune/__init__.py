@@ -13,7 +13,7 @@ The API (qtune/api.py) loads on first use (PEP 562): `import qtune` imports neit
 __version__ = "0.1.0"
 
 # The names qtune.api provides, loaded on first access.
-__all__ = ["QtuneError", "Recipe", "RunDir", "generate", "load_recipe", "merge", "open_run", "train"]
+__all__ = ["QtuneError", "Recipe", "RunDir", "evaluate", "generate", "load_recipe", "merge", "open_run", "train"]
 
 
 def __getattr__(name: str):

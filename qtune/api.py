@@ -20,7 +20,7 @@ from qtune.config import Recipe, load_recipe
 from qtune.errors import QtuneError
 from qtune.rundir import RunDir
 
-__all__ = ["QtuneError", "Recipe", "RunDir", "generate", "load_recipe", "merge", "open_run", "train"]
+__all__ = ["QtuneError", "Recipe", "RunDir", "evaluate", "generate", "load_recipe", "merge", "open_run", "train"]
 
 Overrides = list[str] | dict[str, Any] | None
 
@@ -104,6 +104,26 @@ def merge(
         allow_pickle=allow_pickle,
     )
     return Path(out) if out is not None else RunDir(path).merged
+
+
+def evaluate(
+    run: str | os.PathLike | RunDir,
+    data: str | os.PathLike | None = None,
+    *,
+    base: bool = False,
+    n: int = 20,
+    max_new_tokens: int = 256,
+    quiet: bool = True,
+) -> dict:
+    """Evaluate the run as `qtune eval` does (same figures, same RUN_DIR/eval/ written): on its eval split, or on
+    `data` (a file, folder or Hub dataset id); `base=True` adds the base's figures (the adapter disabled). Returns
+    what eval.json holds, plus the answers under "generations"."""
+    from qtune.cli import quiet_libraries
+    from qtune.evaluation import evaluate_run
+
+    quiet_libraries()
+    data = None if data is None else str(data)
+    return evaluate_run(_run_path(run), data=data, base=base, n=n, max_new_tokens=max_new_tokens, quiet=quiet)
 
 
 def generate(

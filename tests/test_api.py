@@ -16,7 +16,7 @@ from qtune.config import Recipe
 from qtune.errors import QtuneError
 
 ROOT = Path(__file__).parent.parent
-API = ["QtuneError", "Recipe", "RunDir", "generate", "load_recipe", "merge", "open_run", "train"]
+API = ["QtuneError", "Recipe", "RunDir", "evaluate", "generate", "load_recipe", "merge", "open_run", "train"]
 
 
 def test_import_qtune_stays_light_and_lists_the_api():
@@ -208,3 +208,16 @@ def test_generate_answers_as_qtune_chat_does(api_run):
     with pytest.raises(QtuneError) as caught:
         qtune.generate(run.path.parent, "hi")  # a folder that is neither a run nor a model
     assert caught.value.hint
+
+
+@pytest.mark.slow
+def test_evaluate_through_the_api_writes_what_qtune_eval_writes(api_run):
+    run, recipe = api_run
+    data = recipe["data"]["datasets"][0]["path"]
+    figures = qtune.evaluate(run, data, n=3, max_new_tokens=6)
+    written = json.loads((run.path / "eval" / "eval.json").read_text())
+    assert figures["tuned"] == written["tuned"] and len(figures["generations"]) == 3
+    assert figures["tuned"]["loss"] > 0 and figures["data"]["rows"] == 32
+    with pytest.raises(QtuneError) as caught:  # no eval split, no data: the CLI's refusal, as a QtuneError
+        qtune.evaluate(run)
+    assert "--data" in str(caught.value) or "--data" in (caught.value.hint or "")
