@@ -51,64 +51,33 @@ def _sft_settings(recipe: Recipe) -> dict:
     return {"packing": recipe.data.packing}
 
 
-def _dpo_settings(recipe: Recipe) -> dict:
-    d = recipe.dpo
-    losses = d.loss_type if isinstance(d.loss_type, list) else [d.loss_type]
-    return {
-        "beta": d.beta,
-        "loss_type": list(losses),
-        "loss_weights": d.loss_weights,
-        "label_smoothing": d.label_smoothing,
-        "ld_alpha": d.ld_alpha,
-        "precompute_ref_log_probs": d.precompute_ref_log_probs,
-    }
-
-
-def _kto_settings(recipe: Recipe) -> dict:
-    k = recipe.kto
-    return {
-        "beta": k.beta,
-        "desirable_weight": k.desirable_weight,
-        "undesirable_weight": k.undesirable_weight,
-        "loss_type": k.loss_type,
-        "precompute_ref_log_probs": k.precompute_ref_log_probs,
-    }
-
-
-def _orpo_settings(recipe: Recipe) -> dict:
-    return {"beta": recipe.orpo.beta}
-
-
-def _simpo_settings(recipe: Recipe) -> dict:
-    s = recipe.simpo
-    return {
-        "loss_type": "simpo",
-        "beta": s.beta,
-        "simpo_gamma": s.gamma,
-        "cpo_alpha": s.cpo_alpha,
-        "label_smoothing": s.label_smoothing,
-    }
-
-
-def _reward_settings(recipe: Recipe) -> dict:
-    return {"center_rewards_coefficient": recipe.reward.center_rewards_coefficient}
-
-
-def _online_settings(recipe: Recipe) -> dict:
-    """grpo / rloo: generation, KL and loss settings, and one weight per reward (in the rewards' order)."""
-    section = getattr(recipe, recipe.method)
+def _section_settings(recipe: Recipe) -> dict:
+    """The method's own TRL config arguments, read from its recipe section through its row's `named` map (TRL
+    argument → the recipe key that sets it), so one place says both what the recipe sets and where it comes from;
+    then the few that are not one key's value (`DERIVED`)."""
+    method = recipe.method
+    section = getattr(recipe, method)
+    prefix = f"{method}."
     settings = {
-        "num_generations": section.num_generations,
-        "max_completion_length": section.max_completion_length,
-        "temperature": section.temperature,
-        "top_p": section.top_p,
-        "beta": section.beta,
-        "reward_weights": [r.weight for r in section.rewards],
-        "use_vllm": section.use_vllm,
+        arg: getattr(section, key.removeprefix(prefix))
+        for arg, key in METHODS[method].named.items()
+        if key.startswith(prefix) and key.removeprefix(prefix).isidentifier()
     }
-    if recipe.method == "grpo":
-        settings.update(loss_type=section.loss_type, scale_rewards=section.scale_rewards)
-    return settings
+    return settings | DERIVED.get(method, lambda _: {})(recipe)
+
+
+def _reward_weights(recipe: Recipe) -> dict:
+    return {"reward_weights": [r.weight for r in getattr(recipe, recipe.method).rewards]}  # in the rewards' order
+
+
+# TRL arguments that are not one recipe key's value: DPO's loss types always as a list (one or a weighted mix),
+# SimPO's fixed CPO loss, GRPO/RLOO's one weight per reward.
+DERIVED: dict[str, typing.Callable[[Recipe], dict]] = {
+    "dpo": lambda r: {"loss_type": list(r.dpo.loss_type if isinstance(r.dpo.loss_type, list) else [r.dpo.loss_type])},
+    "simpo": lambda _: {"loss_type": "simpo"},
+    "grpo": _reward_weights,
+    "rloo": _reward_weights,
+}
 
 
 ONLINE_NAMED = {
@@ -143,7 +112,7 @@ METHODS = {
         ("preference",),
         {k: f"dpo.{k}" for k in ("beta", "loss_type", "loss_weights", "label_smoothing", "ld_alpha")}
         | {"precompute_ref_log_probs": "dpo.precompute_ref_log_probs"},
-        _dpo_settings,
+        _section_settings,
         reference=True,
     ),
     "kto": Method(
@@ -152,7 +121,7 @@ METHODS = {
         ("unpaired", "preference"),  # pairs are unpaired first (qtune.data.loading.rows_for_kto)
         {k: f"kto.{k}" for k in ("beta", "desirable_weight", "undesirable_weight", "loss_type")}
         | {"precompute_ref_log_probs": "kto.precompute_ref_log_probs"},
-        _kto_settings,
+        _section_settings,
         reference=True,
     ),
     "orpo": Method(
@@ -160,7 +129,7 @@ METHODS = {
         "experimental.orpo.ORPOTrainer",
         ("preference",),
         {"beta": "orpo.beta"},
-        _orpo_settings,
+        _section_settings,
     ),
     "simpo": Method(
         "experimental.cpo.CPOConfig",
@@ -168,14 +137,14 @@ METHODS = {
         ("preference",),
         {"beta": "simpo.beta", "simpo_gamma": "simpo.gamma", "cpo_alpha": "simpo.cpo_alpha"}
         | {"label_smoothing": "simpo.label_smoothing", "loss_type": "method: simpo (CPO's loss_type simpo)"},
-        _simpo_settings,
+        _section_settings,
     ),
     "reward": Method(
         "RewardConfig",
         "RewardTrainer",
         ("preference",),
         {"center_rewards_coefficient": "reward.center_rewards_coefficient"},
-        _reward_settings,
+        _section_settings,
         generates=False,
     ),
     "grpo": Method(
@@ -184,14 +153,14 @@ METHODS = {
         ("prompt_only",),
         {k: v.format(method="grpo") for k, v in ONLINE_NAMED.items()}
         | {"loss_type": "grpo.loss_type", "scale_rewards": "grpo.scale_rewards"},
-        _online_settings,
+        _section_settings,
     ),
     "rloo": Method(
         "RLOOConfig",
         "RLOOTrainer",
         ("prompt_only",),
         {k: v.format(method="rloo") for k, v in ONLINE_NAMED.items()},
-        _online_settings,
+        _section_settings,
     ),
 }
 

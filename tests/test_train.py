@@ -129,3 +129,24 @@ def test_console_script_and_module_agree(make_recipe, tmp_path):
     assert via_script.returncode == via_module.returncode == 0, via_script.stderr + via_module.stderr
     assert "is ready: 64 messages rows" in via_script.stdout and via_script.stdout == via_module.stdout
     assert not (tmp_path / "run").exists()  # --check writes nothing
+
+
+@pytest.mark.parametrize("method", [m for m in training.METHODS if m != "sft"])
+def test_each_method_sets_exactly_the_trl_arguments_its_row_names(method):
+    """A method's TRL arguments come from its row's `named` map (training._section_settings): each named section key
+    is a real field of the section, and every argument set is named, so `training.extra` collisions are all caught."""
+    section = {"grpo": {"rewards": [{"name": "accuracy"}]}, "rloo": {"rewards": [{"name": "accuracy"}]}}.get(method, {})
+    recipe = load_recipe(
+        {"model": {"name": "org/m"}, "data": {"datasets": [{"path": "x.jsonl"}]}, "output_dir": "/tmp/o"}
+        | {"method": method}
+        | ({method: section} if section else {})
+    )
+    row = training.METHODS[method]
+    settings = row.settings(recipe)
+    assert set(settings) == set(row.named), set(settings) ^ set(row.named)
+    fields = type(getattr(recipe, method)).model_fields
+    for arg, key in row.named.items():
+        field = key.removeprefix(f"{method}.")
+        if field.isidentifier():
+            assert field in fields, f"{method}: {arg} is named as {key}, which the {method} section lacks"
+            assert settings[arg] == getattr(getattr(recipe, method), field) or arg == "loss_type"
