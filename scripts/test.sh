@@ -2,6 +2,8 @@
 # Set up (scripts/setup.sh) and run the whole test suite on the CPU: real bitsandbytes, peft, TRL, accelerate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+t0=$(date +%s)
+phase() { echo "test.sh: $1 at +$(( $(date +%s) - t0 ))s"; }  # where set-up time goes, in the CI log
 # llama.cpp itself, for tests/test_gguf_llamacpp.py: built from source once (a few minutes), not needed by the demo.
 # The wheel is kept in a cache folder ($QTUNE_WHEELS, default ~/.cache/qtune-wheels, one folder per build flags), so
 # a second checkout or a fresh venv on the same machine installs it in seconds instead of building it again.
@@ -45,6 +47,7 @@ install_chromium >"$chromium_log" 2>&1 &
 chromium_pid=$!
 bash scripts/setup.sh
 . .venv/bin/activate
+phase "venv ready"
 # GPT-QModel, for the gptq backend's tests: gptqmodel 7.7 declares torch>=2.14.1 (pip would swap in a multi-GB CUDA
 # torch), so what it imports is installed first and gptqmodel itself without dependencies (extra `gptq` on a GPU).
 python -c "import gptqmodel, optimum.gptq" 2>/dev/null || {
@@ -54,6 +57,7 @@ python -c "import gptqmodel, optimum.gptq" 2>/dev/null || {
 # lm-evaluation-harness, for tests/test_harness.py (`qtune eval --tasks`): the `harness` extra, kept out of dev (and so
 # out of the demo's setup): 38 packages, 64 MB download, 284 MB installed; 1.5-2.3 minutes here on 2 busy cores.
 python -c "import lm_eval" 2>/dev/null || python -m pip install -q -e '.[harness]'
+phase "gptqmodel and lm-eval installed"
 if ! wait "$build_pid"; then
   cat "$build_log" >&2
   echo "scripts/test.sh: fetching or building llama-cpp-python failed (log above)" >&2
@@ -68,6 +72,7 @@ if ! wait "$chromium_pid"; then
 fi
 grep -h "browser test is skipped" "$chromium_log" >&2 || true
 rm -f "$chromium_log"
+phase "llama.cpp and chromium ready"
 # Two workers (pytest-xdist): a test runs on one core (OMP_NUM_THREADS=1), so the 2-core CI machine runs two at a
 # time. loadgroup keeps the tests that share an expensive fixture on one worker (tests/conftest.py). Arguments
 # come after, so `bash scripts/test.sh -n 0` runs in one process and `-n auto` uses every core.
