@@ -153,7 +153,7 @@ def _evaluate(run, data: str | None, base: bool, n: int, max_new_tokens: int, qu
         "base": base_figures,
         "meaning": meaning,
         "notes": notes,
-        "versions": _versions(),
+        "versions": library_versions(VERSIONS),
     }
     result["generations"] = _generation_records(samples)  # written to generations.jsonl, not to eval.json
     return result
@@ -603,12 +603,14 @@ def _quantization(recipe) -> str:
     return describe(recipe)
 
 
-def _versions() -> dict:
+def library_versions(names: tuple[str, ...]) -> dict:
+    """Python's and each named distribution's installed version (None when not installed): what eval.json and
+    eval/harness/results.json record."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
-    for name in VERSIONS:
+    for name in names:
         try:
             found[name] = version(name)
         except PackageNotFoundError:

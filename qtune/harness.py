@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from qtune.errors import QtuneError, first_line
+from qtune.evaluation import library_versions
 
 INSTALL = "pip install 'qtune[harness]'"
 VERSIONS = ("qtune", "lm-eval", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets")
@@ -236,7 +237,7 @@ def _result(run, names, figures, limit, num_fewshot, batch_size, apply_chat_temp
         "higher_is_better": _plain(tuned.get("higher_is_better", {})),
         "task_versions": _plain(tuned.get("versions", {})),
         "task_configs": _plain(tuned.get("configs", {})),
-        "versions": _versions(),
+        "versions": library_versions(VERSIONS),
     }
 
 
@@ -245,19 +246,6 @@ def _plain(value):
     from lm_eval.utils import handle_non_serializable
 
     return json.loads(json.dumps(value, default=handle_non_serializable))
-
-
-def _versions() -> dict:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"python": platform.python_version()}
-    for name in VERSIONS:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 def _write(run, result: dict, figures: dict) -> None:
