@@ -8,6 +8,9 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
-python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q -e '.[dev]'
+. scripts/install.sh  # `install`: uv, with pip's local wheels and constraints; pip if uv fails
+python -c "import torch" 2>/dev/null || install torch==2.13.0
+# Extras named as arguments join dev in one resolve (test.sh: `setup.sh harness`).
+extras="dev"
+for extra in "$@"; do extras="$extras,$extra"; done
+install -e ".[$extras]"

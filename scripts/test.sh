@@ -8,20 +8,21 @@ phase() { echo "test.sh: $1 at +$(( $(date +%s) - t0 ))s"; }  # where set-up tim
 # The wheel is kept in a cache folder ($QTUNE_WHEELS, default ~/.cache/qtune-wheels, one folder per build flags), so
 # a second checkout or a fresh venv on the same machine installs it in seconds instead of building it again.
 # GGML_NATIVE=OFF: a native build on an AMX CPU (Sapphire Rapids) segfaulted in llama_decode here; the portable one runs.
-# LLAVA_BUILD=OFF: llama-cpp-python's multimodal library (libmtmd: about 50 compile steps on top of the 140 the rest
-# takes) is never loaded by `import llama_cpp` or for the text models qtune exports.
-# -O0: the tests run llama.cpp on tiny models only (each call well under a second either way), and compiling without
-# optimisation takes 6.8 CPU-minutes instead of 11.4 (-O3, the Release default; measured on this 2-core machine).
+# LLAVA_BUILD=OFF: llama-cpp-python's multimodal library (libmtmd) is never loaded by `import llama_cpp` or for the text
+# models qtune exports; scripts/llama-cpp-build.cmake switches off llama.cpp's `common` library, which only libmtmd
+# uses (46% of the compile). CMAKE_UNITY_BUILD: compiles llama.cpp's ~140 source files in a few dozen batches, each
+# parsing the shared headers once. -O0: the tests run llama.cpp on tiny models only (each call well under a second
+# either way). Together: 3.0 CPU-minutes, 1 min 56 s on 2 cores, instead of 7.2 CPU-minutes, 4 min 13 s (measured here).
 # Its source distribution is fetched once (PyPI) and also feeds tests/corpus.py: llama.cpp's real tokenizers and
 # the released models' chat templates it vendors are the real-template tests' corpus.
 WHEELS="${QTUNE_WHEELS:-${XDG_CACHE_HOME:-$HOME/.cache}/qtune-wheels}"
 export QTUNE_LCPP_SDIST="$WHEELS/llama_cpp_python-0.3.36.tar.gz"
-export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS_RELEASE=-O0 -DCMAKE_CXX_FLAGS_RELEASE=-O0}"
-built="$WHEELS/$(printf %s "$CMAKE_ARGS" | sha256sum | cut -c1-12)"
+flags="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DCMAKE_UNITY_BUILD=ON -DCMAKE_C_FLAGS_RELEASE=-O0 -DCMAKE_CXX_FLAGS_RELEASE=-O0}"
+export CMAKE_ARGS="$flags -DCMAKE_PROJECT_INCLUDE=$PWD/scripts/llama-cpp-build.cmake"
+built="$WHEELS/$( { printf %s "$flags"; cat scripts/llama-cpp-build.cmake; } | sha256sum | cut -c1-12)"  # one per build
 mkdir -p "$WHEELS"
 # The download and the compile need only the system python3 and cmake, not the venv: on a fresh machine they run in
-# the background while setup.sh installs the Python packages (mostly download and unpack), which hides most of the
-# compile's 3-4 minutes.
+# the background while setup.sh installs the Python packages.
 fetch_and_build() {
   [ -f "$QTUNE_LCPP_SDIST" ] || python3 -m pip download -q --no-deps --no-binary llama-cpp-python 'llama-cpp-python==0.3.36' -d "$WHEELS"
   if ! { [ -x .venv/bin/python ] && .venv/bin/python -c "import llama_cpp" 2>/dev/null; }; then
@@ -45,26 +46,26 @@ install_chromium() {
 chromium_log="$(mktemp)"
 install_chromium >"$chromium_log" 2>&1 &
 chromium_pid=$!
-bash scripts/setup.sh
+# lm-evaluation-harness, for tests/test_harness.py (`qtune eval --tasks`): the `harness` extra, kept out of dev (and so
+# out of the demo's setup), resolved together with dev: 38 packages, 64 MB download, 284 MB installed.
+bash scripts/setup.sh harness
 . .venv/bin/activate
+. scripts/install.sh
 phase "venv ready"
 # GPT-QModel, for the gptq backend's tests: gptqmodel 7.7 declares torch>=2.14.1 (pip would swap in a multi-GB CUDA
 # torch), so what it imports is installed first and gptqmodel itself without dependencies (extra `gptq` on a GPU).
 python -c "import gptqmodel, optimum.gptq" 2>/dev/null || {
-  python -m pip install -q optimum threadpoolctl device-smi pypcre tokenicer logbar defuser
-  python -m pip install -q --no-deps --no-build-isolation 'gptqmodel==7.7.0'
+  install optimum threadpoolctl device-smi pypcre tokenicer logbar defuser
+  install --no-deps --no-build-isolation 'gptqmodel==7.7.0'
 }
-# lm-evaluation-harness, for tests/test_harness.py (`qtune eval --tasks`): the `harness` extra, kept out of dev (and so
-# out of the demo's setup): 38 packages, 64 MB download, 284 MB installed; 1.5-2.3 minutes here on 2 busy cores.
-python -c "import lm_eval" 2>/dev/null || python -m pip install -q -e '.[harness]'
-phase "gptqmodel and lm-eval installed"
+phase "gptqmodel installed"
 if ! wait "$build_pid"; then
   cat "$build_log" >&2
   echo "scripts/test.sh: fetching or building llama-cpp-python failed (log above)" >&2
   exit 1
 fi
 rm -f "$build_log"
-python -c "import llama_cpp" 2>/dev/null || python -m pip install -q "$built"/llama_cpp_python-*.whl
+python -c "import llama_cpp" 2>/dev/null || install "$built"/llama_cpp_python-*.whl
 if ! wait "$chromium_pid"; then
   cat "$chromium_log" >&2
   echo "scripts/test.sh: installing chromium failed (log above): the report.html browser test will be skipped" >&2
