@@ -365,141 +365,113 @@ class StopGuard(TrainerCallback):
         return control
 
 
-def plot_loss(metrics_path: Path, png_path: Path) -> bool:
-    """Train (and eval) loss against step from metrics.jsonl into a PNG; False when there is nothing to plot."""
+def _records(metrics_path: Path) -> list[dict]:
+    """The complete lines of metrics.jsonl (a line a kill cut short is skipped); [] when the file is missing."""
     if not metrics_path.is_file():
-        return False
-    train, evals = [], []
-    for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if _logged_step(line) is None:
-            continue  # a line a kill cut short
-        record = json.loads(line)
-        if isinstance(record.get("loss"), (int, float)):
-            train.append((record["step"], record["loss"]))
-        if isinstance(record.get("eval_loss"), (int, float)):
-            evals.append((record["step"], record["eval_loss"]))
-    if not train and not evals:
-        return False
+        return []
+    lines = metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [json.loads(line) for line in lines if _logged_step(line) is not None]
+
+
+def _points(records: list[dict], key: str) -> list[tuple]:
+    """(step, value) of every record that logged a number under KEY."""
+    return [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+
+
+def _figure(height: float, rows: int = 1):
+    """A matplotlib Figure (no GUI backend) and its ROWS axes, sharing the step axis."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4), dpi=100)
-    ax = fig.add_subplot()
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", marker="." if len(train) < 40 else None)
-    if evals:
-        ax.plot(*zip(*evals, strict=True), label="eval loss", marker="o")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(png_path.parent.name)
+    fig = Figure(figsize=(7, height), dpi=100)
+    return fig, fig.subplots(rows, 1, sharex=True)
+
+
+def _plot(ax, points: list[tuple], label: str, dots: bool = False, **style) -> None:
+    """One series; dots on every point when asked (eval figures) or when there are few."""
+    if points:
+        ax.plot(*zip(*points, strict=True), label=label, marker="o" if dots or len(points) < 40 else None, **style)
+
+
+def _save(fig, axes, png_path: Path, title: str) -> bool:
+    """Grid and legend on every axis with lines, the title, then the PNG written whole (a temporary file renamed)."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+    axes[0].set_title(title)
+    axes[-1].set_xlabel("optimizer step")
     fig.tight_layout()
     tmp = png_path.with_name(png_path.name + ".tmp.png")
     fig.savefig(tmp)
     tmp.replace(png_path)
     return True
+
+
+def plot_loss(metrics_path: Path, png_path: Path) -> bool:
+    """Train (and eval) loss against step from metrics.jsonl into a PNG; False when there is nothing to plot."""
+    records = _records(metrics_path)
+    train, evals = _points(records, "loss"), _points(records, "eval_loss")
+    if not train and not evals:
+        return False
+    fig, ax = _figure(4)
+    _plot(ax, train, "train loss")
+    _plot(ax, evals, "eval loss", dots=True)
+    ax.set_ylabel("loss")
+    return _save(fig, [ax], png_path, png_path.parent.name)
 
 
 def plot_rewards(metrics_path: Path, png_path: Path) -> bool:
     """Preference runs: the implicit reward margin (chosen - rejected) and the reward accuracy (share of pairs whose
     chosen answer out-scores the rejected one), train and eval, against step, into a PNG; False when metrics.jsonl
     has no reward figures (SFT) or is missing."""
-    if not metrics_path.is_file():
+    records = _records(metrics_path)
+    series = {
+        key: _points(records, key)
+        for key in ("rewards/margins", "rewards/accuracies", "eval_rewards/margins", "eval_rewards/accuracies")
+    }
+    if not any(series.values()):
         return False
-    series: dict[str, list] = {}
-    for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if _logged_step(line) is None:
-            continue
-        record = json.loads(line)
-        for key in ("rewards/margins", "rewards/accuracies", "eval_rewards/margins", "eval_rewards/accuracies"):
-            if isinstance(record.get(key), (int, float)):
-                series.setdefault(key, []).append((record["step"], record[key]))
-    if not series:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 6), dpi=100)
-    top, bottom = fig.subplots(2, 1, sharex=True)
+    fig, (top, bottom) = _figure(6, rows=2)
     for ax, what, label in ((top, "margins", "reward margin"), (bottom, "accuracies", "reward accuracy")):
-        for prefix, name in (("", "train"), ("eval_", "eval")):
-            points = series.get(f"{prefix}rewards/{what}")
-            if points:
-                marker = "o" if prefix or len(points) < 40 else None
-                ax.plot(*zip(*points, strict=True), label=f"{name} {label}", marker=marker)
+        _plot(ax, series[f"rewards/{what}"], f"train {label}")
+        _plot(ax, series[f"eval_rewards/{what}"], f"eval {label}", dots=True)
         ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
-    bottom.set_xlabel("optimizer step")
-    if "rewards/accuracies" in series or "eval_rewards/accuracies" in series:
+    if series["rewards/accuracies"] or series["eval_rewards/accuracies"]:
         bottom.set_ylim(-0.05, 1.05)
-    top.set_title(f"{png_path.parent.name}: chosen vs rejected")
-    fig.tight_layout()
-    tmp = png_path.with_name(png_path.name + ".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(png_path)
-    return True
+    return _save(fig, [top, bottom], png_path, f"{png_path.parent.name}: chosen vs rejected")
 
 
 def plot_reward_curve(metrics_path: Path, png_path: Path) -> bool:
     """grpo / rloo: the mean reward (weighted total, and each function's mean) of the training batches and of the
     held-out prompts (eval, before training at step 0 and after) against step, into a PNG; False when metrics.jsonl
     has no such figures (other methods) or is missing."""
-    if not metrics_path.is_file():
-        return False
-    series: dict[str, list] = {}
-    for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if _logged_step(line) is None:
-            continue
-        record = json.loads(line)
+    totals, means = {}, {}  # (label prefix) -> points; (function name, held out) -> points
+    for record in _records(metrics_path):
         for prefix in ("", "eval_"):
-            if not isinstance(record.get(prefix + "reward"), (int, float)):
-                continue
-            series.setdefault(f"{prefix}reward", []).append((record["step"], record[prefix + "reward"]))
-            for name, value in reward_means(record, prefix).items():
-                series.setdefault(f"{prefix}rewards/{name}", []).append((record["step"], value))
-    if not series:
+            if isinstance(record.get(prefix + "reward"), (int, float)):
+                totals.setdefault(prefix, []).append((record["step"], record[prefix + "reward"]))
+                for name, value in reward_means(record, prefix).items():
+                    means.setdefault((name, bool(prefix)), []).append((record["step"], value))
+    if not totals:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 6), dpi=100)
-    top, bottom = fig.subplots(2, 1, sharex=True)
-    for prefix, name in (("", "train"), ("eval_", "held-out")):
-        points = series.get(f"{prefix}reward")
-        if points:
-            top.plot(
-                *zip(*points, strict=True), label=f"{name} reward", marker="o" if prefix or len(points) < 40 else None
-            )
-    names = list(dict.fromkeys(key.split("rewards/", 1)[1] for key in series if "rewards/" in key))
-    for key, points in series.items():
-        if "rewards/" in key:
-            held_out, name = key.startswith("eval_"), key.split("rewards/", 1)[1]
-            bottom.plot(
-                *zip(*points, strict=True),
-                label=f"{'held-out' if held_out else 'train'} {name}",
-                marker="o" if held_out or len(points) < 40 else None,
-                linestyle="--" if held_out else "-",
-                color=f"C{names.index(name) % 10}",  # one colour per function: train solid, held-out dashed
-            )
+    fig, (top, bottom) = _figure(6, rows=2)
+    _plot(top, totals.get("", []), "train reward")
+    _plot(top, totals.get("eval_", []), "held-out reward", dots=True)
+    names = list(dict.fromkeys(name for name, _ in means))
+    for (name, held_out), points in means.items():
+        label = f"{'held-out' if held_out else 'train'} {name}"
+        # one colour per function: train solid, held-out dashed
+        _plot(
+            bottom,
+            points,
+            label,
+            dots=held_out,
+            linestyle="--" if held_out else "-",
+            color=f"C{names.index(name) % 10}",
+        )
     top.set_ylabel("reward (weighted sum)")
     bottom.set_ylabel("mean per reward function")
-    bottom.set_xlabel("optimizer step")
-    for ax in (top, bottom):
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize="small")
-    top.set_title(f"{png_path.parent.name}: mean reward")
-    fig.tight_layout()
-    tmp = png_path.with_name(png_path.name + ".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(png_path)
-    return True
+    return _save(fig, [top, bottom], png_path, f"{png_path.parent.name}: mean reward")

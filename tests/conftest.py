@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -147,6 +148,39 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
             raise AssertionError(f"run ended (rc {proc.returncode}) before {path} appeared:\n{err[-3000:]}")
         assert time.time() < deadline, f"{path} did not appear"
         time.sleep(0.05)
+
+
+def kill_after_checkpoint(recipe: Path, out: Path, checkpoint: int = 2) -> None:
+    """`qtune train RECIPE output_dir=OUT` in a subprocess, SIGKILLed once checkpoint-N is complete: the kill leaves
+    no adapter behind."""
+    proc = start_qtune("train", recipe, f"output_dir={out}", "--quiet")
+    wait_for(out / "checkpoints" / f"checkpoint-{checkpoint}" / "trainer_state.json", proc)
+    assert proc.poll() is None, "the run should still be training when it is killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and not (out / "adapter").exists()
+
+
+def resume(recipe: Path, out: Path):
+    """`qtune train RECIPE output_dir=OUT --resume` (in-process), asserted to finish from a checkpoint."""
+    resumed = run_qtune_in_process("train", recipe, f"output_dir={out}", "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming checkpoint-" in resumed.stdout
+    return resumed
+
+
+def adapter_difference(reference: Path, other: Path, label: str) -> tuple[dict, float]:
+    """The adapter weights of run OTHER (same names as REFERENCE's, all fp32) and their largest absolute difference
+    from REFERENCE's, printed under LABEL."""
+    import torch
+    from safetensors.torch import load_file
+
+    ref = load_file(reference / "adapter" / "adapter_model.safetensors")
+    res = load_file(other / "adapter" / "adapter_model.safetensors")
+    assert ref.keys() == res.keys() and all(v.dtype == torch.float32 for v in res.values())
+    max_diff = max((ref[k] - res[k]).abs().max().item() for k in ref)
+    print(f"{label}: max abs adapter difference {max_diff:.3g} over {len(ref)} tensors")
+    return res, max_diff
 
 
 def run_qtune_in_process(*args: str, cwd: Path | None = None, env: dict | None = None):

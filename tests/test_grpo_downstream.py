@@ -5,13 +5,12 @@ chat; export-gguf. One short GRPO run is shared by the tests that only read it (
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import run_qtune_in_process, start_qtune, wait_for, write_jsonl
+from conftest import adapter_difference, kill_after_checkpoint, resume, run_qtune_in_process, write_jsonl
 
 WORDS = "zero one two three four five six seven eight nine".split()
 RUN_TRAINING = {"max_steps": 6, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-3, "logging_steps": 1}
@@ -126,27 +125,11 @@ def test_killed_grpo_run_resumes_to_the_uninterrupted_runs_adapter(grpo_run, tmp
     """SIGKILL after checkpoint-2, then `--resume`: the same 6 steps, the same sampled completions (TRL's generation
     draws from the RNG state the checkpoint restores), one metrics line and one sample set per step, and the adapter
     of the uninterrupted shared run (same recipe and seed) to 1e-6."""
-    import torch
-    from safetensors.torch import load_file
-
     recipe, reference, _ = grpo_run
     crash = tmp_path / "crash"
-    proc = start_qtune("train", recipe, f"output_dir={crash}", "--quiet")
-    wait_for(crash / "checkpoints" / "checkpoint-2" / "trainer_state.json", proc)
-    assert proc.poll() is None, "the run should still be training when it is killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL and not (crash / "adapter").exists()
-
-    resumed = run_qtune_in_process("train", recipe, f"output_dir={crash}", "--resume", "--quiet")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming checkpoint-" in resumed.stdout
-
-    ref = load_file(reference / "adapter" / "adapter_model.safetensors")
-    res = load_file(crash / "adapter" / "adapter_model.safetensors")
-    assert ref.keys() == res.keys() and all(v.dtype == torch.float32 for v in res.values())
-    max_diff = max((ref[k] - res[k]).abs().max().item() for k in ref)
-    print(f"grpo kill-and-resume: max abs adapter difference {max_diff:.3g} over {len(ref)} tensors")
+    kill_after_checkpoint(recipe, crash)
+    resume(recipe, crash)
+    _, max_diff = adapter_difference(reference, crash, "grpo kill-and-resume")
     assert max_diff <= 1e-6
     summary = json.loads((crash / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["resumed_from"].startswith("checkpoint-")

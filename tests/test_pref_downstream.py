@@ -5,14 +5,13 @@ the estimate. One short DPO run is shared by the tests that only read it (`dpo_r
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
 import yaml
 from test_dpo import last_digit_pairs
 
-from conftest import run_qtune_in_process, start_qtune, wait_for, write_jsonl
+from conftest import adapter_difference, kill_after_checkpoint, resume, run_qtune_in_process, write_jsonl
 
 RUN_TRAINING = {"max_steps": 6, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-3, "logging_steps": 1}
 RUN_TRAINING |= {"save_steps": 2, "save_total_limit": 3, "eval_steps": 3}
@@ -99,28 +98,12 @@ def test_sft_runs_draw_no_reward_plot(tmp_path):
 def test_killed_dpo_run_resumes_to_the_uninterrupted_runs_adapter(dpo_run, tmp_path):
     """SIGKILL after checkpoint-2, then `--resume`: the same 6 steps, one metrics line per step, and the adapter
     of the uninterrupted shared run (same recipe and seed) to 1e-6."""
-    import torch
-    from safetensors.torch import load_file
-
     recipe, reference, _ = dpo_run
     crash = tmp_path / "crash"
-    proc = start_qtune("train", recipe, f"output_dir={crash}", "--quiet")
-    wait_for(crash / "checkpoints" / "checkpoint-2" / "trainer_state.json", proc)
-    assert proc.poll() is None, "the run should still be training when it is killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL and not (crash / "adapter").exists()
-
-    resumed = run_qtune_in_process("train", recipe, f"output_dir={crash}", "--resume", "--quiet")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming checkpoint-" in resumed.stdout
-
-    ref = load_file(reference / "adapter" / "adapter_model.safetensors")
-    res = load_file(crash / "adapter" / "adapter_model.safetensors")
-    assert ref.keys() == res.keys() and all(v.dtype == torch.float32 for v in res.values())
+    kill_after_checkpoint(recipe, crash)
+    resume(recipe, crash)
+    res, max_diff = adapter_difference(reference, crash, "dpo kill-and-resume")
     assert not any(".ref." in k for k in res)  # the frozen reference copy is not part of the result
-    max_diff = max((ref[k] - res[k]).abs().max().item() for k in ref)
-    print(f"dpo kill-and-resume: max abs adapter difference {max_diff:.3g} over {len(ref)} tensors")
     assert max_diff <= 1e-6
     summary = json.loads((crash / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["resumed_from"].startswith("checkpoint-")

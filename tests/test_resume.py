@@ -9,10 +9,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from conftest import run_qtune_in_process, start_qtune, wait_for
+from conftest import adapter_difference, kill_after_checkpoint, resume, run_qtune_in_process, start_qtune, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -29,25 +28,11 @@ def _steps(run_dir: Path) -> list[int]:
 def test_killed_run_resumes_to_the_same_adapter_and_step_count(make_recipe, tmp_path):
     recipe = make_recipe(training={"max_steps": 8, "save_steps": 2, "save_total_limit": 2, "logging_steps": 2})
     reference = _start(recipe, f"output_dir={tmp_path / 'ref'}")  # uninterrupted, same seed, in parallel
-    crashed = _start(recipe, f"output_dir={tmp_path / 'crash'}")
-    wait_for(tmp_path / "crash" / "checkpoints" / "checkpoint-2" / "trainer_state.json", crashed)
-    assert crashed.poll() is None, "the run should still be training when it is killed"
-    crashed.send_signal(signal.SIGKILL)
-    crashed.communicate()
-    assert crashed.returncode == -signal.SIGKILL
-    assert not (tmp_path / "crash" / "adapter").exists()
-
-    resumed = run_qtune_in_process("train", recipe, f"output_dir={tmp_path / 'crash'}", "--resume", "--quiet")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming checkpoint-" in resumed.stdout
+    kill_after_checkpoint(recipe, tmp_path / "crash")
+    resume(recipe, tmp_path / "crash")
     out, err = reference.communicate(timeout=600)
     assert reference.returncode == 0, err[-3000:]
-
-    ref = load_file(tmp_path / "ref" / "adapter" / "adapter_model.safetensors")
-    res = load_file(tmp_path / "crash" / "adapter" / "adapter_model.safetensors")
-    assert ref.keys() == res.keys() and all(v.dtype == torch.float32 for v in res.values())
-    max_diff = max((ref[k] - res[k]).abs().max().item() for k in ref)
-    print(f"kill-and-resume: max abs adapter difference {max_diff:.3g} over {len(ref)} tensors")
+    _, max_diff = adapter_difference(tmp_path / "ref", tmp_path / "crash", "kill-and-resume")
     assert max_diff <= 1e-6
 
     for name in ("ref", "crash"):
