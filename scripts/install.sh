@@ -7,16 +7,17 @@
 # its local wheel folders (find-links: where the CPU torch wheel lies), its constraints file, and the system's
 # certificates (a TLS-inspecting proxy's CA is trusted there, not in uv's built-in roots).
 export UV_SYSTEM_CERTS=1 UV_COMPILE_BYTECODE=1
-__pip_conf() { python -m pip config get "global.$1" 2>/dev/null || true; }
-if [ -z "${UV_FIND_LINKS:-}" ]; then
-  UV_FIND_LINKS="$(__pip_conf find-links | tr ' ' '\n' | grep -v '^$' | while read -r d; do [ -e "$d" ] && echo "$d"; done | tr '\n' ' ')"
-  UV_FIND_LINKS="${UV_FIND_LINKS% }"
-  [ -z "$UV_FIND_LINKS" ] || export UV_FIND_LINKS
-fi
-if [ -z "${UV_CONSTRAINT:-}" ]; then
-  UV_CONSTRAINT="$(__pip_conf constraint)"
-  [ -n "$UV_CONSTRAINT" ] && [ -f "$UV_CONSTRAINT" ] && export UV_CONSTRAINT || unset UV_CONSTRAINT
-fi
+# The existing local paths pip is configured with under KEY (in any of its config files or PIP_* variables; `pip
+# config get` answers only for a key set in one place), joined by SEPARATOR.
+__pip_paths() {
+  { python -m pip config list 2>/dev/null || true; } | sed -n "s/^[^.]*\.$1='\(.*\)'\$/\1/p" | tr ' ' '\n' |
+    sed 's|^file://||' | sort -u | while read -r path; do if [ -e "$path" ]; then printf '%s\n' "$path"; fi; done |
+    paste -sd "$2" -
+}
+[ -n "${UV_FIND_LINKS:-}" ] || UV_FIND_LINKS="$(__pip_paths find-links ,)"  # uv: comma-separated
+[ -n "${UV_CONSTRAINT:-}" ] || UV_CONSTRAINT="$(__pip_paths constraint ' ')"  # uv: space-separated
+[ -z "$UV_FIND_LINKS" ] || export UV_FIND_LINKS
+[ -z "$UV_CONSTRAINT" ] || export UV_CONSTRAINT
 install() {
   if { command -v uv >/dev/null || python -m pip install -q uv; } && uv pip install -q "$@"; then
     return 0
