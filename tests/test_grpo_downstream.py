@@ -202,3 +202,30 @@ def test_reward_png_is_drawn_for_grpo_figures_only(tmp_path):
                "rewards/accuracy/mean": 0.5, "loss": 0.0}, "cut sho"]  # fmt: skip
     metrics.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records))
     assert plot_reward_curve(metrics, png) is True and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- 5. qtune eval
+
+
+@pytest.mark.slow
+def test_eval_on_a_grpo_run_answers_its_held_out_prompts(grpo_run, tmp_path):
+    """`qtune eval RUN --base` on a GRPO run: its eval split holds prompts alone, so eval answers them with the base
+    and with the adapter (greedy, the run's template) and reports no figure that needs a reference answer."""
+    import shutil
+
+    _, run_dir, _ = grpo_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, symlinks=True)
+    result = run_qtune_in_process("eval", run, "--base", "-n", "3", "--max-new-tokens", "4", "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    assert report["model"]["method"] == "grpo" and report["data"]["schema"] == "prompt_only"
+    assert report["data"]["rows"] == 8 and report["settings"]["samples"] == 3  # 20% of 40 rows held out; -n 3
+    # no reference answer, no completion to score: no loss, exact match or ROUGE-L, only whether answers stop
+    assert set(report["tuned"]) == set(report["base"]) == set(report["meaning"]) == {"stopped"}
+    rows = _records(run / "eval", "generations.jsonl")
+    assert len(rows) == 3 and all(r["reference"] is None for r in rows)
+    assert all(isinstance(r["tuned"], str) and isinstance(r["base"], str) for r in rows)
+    assert all(r["prompt"][0]["content"].startswith("say the word of") for r in rows)
+    assert all(r["prompt_text"].endswith("<|im_start|>assistant\n") for r in rows)  # the run's generation prompt
+    assert (run / "eval" / "report.html").is_file() and not (run_dir / "eval").exists()
