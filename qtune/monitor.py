@@ -136,13 +136,19 @@ def _online_parts(record: dict) -> list[str]:
     return parts
 
 
-def _logged_step(line: str) -> int | None:
-    """The step of a metrics.jsonl line; None for a line a kill cut short (or anything else unreadable)."""
+def _parsed(line: str) -> dict | None:
+    """A metrics.jsonl line's record; None for a line a kill cut short (or anything else unreadable)."""
     try:
         record = json.loads(line)
     except ValueError:
         return None
-    return record.get("step", 0) if isinstance(record, dict) else None
+    return record if isinstance(record, dict) else None
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line a kill cut short (or anything else unreadable)."""
+    record = _parsed(line)
+    return None if record is None else record.get("step", 0)
 
 
 class RunMonitor(TrainerCallback):
@@ -370,7 +376,7 @@ def _records(metrics_path: Path) -> list[dict]:
     if not metrics_path.is_file():
         return []
     lines = metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
-    return [json.loads(line) for line in lines if _logged_step(line) is not None]
+    return [record for record in map(_parsed, lines) if record is not None]
 
 
 def _points(records: list[dict], key: str) -> list[tuple]:

@@ -3,9 +3,10 @@
 # set-up (torch, qtune[dev], lm-eval) takes about a minute on 2 cores instead of 5-7 with pip. Byte-compiling at install
 # (as pip does; UV_COMPILE_BYTECODE=0 skips it) matters: where PYTHONDONTWRITEBYTECODE is set (as on the CI machines),
 # Python never caches what it compiles at import, and every new process compiles torch and transformers again (the
-# test suite took 22 minutes instead of 13 that way; scripts/test.sh instead lets Python cache what it imports). uv reads no pip configuration, so what this machine's pip is set to use is handed over:
-# its local wheel folders (find-links: where the CPU torch wheel lies), its constraints file, and the system's
-# certificates (a TLS-inspecting proxy's CA is trusted there, not in uv's built-in roots).
+# test suite took 22 minutes instead of 13 that way; scripts/test.sh instead lets Python cache what it imports).
+# uv reads no pip configuration, so what this machine's pip is set to use is handed over: its local wheel folders
+# (find-links: where the CPU torch wheel lies), its constraints file, and the system's certificates (a TLS-inspecting
+# proxy's CA is trusted there, not in uv's built-in roots).
 export UV_SYSTEM_CERTS=1 UV_COMPILE_BYTECODE="${UV_COMPILE_BYTECODE:-1}"
 # The existing local paths pip is configured with under KEY (in any of its config files or PIP_* variables; `pip
 # config get` answers only for a key set in one place), joined by SEPARATOR.

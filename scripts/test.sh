@@ -48,10 +48,11 @@ install_chromium() {
 chromium_log="$(mktemp)"
 install_chromium >"$chromium_log" 2>&1 &
 chromium_pid=$!
-# Bytecode: the suite imports about 28% of the venv's modules (6,200 of 22,000 .py files), so instead of compiling
-# every module at install (2 CPU-minutes), Python compiles what is imported, once, into .venv/pycache
-# (PYTHONPYCACHEPREFIX: no __pycache__ folders beside the sources, in the venv or in the tests' own folders), also where
-# PYTHONDONTWRITEBYTECODE is set (the CI machines set it: then every test subprocess compiled torch again).
+# Bytecode: the suite imports about half of the venv's modules (10,400 of 22,000 .py files in site-packages, counted
+# in .venv/pycache after a run), so instead of compiling every module at install (2 CPU-minutes), Python compiles what
+# is imported, once, into .venv/pycache (PYTHONPYCACHEPREFIX: no __pycache__ folders beside the sources, in the venv or
+# in the tests' own folders), also where PYTHONDONTWRITEBYTECODE is set (the CI machines set it: then every test
+# subprocess compiled torch again).
 export UV_COMPILE_BYTECODE=0 PYTHONPYCACHEPREFIX="$PWD/.venv/pycache"
 unset PYTHONDONTWRITEBYTECODE
 # lm-evaluation-harness, for tests/test_harness.py (`qtune eval --tasks`): the `harness` extra, kept out of dev (and so
